@@ -1,0 +1,269 @@
+"""The device expert cache: fixed-size slots inside a byte budget, split per MoE layer.
+
+Every slot holds one expert's byte row (see :mod:`runtime.expert_layout`), so a swap is
+one copy and a slot's typed views are built once. Each MoE layer owns a partition of the
+slots (uniform, or shallow-favoring as in Fate) and its own eviction policy
+(:mod:`runtime.policies`). The same class runs without data (``store=None``): trace
+replay drives exactly this code, only nothing is copied.
+
+One invocation of a layer (a decode token, or a prefill chunk) goes::
+
+    order = cache.begin(layer, needed)     # pins `needed`, drops stale queued prefetches,
+    for e in order:                        #   returns ready experts first (ProMoE's
+        w = cache.acquire(layer, e)        #   reordered inference)
+        ... compute with w ...             # hit, late prefetch (wait), or on-demand miss
+        cache.release(layer, e)
+    cache.end(layer)                       # unpins; on-demand mode forgets everything
+
+Slot rules, enforced here on the main thread (stream rules are in the engines):
+
+* a pinned expert (needed by the invocation in progress) is never evicted, unless the
+  partition is smaller than the invocation's working set, and then only experts the
+  invocation has already computed;
+* an expert whose copy is in flight is never chosen as a victim; if it must make room
+  for an on-demand load, a queued copy is cancelled, a running one is waited for;
+* a prefetch never evicts a pinned expert nor another prefetch made for the same
+  upcoming invocation (``protected``), and is skipped if no slot is free of both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from runtime.expert_layout import ExpertLayout, ExpertWeights
+from runtime.expert_store import ExpertStore
+from runtime.policies import EvictionPolicy
+from runtime.stats import ExpertStats
+from runtime.transfer import InlineCopy, Ticket, TransferEngine
+
+PolicyFactory = Callable[[int, int], EvictionPolicy]  # (layer, capacity) -> policy
+
+
+class _Entry:
+    __slots__ = ("expert", "slot", "ticket", "prefetched", "protected")
+
+    def __init__(self, expert: int, slot: int, ticket: Ticket | None, prefetched: bool) -> None:
+        self.expert = expert
+        self.slot = slot
+        self.ticket = ticket  # copy in flight (None once known complete)
+        self.prefetched = prefetched  # loaded by prefetch, not used yet
+        self.protected = prefetched  # prefetched for the next invocation of its layer
+
+
+class _Partition:
+    def __init__(self, layer: int, slots: list[int], policy: EvictionPolicy) -> None:
+        self.layer = layer
+        self.capacity = len(slots)
+        self.free = list(reversed(slots))
+        self.entries: dict[int, _Entry] = {}
+        self.policy = policy
+        self.pinned: set[int] = set()
+        self.done: set[int] = set()
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        slots_per_layer: dict[int, int],
+        policy: PolicyFactory,
+        *,
+        store: ExpertStore | None = None,
+        device: torch.device | str = "cpu",
+        transfer: TransferEngine | None = None,
+        stats: ExpertStats | None = None,
+        retain: bool = True,
+        expert_bytes: int | None = None,
+    ) -> None:
+        if any(n < 1 for n in slots_per_layer.values()):
+            raise ValueError("every MoE layer needs at least one slot")
+        self.store = store
+        self.layout: ExpertLayout | None = store.layout if store is not None else None
+        self.expert_bytes = self.layout.nbytes if self.layout else (expert_bytes or 0)
+        self.device = torch.device(device)
+        self.transfer = transfer or InlineCopy()
+        self.stats = stats or ExpertStats()
+        self.retain = retain
+        self._parts: dict[int, _Partition] = {}
+        start = 0
+        for layer, n in slots_per_layer.items():
+            self._parts[layer] = _Partition(layer, list(range(start, start + n)), policy(layer, n))
+            start += n
+        self.num_slots = start
+        self.slots: torch.Tensor | None = None
+        self._views: list[ExpertWeights] = []
+        if self.layout is not None:
+            # T = slots, B = bytes per expert row
+            self.slots = torch.empty((start, self.layout.nbytes), dtype=torch.uint8, device=self.device)  # [T, B]
+            self._views = [self.layout.views(self.slots[i]) for i in range(start)]
+
+    # -- queries ----------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        return self.num_slots * self.expert_bytes
+
+    def capacity(self, layer: int) -> int:
+        return self._parts[layer].capacity
+
+    def slots_per_layer(self) -> dict[int, int]:
+        return {layer: p.capacity for layer, p in self._parts.items()}
+
+    def resident(self, layer: int) -> list[int]:
+        return sorted(self._parts[layer].entries)
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return expert in self._parts[layer].entries
+
+    def _ready(self, entry: _Entry) -> bool:
+        if entry.ticket is not None and self.transfer.is_done(entry.ticket):
+            entry.ticket = None
+        return entry.ticket is None
+
+    # -- one invocation of a layer ------------------------------------------------------
+    def begin(self, layer: int, needed: Sequence[int], reorder: bool = True) -> list[int]:
+        """Start an invocation that will use ``needed``; returns the order to compute them.
+
+        With ``reorder`` the experts already resident come first, then those in flight,
+        then misses, so compute runs while the missing ones load (ProMoE's reordered
+        inference); without it, ``needed``'s own order (trace replay uses router order).
+        """
+        part = self._parts[layer]
+        part.policy.tick()
+        part.pinned = set(needed)
+        part.done = set()
+        for e, entry in list(part.entries.items()):  # stale: queued for this layer, not needed
+            if entry.ticket is not None and entry.prefetched and e not in part.pinned:
+                if self.transfer.cancel(entry.ticket):
+                    self._drop(part, e, cancelled=True)
+        if not reorder:
+            return list(needed)
+        ready, inflight, missing = [], [], []
+        for e in needed:
+            entry = part.entries.get(e)
+            (missing if entry is None else ready if self._ready(entry) else inflight).append(e)
+        return ready + inflight + missing
+
+    def acquire(self, layer: int, expert: int) -> ExpertWeights | None:
+        """Make ``expert`` usable by compute now; returns its slot's views (None without data)."""
+        part = self._parts[layer]
+        st = self.stats.layer(layer)
+        st.uses += 1
+        entry = part.entries.get(expert)
+        hit = entry is not None and self._ready(entry)
+        if hit:
+            st.hits += 1
+        elif entry is not None:  # its prefetch is still in flight
+            st.late += 1
+            st.stall_s += self.transfer.wait(entry.ticket)
+            entry.ticket = None
+        else:
+            st.misses += 1
+            entry = self._load(part, expert, prefetch=False)
+            assert entry is not None  # an on-demand load always finds room (see _take_slot)
+            if entry.ticket is not None:
+                st.stall_s += self.transfer.wait(entry.ticket)
+                entry.ticket = None
+        if entry.prefetched:
+            st.prefetch_used += 1
+            entry.prefetched = False
+        part.policy.on_access(expert, hit)
+        part.pinned.add(expert)
+        return self._views[entry.slot] if self._views else None
+
+    def release(self, layer: int, expert: int) -> None:
+        """Compute has issued its work on ``expert`` for this invocation."""
+        part = self._parts[layer]
+        part.done.add(expert)
+        entry = part.entries.get(expert)
+        if entry is not None:
+            self.transfer.slot_released(entry.slot)
+
+    def end(self, layer: int) -> None:
+        part = self._parts[layer]
+        part.pinned.clear()
+        part.done.clear()
+        for entry in part.entries.values():
+            entry.protected = False
+        if not self.retain:
+            for e in list(part.entries):
+                self._drop(part, e)
+        for layer_, stall in self.transfer.deferred_stall().items():
+            self.stats.layer(layer_).stall_s += stall
+
+    # -- prefetch -------------------------------------------------------------------------
+    def prefetch(self, layer: int, expert: int) -> bool:
+        """Start copying ``expert`` for the next invocation of ``layer``. True if a copy was issued."""
+        part = self._parts[layer]
+        entry = part.entries.get(expert)
+        if entry is not None:
+            entry.protected = True
+            return False
+        entry = self._load(part, expert, prefetch=True)
+        if entry is None:
+            return False
+        self.stats.layer(layer).prefetches += 1
+        return True
+
+    # -- slots ----------------------------------------------------------------------------
+    def _load(self, part: _Partition, expert: int, prefetch: bool) -> _Entry | None:
+        slot = self._take_slot(part, expert, prefetch)
+        if slot is None:
+            return None
+        ticket = None
+        if self.slots is not None:
+            src = self.store.row(part.layer, expert)
+            ticket = self.transfer.submit(src, self.slots[slot], slot, part.layer, urgent=not prefetch)
+        self.stats.layer(part.layer).bytes_moved += self.expert_bytes
+        entry = part.entries[expert] = _Entry(expert, slot, ticket, prefetched=prefetch)
+        part.policy.on_insert(expert)
+        return entry
+
+    def _take_slot(self, part: _Partition, incoming: int, prefetch: bool) -> int | None:
+        if part.free:
+            return part.free.pop()
+        ents = part.entries
+        cands = [
+            e for e, en in ents.items()
+            if e not in part.pinned and self._ready(en) and not (prefetch and en.protected)
+        ]  # fmt: skip
+        if not cands and prefetch:
+            return None
+        if not cands:  # working set larger than the partition: reuse what this invocation finished
+            cands = [e for e in part.done if e in ents and self._ready(ents[e])]
+        if not cands:  # only copies in flight remain: cancel a queued one, or wait for one
+            for e, en in list(ents.items()):
+                if e in part.pinned:
+                    continue
+                if self.transfer.cancel(en.ticket):
+                    return self._drop(part, e, cancelled=True)
+                self.stats.layer(part.layer).stall_s += self.transfer.wait(en.ticket)
+                en.ticket = None
+                cands = [e]
+                break
+        if not cands:
+            raise RuntimeError(f"layer {part.layer}: no slot can be freed (capacity {part.capacity})")
+        victim = part.policy.victim(cands, incoming)
+        return self._drop(part, victim)
+
+    def _drop(self, part: _Partition, expert: int, cancelled: bool = False) -> int:
+        entry = part.entries.pop(expert)
+        st = self.stats.layer(part.layer)
+        if cancelled:
+            st.prefetch_cancelled += 1
+            st.bytes_moved -= self.expert_bytes
+        elif entry.prefetched:
+            st.prefetch_wasted += 1
+            st.wasted_bytes += self.expert_bytes
+        part.policy.on_evict(expert)
+        part.free.append(entry.slot)
+        return part.free.pop()
+
+    def clear(self) -> None:
+        """Forget every resident expert (counters are kept)."""
+        self.transfer.synchronize()
+        for part in self._parts.values():
+            for e in list(part.entries):
+                entry = part.entries.pop(e)
+                part.policy.on_evict(e)
+                part.free.append(entry.slot)

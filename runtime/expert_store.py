@@ -1,0 +1,322 @@
+"""The host expert store: every expert quantized, one byte row each, persisted on disk.
+
+Conversion streams the checkpoint one expert at a time (read, quantize, pack into its
+row), so peak host memory stays near the store's own size. The result is saved under
+``$PROMOE_HOME/stores/<model>/<quant>/`` as one safetensors file per MoE layer (a
+``uint8 [E, row_bytes]`` tensor) plus ``manifest.json``, which records the source
+checkpoint's identity (config hash, shard names, sizes, mtimes), the quantization, the
+row layout, and an xxh3-128 checksum of every file.
+
+Crash safety: a conversion writes into a temporary sibling directory and renames it into
+place only after every file and the manifest are written and synced, so an interrupted
+conversion (Ctrl-C, power loss) never leaves a store that gets used. Leftover temporary
+directories of dead processes are removed on the next start.
+
+On the next start the store is memory-mapped instead of converted again, after its
+manifest and checksums are verified; a stale store (the checkpoint or the settings
+changed) or a corrupt one (a checksum or size mismatch) is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quant import QuantFormat
+from runtime.checkpoint import Checkpoint
+from runtime.errors import CheckpointError, StoreError
+from runtime.expert_layout import ExpertLayout, ExpertWeights
+from runtime.model_spec import ModelSpec
+
+STORE_FORMAT = "promoe-expert-store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+
+#: progress(description, completed, total)
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class StoreReport:
+    action: str  # "reused", "converted" or "rebuilt"
+    reason: str  # why it was rebuilt ("" otherwise)
+    seconds: float  # time spent converting or mapping + verifying
+    path: Path
+    nbytes: int
+
+
+class ExpertStore:
+    """Quantized experts in host memory (pinned when copies go to a CUDA device).
+
+    ``rows(layer)`` is a ``uint8 [E, row_bytes]`` tensor; ``row(layer, e)`` one expert,
+    the unit every copy to the device moves.
+    """
+
+    def __init__(self, layout: ExpertLayout, layers: dict[int, torch.Tensor], path: Path, manifest: dict) -> None:
+        self.layout = layout
+        self._rows = layers
+        self.path = path
+        self.manifest = manifest
+
+    def rows(self, layer: int) -> torch.Tensor:
+        return self._rows[layer]
+
+    def row(self, layer: int, expert: int) -> torch.Tensor:
+        return self._rows[layer][expert]
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        """Typed host-side views of one expert (for computing a miss on the CPU)."""
+        return self.layout.views(self._rows[layer][expert])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self._rows.values())
+
+    @property
+    def pinned(self) -> bool:
+        return all(t.is_pinned() for t in self._rows.values())
+
+
+# -- reading experts from a checkpoint --------------------------------------------------
+
+
+def read_expert(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """One expert in canonical form: ``gate_up [2I, H]``, ``down [H, I]`` (+ biases).
+
+    Handles per-expert keys (``experts.{e}.w1/w3/w2`` or ``gate/up/down_proj``) and fused
+    ``experts.gate_up_proj [E, ...]`` tensors, reading only this expert's bytes.
+    """
+    arch = spec.arch
+    for prefix in dict.fromkeys((arch.disk_experts_prefix(layer), f"model.layers.{layer}.mlp.experts")):
+        fused = f"{prefix}.gate_up_proj"
+        if fused in ckpt:
+            gate_up = ckpt.get_row(fused, expert)
+            down = ckpt.get_row(f"{prefix}.down_proj", expert)
+            if spec.transposed:  # stored [in, out]: F.linear wants [out, in]
+                gate_up, down = gate_up.T, down.T
+            out = {"gate_up": gate_up, "down": down}
+            if spec.expert_shape.has_bias:
+                out["gate_up_bias"] = ckpt.get_row(f"{fused}_bias", expert)
+                out["down_bias"] = ckpt.get_row(f"{prefix}.down_proj_bias", expert)
+            return out
+        g, u, d = arch.expert_names
+        first = f"{prefix}.{expert}.{g}.weight"
+        if first in ckpt:
+            gate_up = torch.cat([ckpt.get(first), ckpt.get(f"{prefix}.{expert}.{u}.weight")], dim=0)
+            return {"gate_up": gate_up, "down": ckpt.get(f"{prefix}.{expert}.{d}.weight")}
+    raise CheckpointError(
+        f"expert {expert} of layer {layer} is not in the checkpoint",
+        hint=f"looked for {arch.disk_experts_prefix(layer)}.{expert}.{arch.expert_names[0]}.weight "
+        "and a fused experts.gate_up_proj",
+    )
+
+
+# -- locating, validating, converting ---------------------------------------------------
+
+
+def store_dir(home: Path, ckpt: Checkpoint, fmt: QuantFormat) -> Path:
+    src = str(ckpt.path.resolve())
+    m = re.search(r"models--([^/]+)", src)
+    slug = m.group(1) if m else ckpt.path.resolve().name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:60]
+    return home / "stores" / f"{slug}-{hashlib.sha256(src.encode()).hexdigest()[:12]}" / fmt.name
+
+
+def _expected(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, layout: ExpertLayout) -> dict[str, Any]:
+    return {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "source": ckpt.identity(),
+        "quant": {"name": fmt.name, "params": fmt.params()},
+        "layout": layout.to_json(),
+        "layers": spec.moe_layers,
+        "num_experts": spec.num_experts,
+    }
+
+
+def _layer_file(layer: int) -> str:
+    return f"layer-{layer:03d}.safetensors"
+
+
+def _checksum(t: torch.Tensor) -> str:
+    return xxhash.xxh3_128_hexdigest(t.contiguous().numpy())
+
+
+def _stale_reason(manifest: dict, expected: dict) -> str | None:
+    names = {
+        "format": "not a promoe store",
+        "version": "written by another promoe store version",
+        "source": "the checkpoint changed since conversion",
+        "quant": "the quantization settings changed",
+        "layout": "the expert layout changed",
+        "layers": "the MoE layers changed",
+        "num_experts": "the number of experts changed",
+    }
+    for key, why in names.items():
+        if manifest.get(key) != expected[key]:
+            return why
+    return None
+
+
+def _load_verified(path: Path, manifest: dict, spec: ModelSpec, layout: ExpertLayout, pin: bool,
+                   progress: ProgressFn | None, verify: bool = True) -> dict[int, torch.Tensor]:  # fmt: skip
+    """Map every layer file, checking size, shape and (if ``verify``) checksum. Raises StoreError."""
+    rows: dict[int, torch.Tensor] = {}
+    files = manifest.get("files", {})
+    for i, layer in enumerate(spec.moe_layers):
+        name = _layer_file(layer)
+        entry = files.get(name)
+        fpath = path / name
+        if entry is None or not fpath.is_file():
+            raise StoreError(f"{name} is missing")
+        if fpath.stat().st_size != entry["bytes"]:
+            raise StoreError(f"{name} has the wrong size")
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                t = f.get_tensor("experts")  # memory-mapped, not read yet
+        except Exception as exc:  # safetensors raises several types for a damaged header
+            raise StoreError(f"{name} is unreadable ({exc})") from None
+        if tuple(t.shape) != (spec.num_experts, layout.nbytes) or t.dtype != torch.uint8:
+            raise StoreError(f"{name} has the wrong shape")
+        if verify and _checksum(t) != entry["xxh3_128"]:
+            raise StoreError(f"checksum mismatch in {name}")
+        if pin:
+            pinned = torch.empty(t.shape, dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(t)
+            t = pinned
+        rows[layer] = t
+        if progress:
+            progress("Loading expert store", i + 1, len(spec.moe_layers))
+    return rows
+
+
+def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: dict, tmp: Path,
+             quantize_device: torch.device | None, progress: ProgressFn | None, title: str) -> dict:  # fmt: skip
+    """Write every layer file and then the manifest into ``tmp``. Returns the manifest."""
+    t0 = time.perf_counter()
+    files: dict[str, dict] = {}
+    total = spec.total_experts
+    done = 0
+    for layer in spec.moe_layers:
+        buf = torch.empty((spec.num_experts, layout.nbytes), dtype=torch.uint8)  # one layer of rows
+        for e in range(spec.num_experts):
+            tensors = read_expert(ckpt, spec, layer, e)
+            if quantize_device is not None:
+                tensors = {k: v.to(quantize_device) for k, v in tensors.items()}
+            layout.pack(tensors, out=buf[e])
+            done += 1
+            if progress:
+                progress(title, done, total)
+        name = _layer_file(layer)
+        save_file({"experts": buf}, tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "xxh3_128": _checksum(buf)}
+        del buf
+        ckpt.close()  # unmap the shards read so far: keeps resident memory near the store's size
+    manifest = {**expected, "files": files, "conversion_seconds": round(time.perf_counter() - t0, 3),
+                "created_unix": int(time.time())}  # fmt: skip
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST)
+    return manifest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_temporaries(final: Path) -> None:
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{final.name}.*-*"):
+        m = re.search(r"\.(?:tmp|old)-(\d+)-", p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_store(
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    fmt: QuantFormat,
+    *,
+    home: Path,
+    pin: bool = False,
+    quantize_device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[ExpertStore, StoreReport]:
+    """Reuse the store for (checkpoint, quantization) if valid, else convert it. See module doc."""
+    layout = ExpertLayout(spec.expert_shape, fmt)
+    final = store_dir(home, ckpt, fmt)
+    expected = _expected(ckpt, spec, fmt, layout)
+    _remove_dead_temporaries(final)
+    reason = "no store yet"
+    t0 = time.perf_counter()
+    if (final / MANIFEST).is_file():
+        try:
+            manifest = json.loads((final / MANIFEST).read_text())
+            stale = _stale_reason(manifest, expected)
+            if stale is None:
+                rows = _load_verified(final, manifest, spec, layout, pin, progress)
+                report = StoreReport("reused", "", time.perf_counter() - t0, final, sum(t.numel() for t in rows.values()))
+                return ExpertStore(layout, rows, final, manifest), report
+            reason = f"stale: {stale}"
+        except (StoreError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            reason = f"corrupt: {exc}" if str(exc) else "corrupt manifest"
+    elif final.exists():
+        reason = "corrupt: manifest missing"
+
+    action = "converted" if reason == "no store yet" else "rebuilt"
+    title = "Converting experts" if action == "converted" else f"Rebuilding expert store ({reason})"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        manifest = _convert(ckpt, spec, layout, expected, tmp, quantize_device, progress, title)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives, Ctrl-C included
+        raise
+    convert_s = time.perf_counter() - t0
+    rows = _load_verified(final, manifest, spec, layout, pin, None, verify=False)  # checksummed as written
+    report = StoreReport(action, "" if action == "converted" else reason, convert_s, final,
+                         sum(t.numel() for t in rows.values()))  # fmt: skip
+    return ExpertStore(layout, rows, final, manifest), report

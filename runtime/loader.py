@@ -1,0 +1,215 @@
+"""Load a checkpoint with its experts offloaded, without ever materializing the whole model.
+
+1. resolve the reference to a local folder (:mod:`runtime.resolve`), read config.json;
+2. build transformers' own model on the meta device (:mod:`runtime.model_spec`);
+3. plan device memory (:mod:`runtime.memory_plan`): fail early, with the numbers;
+4. open or convert the host expert store (:mod:`runtime.expert_store`);
+5. replace every ``mlp.experts`` with :class:`runtime.offload.OffloadedExperts`, the one
+   documented hook (same forward signature), backed by one :class:`ExpertCache`;
+6. materialize the rest on the device and copy the non-expert weights in, shard by
+   shard; recompute non-persistent buffers (rotary tables) with transformers' own
+   ``_init_weights``; tie embeddings; refuse to run if anything is missing.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quant import get_format
+from runtime.checkpoint import Checkpoint
+from runtime.errors import CheckpointError, PromoeError
+from runtime.expert_cache import ExpertCache
+from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
+from runtime.memory_plan import MemoryPlan, plan_memory
+from runtime.model_spec import ModelSpec, describe_model
+from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
+from runtime.policies import policy_class
+from runtime.prefetch import Prefetcher, make_predictor
+from runtime.resolve import ResolvedModel, promoe_home, resolve_model
+from runtime.transfer import CudaStreamCopy, InlineCopy, ThreadedLink, TransferEngine
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class LoadOptions:
+    quant: str = "int4"
+    vram: int | None = None  # device budget in bytes; None: a profile's, the free CUDA memory, or unlimited
+    reserved: int = 0  # bytes the OS/driver keeps (from a profile)
+    unified: bool = False  # host and device share one pool (Jetson)
+    context: int | None = None  # tokens the KV cache is planned for (default: min(model max, 4096))
+    device: str = "auto"
+    dtype: str | None = None  # compute dtype; default fp32 on CPU, the checkpoint's half type on CUDA
+    policy: str = "lru"
+    split: str = "uniform"
+    predictor: str = "none"
+    predictor_extra: int = 0
+    lookahead: int = 1
+    link_bandwidth: float | None = None  # bytes/s of an emulated host->device link (CPU)
+    link_latency: float = 0.0  # seconds per copy of the emulated link
+    retain: bool = True  # False: on-demand, nothing kept between invocations
+    max_slots: int | None = None
+    home: Path | None = None
+    trace: bool = False
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    resolved: ResolvedModel
+    store: ExpertStore
+    store_report: StoreReport
+    cache: ExpertCache
+    plan: MemoryPlan
+    runtime: OffloadRuntime
+    device: torch.device
+    dtype: torch.dtype
+    options: LoadOptions
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.label
+
+    def close(self) -> None:
+        self.cache.transfer.close()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PromoeError("--device cuda was asked for, but this torch build sees no CUDA device",
+                          hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
+    return dev
+
+
+def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | None) -> torch.dtype:
+    if override:
+        try:
+            dt = getattr(torch, override)
+        except AttributeError:
+            dt = None
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise PromoeError(f"unknown dtype '{override}'", hint="use float32, bfloat16 or float16")
+        return dt
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are several times slower on CPUs without AMX
+    return torch.float16 if expert_dtype == torch.float16 else torch.bfloat16
+
+
+def make_transfer(device: torch.device, num_slots: int, opts: LoadOptions) -> TransferEngine:
+    if device.type == "cuda":
+        return CudaStreamCopy(device, num_slots)
+    if opts.predictor != "none":
+        return ThreadedLink(opts.link_bandwidth, opts.link_latency)
+    return InlineCopy(opts.link_bandwidth, opts.link_latency)
+
+
+def load_model(ref: str | None, opts: LoadOptions | None = None, progress: ProgressFn | None = None) -> LoadedModel:
+    opts = opts or LoadOptions()
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    resolved = resolve_model(ref)
+    ckpt = Checkpoint(resolved.path)
+    spec = describe_model(ckpt)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
+    fmt = get_format(opts.quant)
+    policy_cls = policy_class(opts.policy)
+    context = opts.context or min(getattr(spec.config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+    budget = opts.vram
+    if budget is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free + torch.cuda.memory_reserved(device)
+    plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=opts.reserved,
+                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots)  # fmt: skip
+    timings["resolve_s"] = time.perf_counter() - t_start
+
+    home = opts.home or promoe_home()
+    store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
+                               quantize_device=device if device.type == "cuda" else None,
+                               progress=progress)  # fmt: skip
+    timings["store_s"] = report.seconds
+
+    t0 = time.perf_counter()
+    transfer = make_transfer(device, plan.slots, opts)
+    cache = ExpertCache(plan.slots_per_layer, lambda layer, cap: policy_cls(cap), store=store, device=device,
+                        transfer=transfer, retain=opts.retain)  # fmt: skip
+    rt = OffloadRuntime(cache, store.layout, fmt, tracer=RoutingTracer() if opts.trace else None)
+    model = spec.meta_model
+    for layer in spec.moe_layers:
+        mlp = model.model.layers[layer].mlp
+        mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
+    _materialize(model, spec, ckpt, device, dtype, progress)
+    ckpt.close()
+    predictor = make_predictor(opts.predictor, model=model, spec=spec, extra=opts.predictor_extra,
+                               lookahead=opts.lookahead, learned_path=store.path)  # fmt: skip
+    if predictor is not None:
+        rt.prefetcher = Prefetcher(predictor, cache)
+    tokenizer = _load_tokenizer(resolved.path)
+    timings["weights_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    return LoadedModel(model, tokenizer, spec, resolved, store, report, cache, plan, rt, device, dtype, opts,
+                       timings)  # fmt: skip
+
+
+def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 progress: ProgressFn | None) -> None:  # fmt: skip
+    non_persistent = {n for n, _ in model.named_non_persistent_buffers()}
+    for name, p in model.named_parameters():  # pick each tensor's dtype while still on meta
+        if p.is_floating_point():
+            p.data = p.data.to(spec.load_dtype(name, dtype))
+    model.to_empty(device=device)
+    targets = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in non_persistent}
+    arch = spec.arch
+    loaded: set[str] = set()
+    keys = ckpt.keys()
+    with torch.no_grad():
+        for i, key in enumerate(keys):
+            name = arch.to_module_key(key)
+            if ".mlp.experts." in name:
+                continue  # served by the expert store
+            target = targets.get(name)
+            if target is None:
+                continue  # e.g. multi-token-prediction layers, rotary tables of old checkpoints
+            t = ckpt.get(key)
+            if tuple(t.shape) != tuple(target.shape):
+                raise CheckpointError(f"{key} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
+            target.copy_(t)
+            loaded.add(name)
+            if progress and (i % 16 == 0 or i == len(keys) - 1):
+                progress("Loading non-expert weights", i + 1, len(keys))
+    missing = set(targets) - loaded
+    if missing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.tie_weights(missing_keys=missing)
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. {sorted(missing)[0]}",
+            hint="the checkpoint and its config.json do not match; re-download or re-export it",
+        )
+    for module in model.modules():  # rotary tables: transformers' own init recomputes them
+        if module._non_persistent_buffers_set:
+            model._init_weights(module)
+    model.eval()
+    model.requires_grad_(False)
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"could not load the tokenizer from {path} ({exc})",
+                              hint="the folder needs tokenizer.json or the tokenizer files of its model") from None  # fmt: skip

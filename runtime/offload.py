@@ -1,0 +1,142 @@
+"""The offloaded-experts module that replaces each transformers ``mlp.experts``.
+
+:class:`OffloadedExperts` has the same ``forward(hidden_states, top_k_index,
+top_k_weights)`` as the module it replaces, so the model's own router (and shared
+experts, dense layers, routing quirks) stay exactly transformers' code; only where the
+expert weights come from changes: a device slot of the :class:`ExpertCache`, quantized,
+dequantized on use by the store's format.
+"""
+
+# Shape key: T = tokens in this invocation, K = experts per token (top-k),
+#            D = hidden size, I = expert intermediate size, E = experts in the layer
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quant import QuantFormat
+from runtime.expert_cache import ExpertCache
+from runtime.expert_layout import ExpertLayout, ExpertWeights
+from runtime.trace import TraceRecord
+
+
+class RoutingTracer:
+    """Collects routing per invocation; :meth:`flush` turns one forward into token-major records."""
+
+    def __init__(self) -> None:
+        self._step: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        self._step.append((layer, top_k_index.detach().cpu(), top_k_weights.detach().float().cpu()))
+
+    def flush(self, first_token: int) -> list[TraceRecord]:
+        if not self._step:
+            return []
+        n_tokens = self._step[0][1].shape[0]
+        out = [
+            TraceRecord(first_token + t, layer, tuple(idx[t].tolist()), tuple(w[t].tolist()))
+            for t in range(n_tokens)
+            for layer, idx, w in self._step
+        ]
+        self._step.clear()
+        return out
+
+    def discard(self) -> None:
+        self._step.clear()
+
+
+@dataclass
+class OffloadRuntime:
+    """What every OffloadedExperts of one model shares."""
+
+    cache: ExpertCache
+    layout: ExpertLayout
+    fmt: QuantFormat
+    prefetcher: object | None = None  # runtime.prefetch.Prefetcher
+    tracer: RoutingTracer | None = None
+    miss_handler: object | None = None  # runtime.miss.MissHandler (low-bit copies, CPU compute)
+    hooks: list[Callable[[int, torch.Tensor], None]] = field(default_factory=list)  # (layer, router input)
+
+
+def expert_mlp(
+    x: torch.Tensor, w: ExpertWeights, fmt: QuantFormat, layout: ExpertLayout, gate_fn: Callable
+) -> torch.Tensor:
+    """One expert on ``x [T, D]``: ``down(gate_fn(gate_up(x)))``, dequantizing on the fly."""
+    mats = layout.shape.matrices()
+    b1 = w.gate_up_bias.to(x.dtype) if w.gate_up_bias is not None else None
+    b2 = w.down_bias.to(x.dtype) if w.down_bias is not None else None
+    h = fmt.linear(x, w.gate_up, mats["gate_up"], b1)  # [T, 2I]
+    h = gate_fn(h)  # [T, I]
+    return fmt.linear(h, w.down, mats["down"], b2)  # [T, D]
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for a transformers experts module, served from the device expert cache."""
+
+    def __init__(self, layer: int, original: nn.Module, rt: OffloadRuntime) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = int(original.num_experts)
+        # the original (on the meta device, no memory) keeps its activation: transformers
+        # stays the single source of truth for gate/up splitting, clamping, interleaving
+        self._gate_fn = original._apply_gate
+        self.rt = rt
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, quant={self.rt.fmt.name}"
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        T, K = top_k_index.shape
+        flat = top_k_index.reshape(-1)  # [T*K]
+        # host sync: which experts to fetch is a host decision (one per layer invocation)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        needed = [e for e, c in enumerate(counts) if c]
+        if rt.tracer is not None:
+            rt.tracer.record(layer, top_k_index, top_k_weights)
+        order = cache.begin(layer, needed)
+        try:
+            for hook in rt.hooks:
+                hook(layer, hidden_states)
+            if rt.prefetcher is not None:
+                rt.prefetcher.on_layer(layer, needed, hidden_states)
+            return self._compute(hidden_states, flat, top_k_weights, counts, order, K)
+        finally:
+            cache.end(layer)
+
+    def _compute(self, x, flat, top_k_weights, counts, order, K):
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        out = torch.zeros_like(x)  # [T, D]
+        if x.shape[0] == 1:  # decode: one token, no gather/scatter needed
+            slot_of = {e: k for k, e in enumerate(flat.tolist())}
+            for e in order:
+                w = cache.acquire(layer, e)
+                y = self._expert(e, x, w)
+                out += y * top_k_weights[:, slot_of[e], None]
+                cache.release(layer, e)
+            return out
+        perm = flat.argsort(stable=True)  # [T*K], grouped by expert
+        token_of = perm // K
+        weight_of = top_k_weights.reshape(-1)[perm]
+        starts = [0] * (self.num_experts + 1)
+        for e, c in enumerate(counts):
+            starts[e + 1] = starts[e] + c
+        for e in order:
+            w = cache.acquire(layer, e)
+            tok = token_of[starts[e] : starts[e + 1]]
+            y = self._expert(e, x[tok], w)
+            out.index_add_(0, tok, (y * weight_of[starts[e] : starts[e + 1], None]).to(out.dtype))
+            cache.release(layer, e)
+        return out
+
+    def _expert(self, e: int, x: torch.Tensor, w: ExpertWeights | None) -> torch.Tensor:
+        rt = self.rt
+        if w is None:  # the miss handler served it without a slot (e.g. computed on the CPU)
+            return rt.miss_handler.compute(self.layer, e, x, self._gate_fn)
+        return expert_mlp(x, w, rt.fmt, rt.layout, self._gate_fn)

@@ -1,0 +1,118 @@
+"""Find a model on this machine, offline: a directory, a cached Hugging Face repo, or an alias.
+
+Nothing is ever downloaded. In order:
+
+1. no reference: the bundled default model (``models/tiny-code-moe`` in the source
+   tree, or ``$PROMOE_DEFAULT_MODEL``); if that is missing, a small random MoE that
+   promoe builds offline from a fixed seed under ``$PROMOE_HOME/models`` on first use;
+2. an existing directory with a ``config.json``;
+3. a short alias (``mixtral``, ``qwen3-moe``, ...), tried against the local Hugging Face
+   cache in its listed order (instruct releases first);
+4. a repo id (``org/name``) in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import ModelNotFoundError
+
+#: alias -> (what it is, candidate repo ids in preference order)
+ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mixtral": ("Mixtral-8x7B-Instruct-v0.1", ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1")),
+    "qwen1.5-moe": ("Qwen1.5-MoE-A2.7B", ("Qwen/Qwen1.5-MoE-A2.7B-Chat", "Qwen/Qwen1.5-MoE-A2.7B")),
+    "qwen3-moe": ("Qwen3-30B-A3B", ("Qwen/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Instruct-2507")),
+    "olmoe": ("OLMoE-1B-7B", ("allenai/OLMoE-1B-7B-0924-Instruct", "allenai/OLMoE-1B-7B-0125-Instruct",
+                              "allenai/OLMoE-1B-7B-0924")),
+    "deepseek-v2-lite": ("DeepSeek-V2-Lite", ("deepseek-ai/DeepSeek-V2-Lite-Chat", "deepseek-ai/DeepSeek-V2-Lite")),
+    "phi-moe": ("Phi-3.5-MoE", ("microsoft/Phi-3.5-MoE-instruct",)),
+    "gpt-oss": ("gpt-oss-20b (bf16)", ("unsloth/gpt-oss-20b-BF16", "openai/gpt-oss-20b")),
+}  # fmt: skip
+ALIASES["gpt-oss-20b"] = ALIASES["gpt-oss"]
+ALIASES["qwen3-30b-a3b"] = ALIASES["qwen3-moe"]
+ALIASES["phi-3.5-moe"] = ALIASES["phi-moe"]
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = SOURCE_ROOT / "models" / "tiny-code-moe"
+FALLBACK_NAME = "tiny-random-moe"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    source: str  # "bundled", "random", "directory", "hf-cache"
+    label: str  # what to call it on screen
+
+
+def promoe_home() -> Path:
+    return Path(os.environ.get("PROMOE_HOME") or Path.home() / ".cache" / "promoe").expanduser()
+
+
+def _hf_cached(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def default_model() -> ResolvedModel:
+    env = os.environ.get("PROMOE_DEFAULT_MODEL")
+    if env:
+        return resolve_model(env)
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return ResolvedModel(BUNDLED_MODEL, "bundled", "tiny-code-moe (bundled)")
+    path = promoe_home() / "models" / FALLBACK_NAME
+    if not (path / "config.json").is_file():
+        from runtime.tiny import build_tiny_model
+
+        build_tiny_model("mixtral", path, seed=0)
+    return ResolvedModel(path, "random", f"{FALLBACK_NAME} (random weights, seed 0)")
+
+
+def resolve_model(ref: str | None) -> ResolvedModel:
+    """Turn what the user typed into a local checkpoint directory, or explain where we looked."""
+    if ref is None or ref == "":
+        return default_model()
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{p} is a directory but has no config.json", hint="point at a Hugging Face model folder"
+            )
+        return ResolvedModel(p.resolve(), "directory", p.name)
+    key = ref.lower()
+    if key in ALIASES:
+        what, repos = ALIASES[key]
+        for repo in repos:
+            path = _hf_cached(repo)
+            if path is not None:
+                return ResolvedModel(path, "hf-cache", repo)
+        raise ModelNotFoundError(
+            f"'{ref}' ({what}) is not on this machine: none of {', '.join(repos)} is in the Hugging Face "
+            f"cache ({_hf_cache_dir()})",
+            hint=f"download it once with: hf download {repos[0]}  (promoe never downloads by itself)",
+        )
+    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1:
+        path = _hf_cached(ref)
+        if path is not None:
+            return ResolvedModel(path, "hf-cache", ref)
+        raise ModelNotFoundError(
+            f"model '{ref}' not found: no directory {ref}, and not in the Hugging Face cache ({_hf_cache_dir()})",
+            hint=f"download it once with: hf download {ref}, or pass a local directory",
+        )
+    raise ModelNotFoundError(
+        f"model '{ref}' not found: no such directory, and it is not a known alias",
+        hint=f"pass a model folder, a Hugging Face repo id in your cache, or one of: {', '.join(sorted(ALIASES))}",
+    )
