@@ -51,7 +51,9 @@ class QuantFormat(ABC):
         """Quantize ``weight [out, in]``; returns the parts named by :meth:`parts`."""
 
     @abstractmethod
-    def dequantize(self, parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(
+        self, parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Reference: rebuild ``[out, in]`` in ``dtype`` with plain torch ops, on the parts' device."""
 
     def linear(

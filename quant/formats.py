@@ -63,7 +63,10 @@ class GroupwiseInt(QuantFormat):
         n_pad = self._padded(n_in)
         groups = n_pad // self.group_size
         q_dtype = torch.int8 if self.symmetric else torch.uint8
-        parts = [Part("q", (out, packed_len(n_pad, self.bits)), q_dtype), Part("scale", (out, groups), torch.float16)]
+        parts = [
+            Part("q", (out, packed_len(n_pad, self.bits)), q_dtype),
+            Part("scale", (out, groups), torch.float16),
+        ]
         if not self.symmetric:
             parts.append(Part("zero", (out, groups), torch.float16))
         return parts

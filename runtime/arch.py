@@ -42,7 +42,9 @@ class ArchSpec:
 
 
 _MIXTRAL_STYLE = dict(
-    disk_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), renames=((r"\.block_sparse_moe\.", ".mlp."),)
+    disk_block="block_sparse_moe",
+    expert_names=("w1", "w3", "w2"),
+    renames=((r"\.block_sparse_moe\.", ".mlp."),),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {

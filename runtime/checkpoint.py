@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,20 @@ class Checkpoint:
         self.path = Path(path)
         config_path = self.path / "config.json"
         if not config_path.is_file():
-            raise CheckpointError(f"{self.path} has no config.json", hint="point promoe at a Hugging Face model folder")
+            raise CheckpointError(
+                f"{self.path} has no config.json", hint="point promoe at a Hugging Face model folder"
+            )
         self.config_bytes = config_path.read_bytes()
-        self.config: dict[str, Any] = json.loads(self.config_bytes)
-        self.weight_map = self._weight_map()
+        try:
+            self.config: dict[str, Any] = json.loads(self.config_bytes)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                                  hint="re-download or repair config.json") from None  # fmt: skip
         self._handles: dict[str, Any] = {}
 
-    def _weight_map(self) -> dict[str, str]:
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard file (read on first use, so config errors come first)."""
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             wm = json.loads(index.read_text())["weight_map"]
@@ -52,13 +60,14 @@ class Checkpoint:
         if not shards:
             has_bin = any(self.path.glob("*.bin")) or any(self.path.glob("*.pt"))
             raise CheckpointError(
-                f"{self.path} has no .safetensors weights" + (" (only PyTorch .bin files)" if has_bin else ""),
+                f"{self.path} has no .safetensors weights"
+                + (" (only PyTorch .bin files)" if has_bin else ""),
                 hint="promoe reads safetensors checkpoints; re-save with model.save_pretrained(..., safe_serialization=True)",
             )
         wm: dict[str, str] = {}
         for shard in shards:
             with safe_open(shard, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     wm[key] = shard.name
         return wm
 

@@ -95,7 +95,9 @@ class ExpertCache:
         self._views: list[ExpertWeights] = []
         if self.layout is not None:
             # T = slots, B = bytes per expert row
-            self.slots = torch.empty((start, self.layout.nbytes), dtype=torch.uint8, device=self.device)  # [T, B]
+            self.slots = torch.empty(
+                (start, self.layout.nbytes), dtype=torch.uint8, device=self.device
+            )  # [T, B]
             self._views = [self.layout.views(self.slots[i]) for i in range(start)]
 
     # -- queries ----------------------------------------------------------------------
@@ -115,6 +117,10 @@ class ExpertCache:
     def is_resident(self, layer: int, expert: int) -> bool:
         return expert in self._parts[layer].entries
 
+    def slot_of(self, layer: int, expert: int) -> int | None:
+        entry = self._parts[layer].entries.get(expert)
+        return None if entry is None else entry.slot
+
     def _ready(self, entry: _Entry) -> bool:
         if entry.ticket is not None and self.transfer.is_done(entry.ticket):
             entry.ticket = None
@@ -133,9 +139,9 @@ class ExpertCache:
         part.pinned = set(needed)
         part.done = set()
         for e, entry in list(part.entries.items()):  # stale: queued for this layer, not needed
-            if entry.ticket is not None and entry.prefetched and e not in part.pinned:
-                if self.transfer.cancel(entry.ticket):
-                    self._drop(part, e, cancelled=True)
+            stale = entry.ticket is not None and entry.prefetched and e not in part.pinned
+            if stale and self.transfer.cancel(entry.ticket):
+                self._drop(part, e, cancelled=True)
         if not reorder:
             return list(needed)
         ready, inflight, missing = [], [], []

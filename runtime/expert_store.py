@@ -66,7 +66,9 @@ class ExpertStore:
     the unit every copy to the device moves.
     """
 
-    def __init__(self, layout: ExpertLayout, layers: dict[int, torch.Tensor], path: Path, manifest: dict) -> None:
+    def __init__(
+        self, layout: ExpertLayout, layers: dict[int, torch.Tensor], path: Path, manifest: dict
+    ) -> None:
         self.layout = layout
         self._rows = layers
         self.path = path
@@ -291,7 +293,9 @@ def open_store(
             stale = _stale_reason(manifest, expected)
             if stale is None:
                 rows = _load_verified(final, manifest, spec, layout, pin, progress)
-                report = StoreReport("reused", "", time.perf_counter() - t0, final, sum(t.numel() for t in rows.values()))
+                report = StoreReport(
+                    "reused", "", time.perf_counter() - t0, final, sum(t.numel() for t in rows.values())
+                )
                 return ExpertStore(layout, rows, final, manifest), report
             reason = f"stale: {stale}"
         except (StoreError, json.JSONDecodeError, KeyError, TypeError) as exc:

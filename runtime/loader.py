@@ -114,7 +114,9 @@ def make_transfer(device: torch.device, num_slots: int, opts: LoadOptions) -> Tr
     return InlineCopy(opts.link_bandwidth, opts.link_latency)
 
 
-def load_model(ref: str | None, opts: LoadOptions | None = None, progress: ProgressFn | None = None) -> LoadedModel:
+def load_model(
+    ref: str | None, opts: LoadOptions | None = None, progress: ProgressFn | None = None
+) -> LoadedModel:
     opts = opts or LoadOptions()
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -125,7 +127,9 @@ def load_model(ref: str | None, opts: LoadOptions | None = None, progress: Progr
     dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
     fmt = get_format(opts.quant)
     policy_cls = policy_class(opts.policy)
-    context = opts.context or min(getattr(spec.config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+    context = opts.context or min(
+        getattr(spec.config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT
+    )
     budget = opts.vram
     if budget is None and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -169,7 +173,9 @@ def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device,
         if p.is_floating_point():
             p.data = p.data.to(spec.load_dtype(name, dtype))
     model.to_empty(device=device)
-    targets = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in non_persistent}
+    targets = {
+        n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in non_persistent
+    }
     arch = spec.arch
     loaded: set[str] = set()
     keys = ckpt.keys()
@@ -183,7 +189,9 @@ def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device,
                 continue  # e.g. multi-token-prediction layers, rotary tables of old checkpoints
             t = ckpt.get(key)
             if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(f"{key} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}")
+                raise CheckpointError(
+                    f"{key} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}"
+                )
             target.copy_(t)
             loaded.add(name)
             if progress and (i % 16 == 0 or i == len(keys) - 1):

@@ -119,7 +119,7 @@ def describe_model(ckpt: Checkpoint) -> ModelSpec:
         meta_model=meta,
         moe_layers=moe_layers,
         num_experts=num_experts,
-        top_k=int(getattr(config, "num_experts_per_tok")),
+        top_k=int(config.num_experts_per_tok),
         expert_shape=ExpertShape(hidden, two_inter // 2, has_bias, src_dtype),
         transposed=transposed,
         num_layers=len(layers),

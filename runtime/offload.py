@@ -111,7 +111,7 @@ class OffloadedExperts(nn.Module):
             cache.end(layer)
 
     def _compute(self, x, flat, top_k_weights, counts, order, K):
-        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        cache, layer = self.rt.cache, self.layer
         out = torch.zeros_like(x)  # [T, D]
         if x.shape[0] == 1:  # decode: one token, no gather/scatter needed
             slot_of = {e: k for k, e in enumerate(flat.tolist())}

@@ -39,7 +39,9 @@ def parse_bandwidth(text: str) -> float:
     """``"8GB/s"`` -> 8e9 bytes per second."""
     m = re.fullmatch(r"(.+?)\s*/\s*s\s*", str(text))
     if m is None:
-        raise InvalidSizeError(f"'{text}' is not a bandwidth", hint="write bytes per second, e.g. 8GB/s or 500MB/s")
+        raise InvalidSizeError(
+            f"'{text}' is not a bandwidth", hint="write bytes per second, e.g. 8GB/s or 500MB/s"
+        )
     return float(parse_size(m.group(1)))
 
 
@@ -47,7 +49,9 @@ def parse_duration(text: str) -> float:
     """``"20us"`` -> 2e-05 seconds."""
     m = re.fullmatch(_NUMBER + r"([a-zµ]*)\s*", str(text).lower())
     if m is None or m.group(2) not in _TIME_UNITS:
-        raise InvalidSizeError(f"'{text}' is not a duration", hint="write a number and s, ms, us or ns, e.g. 20us")
+        raise InvalidSizeError(
+            f"'{text}' is not a duration", hint="write a number and s, ms, us or ns, e.g. 20us"
+        )
     return float(m.group(1)) * _TIME_UNITS[m.group(2)]
 
 

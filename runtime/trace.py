@@ -43,15 +43,21 @@ class TraceRecord:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"token": self.token, "layer": self.layer, "experts": list(self.experts),
-             "weights": [round(w, 5) for w in self.weights]}  # fmt: skip
+            {
+                "token": self.token,
+                "layer": self.layer,
+                "experts": list(self.experts),
+                "weights": [round(w, 5) for w in self.weights],
+            }  # fmt: skip
         )
 
 
 def read_trace(path: str | Path) -> list[TraceRecord]:
     p = Path(path)
     if not p.is_file():
-        raise TraceError(f"trace file {p} not found", hint="record one with --trace-out FILE on chat or bench")
+        raise TraceError(
+            f"trace file {p} not found", hint="record one with --trace-out FILE on chat or bench"
+        )
     out: list[TraceRecord] = []
     with p.open() as f:
         for n, line in enumerate(f, 1):

@@ -258,7 +258,9 @@ class CudaStreamCopy(TransferEngine):
                 self._inflight.append(t)
 
     def submit(self, src, dst, slot, layer, urgent):
-        t = Ticket(src, dst, slot, layer, urgent, next(self._seq), event=torch.cuda.Event(enable_timing=False))
+        t = Ticket(
+            src, dst, slot, layer, urgent, next(self._seq), event=torch.cuda.Event(enable_timing=False)
+        )
         if urgent:
             self._issue(t)
         else:

@@ -1,0 +1,132 @@
+"""``promoe chat``: one-shot completion for scripts, or the interactive chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promoe_cli import options as o
+from promoe_cli.console import err, out
+from promoe_cli.errors import handle_errors
+
+EXAMPLES = (
+    "[bold]Examples[/]\n\n"
+    "[cyan]promoe chat[/]  the bundled tiny model, interactive\n\n"
+    "[cyan]promoe chat mixtral --vram 6GB[/]  Mixtral-8x7B from your Hugging Face cache on a 6 GB GPU\n\n"
+    '[cyan]promoe chat --prompt "def fibonacci(n):" -n 64 -t 0[/]  one greedy completion on stdout\n\n'
+    "[cyan]promoe chat ./my-olmoe --quant int8 --stats-json run.json --prompt Hello[/]  figures as JSON"
+)
+
+
+def chat(
+    model: o.ModelArg = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Complete this prompt, print only the completion, exit.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate per answer.")
+    ] = 256,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", min=0.0, help="0 for greedy decoding.")
+    ] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible runs.")] = None,
+    no_chat_template: Annotated[
+        bool, typer.Option("--no-chat-template", help="Feed the text as is, no chat template.")
+    ] = False,
+    system: Annotated[
+        str | None, typer.Option("--system", help="System prompt (models whose template has one).")
+    ] = None,
+    stats_json: Annotated[
+        Path | None, typer.Option("--stats-json", help="Write the run's figures to this JSON file.")
+    ] = None,
+    trace_out: o.TraceOut = None,
+    quant: o.Quant = "int4",
+    vram: o.Vram = None,
+    profile: o.Profile = None,
+    context: o.Context = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = None,
+    policy: o.Policy = "lru",
+    slot_split: o.SlotSplit = "uniform",
+    prefetch: o.Prefetch = "cross-layer",
+    link_bandwidth: o.LinkBandwidth = None,
+    link_latency: o.LinkLatency = None,
+) -> None:
+    """Chat with a Mixture-of-Experts model whose experts do not fit on the device."""
+    with handle_errors():
+        from promoe_cli.loading import banner, load, load_options, offline_environment
+
+        opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
+                            policy=policy, slot_split=slot_split, prefetch=prefetch, link_bandwidth=link_bandwidth,
+                            link_latency=link_latency, trace=trace_out is not None)  # fmt: skip
+        offline_environment()
+        from runtime.generate import SamplingConfig
+
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        lm = load(model, opts)
+        try:
+            trace = _open_trace(trace_out)
+            try:
+                if prompt is not None:
+                    _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace)
+                else:
+                    banner(lm)
+                    from promoe_cli.repl import run_chat
+
+                    run_chat(lm, sampling, system=system, chat_template=not no_chat_template, trace=trace,
+                             stats_json=stats_json)  # fmt: skip
+            finally:
+                if trace is not None:
+                    trace.close()
+        finally:
+            lm.close()
+
+
+def _open_trace(path: Path | None):
+    if path is None:
+        return None
+    from runtime.trace import TraceWriter
+
+    return TraceWriter(path)
+
+
+def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json: Path | None, trace) -> None:
+    """Print only the completion on stdout, streamed; figures go to --stats-json."""
+    from runtime.generate import DoneEvent, encode_prompt, stream_generate
+
+    ids = encode_prompt(lm.tokenizer, prompt, chat_template=chat_template, system=system)
+    done = None
+    for ev in stream_generate(lm, ids, sampling, trace=trace):
+        if isinstance(ev, DoneEvent):
+            done = ev
+        elif ev.text:
+            out.print(ev.text, end="", markup=False, highlight=False)
+            out.file.flush()
+    out.print(markup=False)
+    if done.finish_reason == "interrupted":
+        err.print("[warn]interrupted[/]")
+    if stats_json is not None:
+        write_stats(stats_json, lm, done)
+
+
+def write_stats(path: Path, lm, done) -> None:
+    data = {
+        "model": lm.name,
+        "model_path": str(lm.resolved.path),
+        "architecture": lm.spec.arch.model_type,
+        "quant": lm.options.quant,
+        "device": str(lm.device),
+        "finish_reason": done.finish_reason,
+        **done.stats.to_json(),
+        "cache_experts_total": lm.spec.total_experts,
+        "store_action": lm.store_report.action,
+        "load_seconds": round(lm.timings["total_s"], 3),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,45 @@
+"""The root of the ``promoe`` command: only wires the subcommands together."""
+
+from __future__ import annotations
+
+import typer
+
+from promoe_cli.chat import EXAMPLES as CHAT_EXAMPLES
+from promoe_cli.chat import chat
+
+app = typer.Typer(
+    name="promoe",
+    help="Run large Mixture-of-Experts models on small GPUs: quantized experts in host memory, "
+    "a predicted, prefetched expert cache on the device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"promoe {version('promoe')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run large Mixture-of-Experts models on small GPUs.
+
+    Set PROMOE_HOME to move promoe's directory (expert stores, profiles, history; default
+    ~/.cache/promoe) and PROMOE_DEBUG=1 to see tracebacks.
+    """
+
+
+if __name__ == "__main__":
+    app()

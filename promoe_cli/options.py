@@ -1,0 +1,94 @@
+"""Reusable option declarations (typer ``Annotated`` aliases), shared by the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+_LOAD = "Model and memory"
+_CACHE = "Expert cache and prefetch"
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="A model folder, a Hugging Face repo id in your local cache, or an alias "
+        "(mixtral, qwen1.5-moe, qwen3-moe, olmoe, deepseek-v2-lite, phi-moe, gpt-oss). "
+        "Default: the bundled tiny-code-moe.",
+        show_default=False,
+    ),
+]
+Quant = Annotated[
+    str,
+    typer.Option(
+        "--quant", "-q", help="Expert format: none, int8, int4, int3, int2, nf4.", rich_help_panel=_LOAD
+    ),
+]
+Vram = Annotated[
+    str | None,
+    typer.Option(
+        "--vram", help="Device memory budget, e.g. 6GB or 5.5GiB (GB = 10^9 bytes).", rich_help_panel=_LOAD
+    ),
+]
+Profile = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        "-p",
+        help="Device profile name (see 'promoe plan --help'); sizes the cache.",
+        rich_help_panel=_LOAD,
+    ),
+]
+Context = Annotated[
+    int | None,
+    typer.Option("--context", help="Tokens of context to plan the KV cache for \\[default: model max, at most 4096].",
+                 rich_help_panel=_LOAD, min=16),
+]  # fmt: skip
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel=_LOAD)]
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="Compute dtype \\[default: float32 on CPU, bfloat16/float16 on CUDA].",
+        rich_help_panel=_LOAD,
+    ),
+]
+Policy = Annotated[
+    str, typer.Option("--policy", help="Eviction policy: lru, lfu or arc.", rich_help_panel=_CACHE)
+]
+SlotSplit = Annotated[
+    str,
+    typer.Option(
+        "--slot-split",
+        help="Slots per layer: uniform, or shallow (early layers get more, Fate).",
+        rich_help_panel=_CACHE,
+    ),
+]
+Prefetch = Annotated[
+    str,
+    typer.Option("--prefetch", help="Expert predictor: cross-layer (Fate), learned (ProMoE; see train-predictor) or none.",
+                 rich_help_panel=_CACHE),
+]  # fmt: skip
+LinkBandwidth = Annotated[
+    str | None,
+    typer.Option(
+        "--link-bandwidth",
+        help="Emulate a host-to-device link of this speed on the CPU, e.g. 8GB/s.",
+        rich_help_panel=_CACHE,
+    ),
+]
+LinkLatency = Annotated[
+    str | None,
+    typer.Option(
+        "--link-latency", help="Per-copy latency of the emulated link, e.g. 20us.", rich_help_panel=_CACHE
+    ),
+]
+TraceOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--trace-out",
+        help="Record expert routing to this JSONL file (format of shared/traces).",
+        rich_help_panel=_CACHE,
+    ),
+]

@@ -1,0 +1,262 @@
+"""Streaming generation: prefill, then decode token by token, yielding typed events.
+
+``stream_generate`` is the one generation loop: the chat REPL, the one-shot command,
+``bench`` and the tests all read its events. Each :class:`TokenEvent` carries the new
+text and a :class:`GenerationStats` snapshot (tokens/s, hit rate, bytes moved...); the
+last event is a :class:`DoneEvent` with the finish reason. Ctrl-C during generation ends
+the stream with ``finish_reason="interrupted"``; the model and its cache stay usable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from runtime.loader import LoadedModel
+from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
+from runtime.stats import ExpertStats
+from runtime.trace import TraceWriter
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.95
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks, tests against a reference)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_s: float
+    decode_s: float
+    ttft_s: float  # time to first token: prefill and the first sample
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    hit_rate: float  # at the moment of use (see runtime.stats)
+    uses: int
+    hits: int
+    late: int
+    misses: int
+    bytes_moved: int
+    prefetches: int
+    wasted_prefetch_bytes: int
+    prediction_precision: float | None
+    prediction_recall: float | None
+    stall_s: float
+    cache_slots: int
+    cache_bytes: int
+    device_memory_bytes: int  # allocated on CUDA; the plan's device total on the CPU
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str  # new text since the last event ("" while a multi-byte character is incomplete)
+    token_id: int
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    text: str  # the whole completion
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length" or "interrupted"
+    stats: GenerationStats
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True, system: str | None = None) -> list[int]:
+    """Token ids for a single-turn prompt: the model's chat template if it has one."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    return encode_messages(tokenizer, messages, chat_template)
+
+
+def encode_messages(tokenizer, messages: Sequence[dict], chat_template: bool = True) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "\n\n".join(m["content"] for m in messages)  # no template: plain continuation
+    return list(tokenizer(text)["input_ids"])
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(lm.model, "generation_config", None), lm.spec.config, lm.tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list | tuple):
+            ids.update(int(e) for e in eos)
+    return ids
+
+
+class _Detokenizer:
+    """Incremental decoding that never emits half of a multi-byte character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+
+def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
+    """``logits [V]`` -> one token id (greedy at temperature 0, else top-p sampling)."""
+    if cfg.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # read clocks only after the GPU finished
+        return time.perf_counter()
+
+
+def _snapshot(
+    lm: LoadedModel, before: ExpertStats, n_prompt: int, n_gen: int, t: dict[str, float]
+) -> GenerationStats:
+    tot = lm.cache.stats.since(before).total()
+    decode_tokens = t["steps"]  # decode forwards timed so far (the first token comes from prefill)
+    mem = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else lm.plan.device_total
+    return GenerationStats(
+        prompt_tokens=n_prompt,
+        generated_tokens=n_gen,
+        prefill_s=t["prefill"],
+        decode_s=t["decode"],
+        ttft_s=t["ttft"],
+        prefill_tokens_per_s=n_prompt / t["prefill"] if t["prefill"] > 0 else 0.0,
+        decode_tokens_per_s=decode_tokens / t["decode"] if t["decode"] > 0 else 0.0,
+        hit_rate=tot.hit_rate,
+        uses=tot.uses,
+        hits=tot.hits,
+        late=tot.late,
+        misses=tot.misses,
+        bytes_moved=tot.bytes_moved,
+        prefetches=tot.prefetches,
+        wasted_prefetch_bytes=tot.wasted_bytes,
+        prediction_precision=tot.prediction_precision,
+        prediction_recall=tot.prediction_recall,
+        stall_s=tot.stall_s,
+        cache_slots=lm.cache.num_slots,
+        cache_bytes=lm.cache.nbytes,
+        device_memory_bytes=int(mem),
+    )
+
+
+def stream_generate(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    cfg: SamplingConfig = SamplingConfig(),
+    *,
+    trace: TraceWriter | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[TokenEvent | DoneEvent]:
+    """Generate from ``prompt_ids``, yielding a TokenEvent per token and a DoneEvent last."""
+    from transformers import DynamicCache
+
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    model, rt = lm.model, lm.runtime
+    stops = set() if cfg.ignore_eos else stop_token_ids(lm)
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    detok = _Detokenizer(lm.tokenizer)
+    clock = _Clock(lm.device)
+    before = lm.cache.stats.copy()
+    if rt.prefetcher is not None:
+        rt.prefetcher.reset()
+    if rt.tracer is not None:
+        rt.tracer.discard()
+    kv = DynamicCache(config=model.config)
+    times = {"prefill": 0.0, "decode": 0.0, "ttft": 0.0, "steps": 0}
+    generated: list[int] = []
+    text = ""
+    reason = "length"
+    pos = 0
+    t0 = clock.now()
+
+    def forward(ids: list[int]) -> torch.Tensor:
+        nonlocal pos
+        x = torch.tensor([ids], device=lm.device)
+        out = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        if trace is not None and rt.tracer is not None:
+            trace.write(rt.tracer.flush(pos))
+        pos += len(ids)
+        return out.logits[0, -1]
+
+    try:
+        with torch.inference_mode():
+            ids = list(prompt_ids)
+            for i in range(0, len(ids), prefill_chunk):
+                logits = forward(ids[i : i + prefill_chunk])
+            while True:
+                token = _sample(logits, cfg, gen)
+                now = clock.now()
+                if not generated:
+                    times["prefill"] = times["ttft"] = now - t0
+                    t_decode = now
+                else:
+                    times["decode"] = now - t_decode
+                    times["steps"] += 1
+                if token in stops:
+                    reason = "stop"
+                    break
+                generated.append(token)
+                piece = detok.add(token)
+                text += piece
+                hit = next((s for s in cfg.stop_strings if s in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                    reason = "stop"
+                    break
+                yield TokenEvent(piece, token, _snapshot(lm, before, len(prompt_ids), len(generated), times))
+                if len(generated) >= cfg.max_new_tokens:
+                    break
+                logits = forward([token])
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        if rt.tracer is not None:
+            rt.tracer.discard()
+    yield DoneEvent(text, generated, reason, _snapshot(lm, before, len(prompt_ids), len(generated), times))
+
+
+def generate(
+    lm: LoadedModel, prompt_ids: Sequence[int], cfg: SamplingConfig = SamplingConfig(), **kw
+) -> DoneEvent:
+    """Run :func:`stream_generate` to the end and return its DoneEvent."""
+    for ev in stream_generate(lm, prompt_ids, cfg, **kw):
+        if isinstance(ev, DoneEvent):
+            return ev
+    raise AssertionError("stream_generate always ends with a DoneEvent")

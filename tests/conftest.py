@@ -1,0 +1,51 @@
+"""Fixtures: tiny random checkpoints of every supported architecture, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.tiny import TINY_CONFIGS, build_tiny_model
+
+ARCHS = list(TINY_CONFIGS)
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PROMOE_SHARED", REPO.parent / "shared"))
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets PROMOE_HOME under its session tmp dir, never the user's."""
+    monkeypatch.setenv("PROMOE_HOME", str(tmp_path_factory.getbasetemp() / "promoe-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    """``tiny_model(arch)`` -> path of a seeded random checkpoint (built on first use)."""
+
+    def get(arch: str, **overrides) -> Path:
+        name = arch + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        path = tiny_dir / name
+        if not (path / "config.json").is_file():
+            build_tiny_model(arch, path, seed=0, **overrides)
+        return path
+
+    return get
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh PROMOE_HOME for tests that look at the expert store."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("PROMOE_HOME", str(h))
+    return h

@@ -1,0 +1,41 @@
+"""Shared test helpers: a reference transformers model, and a budget holding N slots per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quant import get_format
+from runtime.checkpoint import Checkpoint
+from runtime.loader import DEFAULT_CONTEXT, LoadOptions, load_model
+from runtime.memory_plan import plan_memory
+from runtime.model_spec import describe_model
+
+
+def reference_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # compare fixed-length greedy runs
+    return model
+
+
+def budget_for_slots(path: Path, quant: str, slots_per_layer: int, context: int | None = None) -> int:
+    """The --vram that leaves room for exactly ``slots_per_layer`` experts per MoE layer."""
+    spec = describe_model(Checkpoint(path))
+    ctx = context or min(spec.config.max_position_embeddings, DEFAULT_CONTEXT)
+    fmt = get_format(quant)
+    free = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=ctx)
+    fixed = free.non_expert + free.kv_cache + free.workspace
+    return fixed + slots_per_layer * len(spec.moe_layers) * free.expert_bytes
+
+
+def load_small(path: Path, quant: str = "none", slots_per_layer: int = 2, **kw):
+    vram = budget_for_slots(path, quant, slots_per_layer)
+    return load_model(str(path), LoadOptions(quant=quant, vram=vram, device="cpu", **kw))
+
+
+def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()

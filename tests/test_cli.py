@@ -1,0 +1,101 @@
+"""The command line: one-shot output, stats JSON, and one-line errors with hints (no tracebacks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from promoe_cli.main import app
+from runtime.generate import SamplingConfig, encode_prompt, generate
+from tests.helpers import budget_for_slots, load_small
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_one_shot_prints_only_the_completion(tiny_model, tmp_path):
+    path = tiny_model("mixtral")
+    stats = tmp_path / "stats.json"
+    vram = budget_for_slots(path, "int8", 2)
+    r = invoke("chat", path, "--prompt", "def fibonacci(n):", "-n", 12, "-t", 0, "--no-chat-template",
+               "--quant", "int8", "--vram", vram, "--stats-json", stats, "--prefetch", "none")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lm = load_small(path, quant="int8", slots_per_layer=2, predictor="none")
+    want = generate(lm, encode_prompt(lm.tokenizer, "def fibonacci(n):", chat_template=False),
+                    SamplingConfig(max_new_tokens=12, temperature=0))  # fmt: skip
+    lm.close()
+    assert r.stdout == want.text + "\n"
+    data = json.loads(stats.read_text())
+    for key in ("prompt_tokens", "generated_tokens", "prefill_tokens_per_s", "decode_tokens_per_s", "hit_rate",
+                "hits", "misses", "bytes_moved", "cache_slots", "cache_bytes"):  # fmt: skip
+        assert key in data, key
+    assert data["generated_tokens"] == len(want.token_ids)
+    assert data["cache_slots"] == 2 * 4
+    assert data["hits"] + data["misses"] + data["late"] == data["uses"] > 0
+
+
+def test_trace_out_records_routing(tiny_model, tmp_path):
+    from runtime.trace import read_trace
+
+    path = tiny_model("qwen3_moe")  # layer 1 is dense: not in the trace
+    trace = tmp_path / "trace.jsonl"
+    r = invoke("chat", path, "--prompt", "hello", "-n", 5, "-t", 0, "--quant", "none", "--trace-out", trace,
+               "--no-chat-template")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    recs = read_trace(trace)
+    assert {x.layer for x in recs} == {0, 2, 3}
+    tokens = sorted({x.token for x in recs})
+    assert tokens == list(range(len(tokens))) and len(tokens) >= 5
+    assert all(len(x.experts) == 2 and abs(sum(x.weights) - 1) < 1e-3 for x in recs)
+
+
+def one_line_error(r, code: int, *needles: str) -> None:
+    assert r.exit_code == code, (r.exit_code, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: ") and len(lines) == 2, r.stderr
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_missing_model(tmp_path):
+    one_line_error(invoke("chat", tmp_path / "nope", "--prompt", "x"), 2, "not found")
+
+
+def test_alias_not_in_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    one_line_error(invoke("chat", "mixtral", "--prompt", "x"), 2, "Mixtral-8x7B-Instruct-v0.1", "hf download")
+
+
+def test_unsupported_architecture(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    one_line_error(invoke("chat", d, "--prompt", "x"), 3, "llama", "mixtral", "gpt_oss")
+
+
+@pytest.mark.parametrize("size", ["6XB", "lots"])
+def test_malformed_size(tiny_model, size):
+    one_line_error(invoke("chat", tiny_model("mixtral"), "--vram", size, "--prompt", "x"), 2, size, "6GB")
+
+
+def test_budget_smaller_than_non_expert_weights(tiny_model):
+    r = invoke("chat", tiny_model("mixtral"), "--vram", "100KB", "--prompt", "x")
+    one_line_error(r, 4, "needs at least", "non-expert weights")
+
+
+def test_unknown_quant_and_policy(tiny_model):
+    one_line_error(invoke("chat", tiny_model("mixtral"), "--quant", "int5", "--prompt", "x"), 2, "int4")
+    one_line_error(invoke("chat", tiny_model("mixtral"), "--policy", "mru", "--prompt", "x"), 2, "lfu")
+
+
+def test_help_lists_commands_and_examples():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "chat" in r.stdout
+    r = invoke("chat", "--help")
+    assert r.exit_code == 0 and "Examples" in r.stdout and "--vram" in r.stdout

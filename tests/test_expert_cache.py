@@ -1,0 +1,149 @@
+"""The expert cache: policies against a plain reference simulator, slot rules, prefetch rules."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runtime.expert_cache import ExpertCache
+from runtime.policies import ARC, LFU, LRU, Belady
+from runtime.trace import read_trace
+from tests.conftest import SHARED
+
+
+def reference_hit_rate(trace: list[tuple[int, tuple[int, ...]]], policy: str, slots: int) -> float:
+    """A plain per-layer simulator, written independently of runtime/: LRU or LFU, pins the token's experts."""
+    resident: dict[int, list[int]] = {}
+    last: dict[tuple[int, int], int] = {}
+    count: dict[tuple[int, int], int] = {}
+    clock = hits = uses = 0
+    for layer, experts in trace:
+        res = resident.setdefault(layer, [])
+        for e in experts:
+            uses += 1
+            clock += 1
+            if e in res:
+                hits += 1
+            else:
+                if len(res) >= slots:
+                    cands = [x for x in res if x not in experts]
+                    if policy == "lru":
+                        victim = min(cands, key=lambda x, lay=layer: last[(lay, x)])
+                    else:
+                        victim = min(cands, key=lambda x, lay=layer: (count.get((lay, x), 0), last[(lay, x)]))
+                    res.remove(victim)
+                res.append(e)
+            last[(layer, e)] = clock
+            count[(layer, e)] = count.get((layer, e), 0) + 1
+    return hits / uses
+
+
+def run_cache(trace, policy_cls, slots: int, **kw) -> float:
+    layers = sorted({layer for layer, _ in trace})
+    if policy_cls is Belady:
+        fut = {layer: [ex for lay, ex in trace if lay == layer] for layer in layers}
+        factory = lambda layer, cap: Belady(cap, fut[layer])  # noqa: E731
+    else:
+        factory = lambda layer, cap: policy_cls(cap)  # noqa: E731
+    cache = ExpertCache({layer: slots for layer in layers}, factory, expert_bytes=1)
+    for layer, experts in trace:
+        for e in cache.begin(layer, experts, reorder=False):
+            cache.acquire(layer, e)
+            cache.release(layer, e)
+        cache.end(layer)
+    t = cache.stats.total()
+    assert t.uses == t.hits + t.late + t.misses
+    return t.hit_rate
+
+
+def random_trace(seed: int, tokens=200, layers=4, experts=8, k=2) -> list[tuple[int, tuple[int, ...]]]:
+    """Skewed routing (a few popular experts), like real traces."""
+    rng = random.Random(seed)
+    popularity = [rng.random() ** 3 + 0.01 for _ in range(experts)]
+    out = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            chosen: list[int] = []
+            while len(chosen) < k:
+                e = rng.choices(range(experts), weights=popularity)[0]
+                if e not in chosen:
+                    chosen.append(e)
+            out.append((layer, tuple(chosen)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("slots", [2, 3, 5])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_policies_match_reference_simulator_on_random_traces(seed, slots, policy):
+    trace = random_trace(seed)
+    cls = {"lru": LRU, "lfu": LFU}[policy]
+    assert run_cache(trace, cls, slots) == pytest.approx(reference_hit_rate(trace, policy, slots), abs=0)
+
+
+@pytest.mark.skipif(not (SHARED / "traces").is_dir(), reason="no shared traces")
+@pytest.mark.parametrize("slots", [2, 4, 6])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_policies_match_reference_simulator_on_mixtral_trace(slots, policy):
+    trace = [(r.layer, r.experts) for r in read_trace(SHARED / "traces" / "mixtral-8x7b-humaneval.jsonl")]
+    cls = {"lru": LRU, "lfu": LFU}[policy]
+    assert run_cache(trace, cls, slots) == pytest.approx(reference_hit_rate(trace, policy, slots), abs=0)
+
+
+def test_belady_is_optimal_and_arc_adapts():
+    for seed in range(3):
+        trace = random_trace(seed)
+        best = run_cache(trace, Belady, 3)
+        for cls in (LRU, LFU, ARC):
+            assert run_cache(trace, cls, 3) <= best
+    # scan resistance: a hot pair survives a scan of one-off experts under ARC, not under LRU
+    trace = [(0, (0, 1))] * 5 + [(0, (e, e + 1)) for e in range(2, 22, 2)] + [(0, (0, 1))]
+    assert run_cache(trace, ARC, 4) > run_cache(trace, LRU, 4)
+
+
+def test_pinned_experts_are_never_evicted():
+    cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), expert_bytes=1)
+    cache.begin(0, [3, 4])
+    cache.acquire(0, 3)
+    cache.acquire(0, 4)
+    assert cache.prefetch(0, 5) is False  # both slots pinned: the prefetch is skipped
+    assert cache.resident(0) == [3, 4]
+    cache.end(0)
+    assert cache.prefetch(0, 5) is True  # unpinned now
+    assert len(cache.resident(0)) == 2 and 5 in cache.resident(0)
+
+
+def test_working_set_larger_than_partition():
+    cache = ExpertCache({0: 1}, lambda layer, cap: LFU(cap), expert_bytes=1)
+    order = cache.begin(0, [1, 2, 3])
+    for e in order:
+        cache.acquire(0, e)
+        cache.release(0, e)
+    cache.end(0)
+    assert cache.stats.layer(0).misses == 3 and len(cache.resident(0)) == 1
+
+
+def test_on_demand_mode_keeps_nothing_across_invocations():
+    cache = ExpertCache({0: 8}, lambda layer, cap: LRU(cap), expert_bytes=1, retain=False)
+    for _ in range(3):
+        for e in cache.begin(0, [1, 2]):
+            cache.acquire(0, e)
+            cache.release(0, e)
+        cache.end(0)
+    assert cache.stats.layer(0).hits == 0 and cache.stats.layer(0).misses == 6
+
+
+def test_prefetch_hit_and_wasted_accounting():
+    cache = ExpertCache({0: 3}, lambda layer, cap: LRU(cap), expert_bytes=10)
+    assert cache.prefetch(0, 1) and cache.prefetch(0, 2)
+    cache.begin(0, [1])
+    cache.acquire(0, 1)  # a prefetched hit
+    cache.end(0)
+    st = cache.stats.layer(0)
+    assert (st.hits, st.prefetch_used, st.prefetches) == (1, 1, 2)
+    for e in (5, 6, 7):  # evicts the never-used prefetch of 2
+        cache.begin(0, [e])
+        cache.acquire(0, e)
+        cache.end(0)
+    assert st.prefetch_wasted == 1 and st.wasted_bytes == 10

@@ -1,0 +1,117 @@
+"""The host expert store is reused, verified, rebuilt when corrupt or stale, and never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from quant import get_format
+from runtime.checkpoint import Checkpoint
+from runtime.expert_store import MANIFEST, open_store, read_expert, store_dir
+from runtime.model_spec import describe_model
+
+
+def _open(path, home, quant="int8", progress=None):
+    ckpt = Checkpoint(path)
+    return open_store(ckpt, describe_model(ckpt), get_format(quant), home=home, progress=progress)
+
+
+def test_reused_on_second_load(tiny_model, home):
+    path = tiny_model("mixtral")
+    store1, rep1 = _open(path, home)
+    assert rep1.action == "converted"
+    files = sorted(rep1.path.glob("*.safetensors"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    store2, rep2 = _open(path, home)
+    assert rep2.action == "reused"
+    assert [f.stat().st_mtime_ns for f in files] == mtimes  # nothing was rewritten
+    for layer in store1.layers:
+        assert torch.equal(store1.rows(layer), store2.rows(layer))
+
+
+def test_store_content_round_trips(tiny_model, home):
+    """Exact format: every expert in the store dequantizes to the checkpoint's weights."""
+    path = tiny_model("gpt_oss")  # fused, transposed, with biases
+    ckpt = Checkpoint(path)
+    spec = describe_model(ckpt)
+    store, _ = open_store(ckpt, spec, get_format("none"), home=home)
+    for layer in spec.moe_layers:
+        for e in range(spec.num_experts):
+            want = read_expert(ckpt, spec, layer, e)
+            got = store.layout.dequantize(store.weights(layer, e), torch.float32)
+            for k in want:
+                torch.testing.assert_close(got[k], want[k].float(), rtol=0, atol=0)
+
+
+def test_corrupt_store_is_detected_and_rebuilt(tiny_model, home):
+    path = tiny_model("olmoe")
+    _, rep = _open(path, home)
+    victim = sorted(rep.path.glob("layer-*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF  # flip one byte of expert data
+    victim.write_bytes(bytes(data))
+    store, rep2 = _open(path, home)
+    assert rep2.action == "rebuilt"
+    assert "corrupt" in rep2.reason and "checksum" in rep2.reason
+    _, rep3 = _open(path, home)
+    assert rep3.action == "reused"
+
+
+def test_truncated_or_missing_manifest_is_rebuilt(tiny_model, home):
+    path = tiny_model("olmoe")
+    _, rep = _open(path, home)
+    (rep.path / MANIFEST).write_text("{not json")
+    assert _open(path, home)[1].action == "rebuilt"
+    f = sorted(rep.path.glob("layer-*.safetensors"))[0]
+    f.write_bytes(f.read_bytes()[:50])
+    _, rep2 = _open(path, home)
+    assert rep2.action == "rebuilt" and "corrupt" in rep2.reason
+
+
+def test_stale_store_is_rebuilt_when_checkpoint_changes(tiny_model, tmp_path, home):
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_model("mixtral"), path)
+    _open(path, home)
+    shard = path / "model.safetensors"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the checkpoint was replaced
+    _, rep = _open(path, home)
+    assert rep.action == "rebuilt" and "stale" in rep.reason
+    _, rep_q = _open(path, home, quant="int4")  # another quantization is another store
+    assert rep_q.action == "converted"
+
+
+def test_interrupted_conversion_leaves_nothing_used(tiny_model, home):
+    path = tiny_model("qwen2_moe")
+    calls = {"n": 0}
+
+    def interrupt(desc, done, total):
+        calls["n"] += 1
+        if done == total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _open(path, home, progress=interrupt)
+    final = store_dir(home, Checkpoint(path), get_format("int8"))
+    assert not final.exists()
+    assert not list(final.parent.glob(".*tmp*"))  # the temporary directory was removed
+    _, rep = _open(path, home)
+    assert rep.action == "converted"
+    manifest = json.loads((rep.path / MANIFEST).read_text())
+    assert manifest["quant"]["name"] == "int8" and len(manifest["files"]) == 4
+
+
+def test_leftover_temporaries_of_dead_processes_are_removed(tiny_model, home):
+    path = tiny_model("mixtral")
+    final = store_dir(home, Checkpoint(path), get_format("int8"))
+    final.parent.mkdir(parents=True)
+    stale = final.parent / f".{final.name}.tmp-999999-deadbeef"  # no such pid
+    stale.mkdir()
+    (stale / "layer-000.safetensors").write_bytes(b"half")
+    _open(path, home)
+    assert not stale.exists()

@@ -1,0 +1,104 @@
+"""Streaming generation: events, sampling, stop conditions, Ctrl-C."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.generate import DoneEvent, SamplingConfig, TokenEvent, _Detokenizer, generate, stream_generate
+from tests.helpers import load_small
+
+PROMPT = [5, 17, 42, 99, 7, 128, 64, 3]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    from runtime.tiny import build_tiny_model
+
+    path = tiny_dir / "gen-mixtral"
+    if not path.exists():
+        build_tiny_model("mixtral", path, seed=3)
+    model = load_small(path, quant="int8", slots_per_layer=3, predictor="cross-layer")
+    yield model
+    model.close()
+
+
+def test_events_stream_text_and_live_stats(lm):
+    events = list(
+        stream_generate(lm, PROMPT, SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True))
+    )
+    tokens, done = events[:-1], events[-1]
+    assert all(isinstance(e, TokenEvent) for e in tokens) and isinstance(done, DoneEvent)
+    assert len(tokens) == 10 and done.finish_reason == "length"
+    assert "".join(e.text for e in tokens) == done.text
+    assert [e.token_id for e in tokens] == done.token_ids
+    assert [e.stats.generated_tokens for e in tokens] == list(range(1, 11))
+    uses = [e.stats.uses for e in tokens]
+    assert uses == sorted(uses) and uses[0] > 0  # counters grow as tokens come
+    s = done.stats
+    assert s.prompt_tokens == len(PROMPT) and s.hits + s.late + s.misses == s.uses
+    assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 and s.ttft_s > 0
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    a, b = generate(lm, PROMPT, cfg), generate(lm, PROMPT, cfg)
+    assert a.token_ids == b.token_ids
+    c = generate(
+        lm, PROMPT, SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8, ignore_eos=True)
+    )
+    assert c.token_ids != a.token_ids
+
+
+def test_tiny_top_p_is_greedy(lm):
+    greedy = generate(lm, PROMPT, SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True))
+    nucleus = generate(lm, PROMPT, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=1,
+                                                  ignore_eos=True))  # fmt: skip
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_stop_token_and_stop_string(lm):
+    greedy = generate(lm, PROMPT, SamplingConfig(max_new_tokens=12, temperature=0, ignore_eos=True))
+    stop_at = greedy.token_ids[4]
+    lm.spec.config.eos_token_id = stop_at
+    try:
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=12, temperature=0))
+    finally:
+        lm.spec.config.eos_token_id = 0
+    first = greedy.token_ids.index(stop_at)
+    assert done.finish_reason == "stop" and done.token_ids == greedy.token_ids[:first]
+    text = greedy.text
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    if needle:
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                                   stop_strings=(needle,)))  # fmt: skip
+        assert done.finish_reason == "stop" and needle not in done.text and text.startswith(done.text)
+
+
+def test_ctrl_c_mid_generation_keeps_the_model_usable(lm):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = generate(lm, PROMPT, cfg)
+    calls = {"n": 0}
+
+    def interrupt(layer, hidden):
+        calls["n"] += 1
+        if calls["n"] == 20:  # somewhere inside a decode step
+            raise KeyboardInterrupt
+
+    lm.runtime.hooks.append(interrupt)
+    try:
+        events = list(stream_generate(lm, PROMPT, cfg))
+    finally:
+        lm.runtime.hooks.remove(interrupt)
+    done = events[-1]
+    assert done.finish_reason == "interrupted" and 0 < len(done.token_ids) < 12
+    assert done.token_ids == want.token_ids[: len(done.token_ids)]
+    assert generate(lm, PROMPT, cfg).token_ids == want.token_ids  # nothing left pinned or broken
+
+
+def test_detokenizer_never_splits_a_character(lm):
+    tok = lm.tokenizer
+    ids = tok("héllo wörld → ok")["input_ids"]
+    d = _Detokenizer(tok)
+    pieces = [d.add(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == "héllo wörld → ok"
+    assert not any("\ufffd" in p for p in pieces)

@@ -1,0 +1,114 @@
+"""Prefetch by gate prediction: never changes the output, never overwrites a slot in use,
+drops stale prefetches, and lets on-demand loads jump the queue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.generate import SamplingConfig, generate
+from runtime.transfer import QUEUED, ThreadedLink
+from tests.helpers import greedy_ids, load_small, reference_model
+
+PROMPT = [5, 17, 42, 99, 7, 128, 64, 3, 250, 11]
+
+
+def guard_slots(lm, monkeypatch) -> dict:
+    """Check at acquire and at release that the slot still holds exactly that expert's row."""
+    cache, store = lm.cache, lm.store
+    checks = {"n": 0}
+    orig_acquire, orig_release = cache.acquire, cache.release
+
+    def verify(layer, e):
+        slot = cache.slot_of(layer, e)
+        assert torch.equal(cache.slots[slot], store.row(layer, e)), f"slot of ({layer}, {e}) was overwritten"
+        checks["n"] += 1
+
+    def acquire(layer, e):
+        w = orig_acquire(layer, e)
+        verify(layer, e)
+        return w
+
+    def release(layer, e):
+        verify(layer, e)  # compute ran in between: a copy into this slot would show here
+        orig_release(layer, e)
+
+    monkeypatch.setattr(cache, "acquire", acquire)
+    monkeypatch.setattr(cache, "release", release)
+    return checks
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v2", "gpt_oss"])
+def test_prefetch_never_changes_the_output(arch, tiny_model, monkeypatch):
+    path = tiny_model(arch)
+    ref = reference_model(path)
+    want = greedy_ids(ref, PROMPT, 24)
+    lm = load_small(path, quant="none", slots_per_layer=3, predictor="cross-layer", predictor_extra=1,
+                    lookahead=2, link_bandwidth=2e8, link_latency=2e-4)  # fmt: skip
+    try:
+        checks = guard_slots(lm, monkeypatch)
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=24, temperature=0, ignore_eos=True))
+        assert done.token_ids == want
+        st = lm.cache.stats.total()
+        assert st.prefetches > 0 and st.uses == st.hits + st.late + st.misses
+        assert checks["n"] == 2 * st.uses
+    finally:
+        lm.close()
+
+
+def test_stress_tiny_budget_slow_link(tiny_model, monkeypatch):
+    """One slot per layer, a very slow link and aggressive prefetch: outputs stay exact."""
+    path = tiny_model("mixtral")
+    ref = reference_model(path)
+    want = greedy_ids(ref, PROMPT, 16)
+    lm = load_small(path, quant="none", slots_per_layer=1, predictor="cross-layer", predictor_extra=3,
+                    lookahead=3, link_bandwidth=5e7, link_latency=1e-3)  # fmt: skip
+    try:
+        guard_slots(lm, monkeypatch)
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=16, temperature=0, ignore_eos=True))
+        assert done.token_ids == want
+        st = lm.cache.stats.total()
+        assert st.late + st.prefetch_cancelled + st.prefetch_wasted > 0  # the slow link really interfered
+    finally:
+        lm.close()
+
+
+def slow_model(tiny_model, bandwidth=4e6):
+    lm = load_small(tiny_model("mixtral"), quant="none", slots_per_layer=4, predictor="none")
+    lm.cache.transfer = ThreadedLink(bandwidth=bandwidth, latency=0.0)  # ~20 ms per 80 KB expert
+    return lm
+
+
+def test_stale_prefetches_are_cancelled(tiny_model):
+    lm = slow_model(tiny_model)
+    cache = lm.cache
+    try:
+        for e in (0, 1, 2, 3):
+            assert cache.prefetch(1, e)
+        cache.begin(1, [0])  # 0 is needed; 1, 2, 3 were mispredicted and are still queued
+        cache.acquire(1, 0)
+        cache.release(1, 0)
+        cache.end(1)
+        st = cache.stats.layer(1)
+        assert st.prefetch_cancelled >= 2
+        assert st.bytes_moved == (4 - st.prefetch_cancelled) * cache.expert_bytes
+        assert 0 in cache.resident(1)
+    finally:
+        lm.close()
+
+
+def test_on_demand_load_jumps_the_prefetch_queue(tiny_model):
+    lm = slow_model(tiny_model)
+    cache = lm.cache
+    try:
+        for e in (0, 1, 2):
+            cache.prefetch(2, e)  # the link works on 0; 1 and 2 wait
+        cache.begin(3, [5])
+        cache.acquire(3, 5)  # a miss on another layer
+        queued = [cache._parts[2].entries[e].ticket for e in (1, 2)]
+        assert all(t is not None and t.state == QUEUED for t in queued)  # it went ahead of them
+        assert torch.equal(cache.slots[cache.slot_of(3, 5)], lm.store.row(3, 5))
+        cache.release(3, 5)
+        cache.end(3)
+    finally:
+        lm.close()

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from runtime.errors import InvalidSizeError
+from runtime.sizes import format_bytes, parse_bandwidth, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [("6GB", 6 * 10**9), ("6gb", 6 * 10**9), ("6GiB", 6 * 2**30), ("5.5 GiB", int(5.5 * 2**30)),
+     ("512MB", 512 * 10**6), ("512MiB", 512 * 2**20), ("1024", 1024), ("8G", 8 * 10**9)],
+)  # fmt: skip
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["6XB", "", "GB", "six GB", "6 G B", "-1GB"])
+def test_bad_sizes_raise_with_a_hint(text):
+    with pytest.raises(InvalidSizeError) as exc:
+        parse_size(text)
+    assert repr(text)[1:-1] in str(exc.value) and "6GB" in exc.value.hint
+
+
+def test_bandwidth_and_duration():
+    assert parse_bandwidth("8GB/s") == 8e9
+    assert parse_bandwidth("500 MB/s") == 5e8
+    assert parse_duration("20us") == pytest.approx(20e-6)
+    assert parse_duration("1.5ms") == pytest.approx(1.5e-3)
+    with pytest.raises(InvalidSizeError):
+        parse_bandwidth("8GB")
+    with pytest.raises(InvalidSizeError):
+        parse_duration("20 parsecs")
+
+
+def test_format_bytes():
+    assert format_bytes(88_000_000) == "88.0 MB"
+    assert format_bytes(512) == "512 B"

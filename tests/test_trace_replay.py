@@ -1,0 +1,59 @@
+"""Trace replay through the real cache code reproduces shared/traces/README.md exactly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from runtime.trace import TraceError, TraceRecord, TraceWriter, read_trace, replay
+from tests.conftest import SHARED
+
+TRACES = SHARED / "traces"
+pytestmark = pytest.mark.skipif(not TRACES.is_dir(), reason=f"no shared traces at {TRACES}")
+
+
+def readme_table() -> dict[int, dict[str, float]]:
+    """Rows of the README's table: slots -> {policy: hit rate}, parsed from the README itself."""
+    rows = {}
+    for line in (TRACES / "README.md").read_text().splitlines():
+        m = re.fullmatch(r"\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|", line.strip())
+        if m:
+            rows[int(m.group(1))] = {
+                "lru": float(m.group(2)),
+                "lfu": float(m.group(3)),
+                "belady": float(m.group(4)),
+            }
+    assert rows, "the README's table was not found"
+    return rows
+
+
+def test_replay_reproduces_readme_table():
+    records = read_trace(TRACES / "mixtral-8x7b-humaneval.jsonl")
+    assert len(records) == 77 * 32
+    for slots, expected in readme_table().items():
+        for policy, want in expected.items():
+            got = replay(records, policy, slots).hit_rate
+            assert round(got, 4) == want, (slots, policy, got, want)
+
+
+def test_belady_bounds_every_online_policy():
+    records = read_trace(TRACES / "mixtral-8x7b-humaneval.jsonl")
+    for slots in (2, 3, 5, 7):
+        best = replay(records, "belady", slots).hit_rate
+        for policy in ("lru", "lfu", "arc"):
+            assert replay(records, policy, slots).hit_rate <= best
+
+
+def test_trace_round_trip_and_errors(tmp_path):
+    recs = [TraceRecord(0, 0, (6, 5), (0.7, 0.3)), TraceRecord(0, 1, (1, 2), (0.5, 0.5))]
+    w = TraceWriter(tmp_path / "t.jsonl")
+    w.write(recs)
+    w.close()
+    assert read_trace(tmp_path / "t.jsonl") == recs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"token": 0, "layer": 0, "experts": [1, 2]}\n{"token": 1}\n')
+    with pytest.raises(TraceError, match=r"bad.jsonl:2"):
+        read_trace(bad)
+    with pytest.raises(TraceError, match="not found"):
+        read_trace(tmp_path / "missing.jsonl")
