@@ -6,6 +6,8 @@ import typer
 
 from promoe_cli.chat import EXAMPLES as CHAT_EXAMPLES
 from promoe_cli.chat import chat
+from promoe_cli.train_predictor import EXAMPLES as TRAIN_EXAMPLES
+from promoe_cli.train_predictor import train_predictor
 
 app = typer.Typer(
     name="promoe",
@@ -18,6 +20,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
+app.command("train-predictor", epilog=TRAIN_EXAMPLES)(train_predictor)
 
 
 def _version(value: bool) -> None:

@@ -33,17 +33,22 @@ class RoutingTracer:
     def record(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         self._step.append((layer, top_k_index.detach().cpu(), top_k_weights.detach().float().cpu()))
 
+    def take(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The invocations recorded since the last take/flush: ``(layer, indices [T, K], weights [T, K])``."""
+        step, self._step = self._step, []
+        return step
+
     def flush(self, first_token: int) -> list[TraceRecord]:
-        if not self._step:
+        """Token-major trace records of the forward just run (tokens numbered from ``first_token``)."""
+        step = self.take()
+        if not step:
             return []
-        n_tokens = self._step[0][1].shape[0]
-        out = [
+        n_tokens = step[0][1].shape[0]
+        return [
             TraceRecord(first_token + t, layer, tuple(idx[t].tolist()), tuple(w[t].tolist()))
             for t in range(n_tokens)
-            for layer, idx, w in self._step
+            for layer, idx, w in step
         ]
-        self._step.clear()
-        return out
 
     def discard(self) -> None:
         self._step.clear()

@@ -126,5 +126,6 @@ def make_predictor(name: str, *, model: nn.Module, spec, extra: int = 0, lookahe
     if name == "learned":
         from runtime.predictor import load_learned_predictor
 
-        return load_learned_predictor(learned_path, spec)
+        ref = next(model.parameters())
+        return load_learned_predictor(learned_path, spec, extra, device=ref.device, dtype=ref.dtype)
     raise UnknownNameError(f"unknown predictor '{name}'", hint=f"choose one of: {', '.join(PREDICTORS)}")
