@@ -10,7 +10,9 @@ Groupwise integer quantization splits each row of ``W [out, in]`` into groups of
 
 Input columns are zero-padded to a multiple of the group size; ``dequantize`` drops the
 padding. Scales are rounded to fp16 *before* the codes are chosen, so codes and stored
-scales agree.
+scales agree. ``int3`` and ``int2`` choose each group's range by a squared-error search
+over a few shrink factors (:mod:`quant.clip_search`) instead of plain min-max; the stored
+layout is the same either way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from quant.base import Part, QuantFormat
+from quant.clip_search import search_clip_range
 from quant.packing import pack, packed_len, unpack
 from quant.registry import register_format
 
@@ -43,12 +46,15 @@ class NoQuant(QuantFormat):
 class GroupwiseInt(QuantFormat):
     """``bits``-bit integers with one fp16 scale (and zero, when asymmetric) per group."""
 
-    def __init__(self, bits: int, group_size: int = 64, symmetric: bool = False) -> None:
+    def __init__(
+        self, bits: int, group_size: int = 64, symmetric: bool = False, clip_search: bool = False
+    ) -> None:
         if group_size % 8:
             raise ValueError("group_size must be a multiple of 8")
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
+        self.clip_search = clip_search  # how the range is chosen; not a layout param
         self.name = f"int{bits}"
 
     def params(self) -> dict[str, Any]:
@@ -83,6 +89,9 @@ class GroupwiseInt(QuantFormat):
             scale = (w.abs().amax(dim=-1) / qmax).clamp_min(1e-8).half()  # [O, G]
             q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-qmax, qmax).to(torch.int8)
             return {"q": q.reshape(out, n_pad), "scale": scale}
+        if self.clip_search:
+            q, scale, zero = search_clip_range(w, self.bits)  # [O, G, g], [O, G], [O, G]
+            return {"q": pack(q.reshape(out, n_pad), self.bits), "scale": scale, "zero": zero}
         qmax = 2**self.bits - 1
         lo, hi = w.amin(dim=-1), w.amax(dim=-1)
         scale = ((hi - lo) / qmax).clamp_min(1e-8).half()
@@ -107,5 +116,5 @@ class GroupwiseInt(QuantFormat):
 register_format("none", NoQuant)
 register_format("int8", lambda: GroupwiseInt(8, group_size=64, symmetric=True))
 register_format("int4", lambda: GroupwiseInt(4, group_size=64))
-register_format("int3", lambda: GroupwiseInt(3, group_size=64))
-register_format("int2", lambda: GroupwiseInt(2, group_size=32))
+register_format("int3", lambda: GroupwiseInt(3, group_size=64, clip_search=True))
+register_format("int2", lambda: GroupwiseInt(2, group_size=32, clip_search=True))
