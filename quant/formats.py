@@ -13,6 +13,8 @@ padding. Scales are rounded to fp16 *before* the codes are chosen, so codes and 
 scales agree. ``int3`` and ``int2`` choose each group's range by a squared-error search
 over a few shrink factors (:mod:`quant.clip_search`) instead of plain min-max; the stored
 layout is the same either way.
+
+``nf4`` (bitsandbytes NormalFloat4) lives in :mod:`quant.nf4`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from quant.base import Part, QuantFormat
 from quant.clip_search import search_clip_range
+from quant.nf4 import NF4
 from quant.packing import pack, packed_len, unpack
 from quant.registry import register_format
 
@@ -118,3 +121,4 @@ register_format("int8", lambda: GroupwiseInt(8, group_size=64, symmetric=True))
 register_format("int4", lambda: GroupwiseInt(4, group_size=64))
 register_format("int3", lambda: GroupwiseInt(3, group_size=64, clip_search=True))
 register_format("int2", lambda: GroupwiseInt(2, group_size=32, clip_search=True))
+register_format("nf4", NF4)

@@ -1,0 +1,39 @@
+"""Triton kernels for quantized experts on CUDA, and the rule that picks them.
+
+The kernels live in :mod:`quant.kernels.groupwise` (``int4`` and ``int8``). This module
+never imports triton itself: ``import quant`` and ``promoe --help`` stay fast and work on
+machines without it. A format's ``linear()`` asks :func:`use_kernels` first and imports
+the kernel module only when the answer is yes; otherwise it runs its plain-torch
+reference (``dequantize`` + ``F.linear``), which the kernel tests compare against.
+
+``PROMOE_KERNELS=0`` in the environment turns the kernels off (the reference path runs
+on CUDA too), for debugging and for A/B timings.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+# x with at most this many rows runs the fused dequantize-GEMV; more rows: dequantize + GEMM
+DECODE_MAX_TOKENS = 8
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (checked once; it ships with CUDA torch on Linux)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install counts as absent: fall back to the reference
+        return False
+    return True
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """True when ``x`` lives on a CUDA device, triton imports, and kernels are not disabled."""
+    return x.is_cuda and os.environ.get("PROMOE_KERNELS", "1") != "0" and triton_available()
