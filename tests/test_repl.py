@@ -1,0 +1,380 @@
+"""The chat loop driven with scripted input and a real tiny model; context trimming; piped stdin."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+import runtime.generate as generation
+from promoe_cli.main import app
+from promoe_cli.render import LiveAnswer, status_text
+from promoe_cli.repl import ChatSession, line_reader, make_prompt_session, run_chat, unquote
+from runtime.conversation import Conversation, PromptTooLongError, fit_to_context, split_turns
+from runtime.generate import SamplingConfig, encode_messages, generate
+from tests.helpers import budget_for_slots, load_small
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GREEDY = SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True)
+ANSI = re.compile(r"\x1b\[")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model, tmp_path_factory):
+    lm = load_small(
+        tiny_model("mixtral"), quant="int8", slots_per_layer=2, home=tmp_path_factory.mktemp("home")
+    )
+    lm.tokenizer.chat_template = TEMPLATE
+    yield lm
+    lm.close()
+
+
+@pytest.fixture
+def calls(lm, monkeypatch):
+    """Every generation the chat starts: its prompt ids, sampling settings and final event."""
+    real = generation.stream_generate
+    seen: list[dict] = []
+
+    def spy(lm_, prompt_ids, cfg, **kw):
+        call = {"ids": list(prompt_ids), "cfg": cfg, "done": None, "tokens": 0}
+        seen.append(call)
+        for ev in real(lm_, prompt_ids, cfg, **kw):
+            if isinstance(ev, generation.DoneEvent):
+                call["done"] = ev
+            else:
+                call["tokens"] += 1
+            yield ev
+
+    monkeypatch.setattr(generation, "stream_generate", spy)
+    yield seen
+    lm.runtime.hooks.clear()
+
+
+def script(*items):
+    """A ``read`` function: strings are typed lines, exceptions are raised, callables run first."""
+    it = iter(items)
+
+    def read() -> str:
+        for item in it:
+            if callable(item) and not isinstance(item, type):
+                item()
+                continue
+            if isinstance(item, (BaseException, type)):
+                raise item
+            return item
+        raise EOFError
+
+    return read
+
+
+def chat(lm, *lines, sampling=GREEDY, **kw) -> ChatSession:
+    return run_chat(lm, sampling, read=script(*lines), **kw)
+
+
+def msgs(*pairs, system=None):
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_two_turns_keep_history(lm, calls, capsys):
+    session = chat(lm, "hello", "and then?")
+    first, second = calls
+    a1 = first["done"].text
+    assert first["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hello")))
+    assert second["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hello"), ("assistant", a1),
+                                                               ("user", "and then?")))  # fmt: skip
+    assert "<|user|>hello" in lm.tokenizer.decode(second["ids"])  # the model's chat template
+    captured = capsys.readouterr()
+    assert captured.out == a1 + "\n" + second["done"].text + "\n"  # answers on stdout, nothing else
+    assert "6 tokens" in captured.err and "hit rate" in captured.err
+    assert session.conversation.num_turns == 2
+
+
+def test_reset_forgets_the_turns_not_the_system_prompt(lm, calls, capsys):
+    chat(lm, "hello", "/reset", "again", system="be brief")
+    assert calls[1]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "again"), system="be brief"))
+    assert "forgot 1 turn" in capsys.readouterr().err
+
+
+def test_system_command(lm, calls, capsys):
+    chat(lm, "/system you are terse", "hi", "/system", "/system none", "bye")
+    assert calls[0]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hi"), system="you are terse"))
+    assert "system prompt: you are terse" in capsys.readouterr().out
+    assert lm.tokenizer.decode(calls[1]["ids"]).startswith("<|user|>hi")
+
+
+def test_ctrl_c_inside_the_model_keeps_the_conversation(lm, calls, capsys):
+    n_layers = len(lm.spec.moe_layers)
+    count = {"n": 0}
+
+    def hook(layer, hidden):
+        count["n"] += 1
+        if count["n"] == 3 * n_layers + 2:  # prefill, two decode steps, then mid-way through the third
+            raise KeyboardInterrupt
+
+    def arm():
+        lm.runtime.hooks.append(hook)
+
+    def disarm():
+        lm.runtime.hooks.remove(hook)
+
+    session = chat(lm, "first", arm, "second", disarm, "third")
+    first, second, third = (c["done"] for c in calls)
+    assert second.finish_reason == "interrupted" and len(second.token_ids) == 3
+    assert third.finish_reason == "length"
+    want = msgs(("user", "first"), ("assistant", first.text), ("user", "second"), ("assistant", second.text),
+                ("user", "third"))  # fmt: skip
+    assert calls[2]["ids"] == encode_messages(lm.tokenizer, want)
+    assert "interrupted" in capsys.readouterr().err
+    assert session.conversation.num_turns == 3
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_first_stops_after_the_token_second_at_once(lm, calls, capsys, presses):
+    n_layers = len(lm.spec.moe_layers)
+    count = {"n": 0}
+
+    def hook(layer, hidden):  # Ctrl-C pressed while the second decode step runs
+        count["n"] += 1
+        if 2 * n_layers < count["n"] <= 2 * n_layers + presses:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    session = chat(lm, lambda: lm.runtime.hooks.append(hook), "first", lm.runtime.hooks.clear, "second")
+    first = session.conversation.turns[1]["content"]
+    if presses == 1:  # the step finishes, its token is shown, then the loop stops
+        assert calls[0]["tokens"] == 3 and calls[0]["done"] is None
+    else:  # the step is abandoned inside the model
+        assert calls[0]["tokens"] == 2 and calls[0]["done"].finish_reason == "interrupted"
+    assert session.last.finish_reason == "length" and len(session.last.token_ids) == 6
+    assert calls[1]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "first"), ("assistant", first),
+                                                                 ("user", "second")))  # fmt: skip
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_ctrl_c_while_rendering_and_at_the_prompt(lm, monkeypatch, capsys):
+    real = generation.stream_generate
+    prompts = []
+
+    def interrupted_after_two(lm_, ids, cfg, **kw):
+        prompts.append(list(ids))
+        events = real(lm_, ids, cfg, **kw)
+        try:
+            for i, ev in enumerate(events):
+                if i == 2 and len(prompts) == 1:
+                    raise KeyboardInterrupt  # as if Ctrl-C came while the token was being printed
+                yield ev
+        finally:
+            events.close()
+
+    monkeypatch.setattr(generation, "stream_generate", interrupted_after_two)
+    session = chat(lm, "first", KeyboardInterrupt, "second")
+    out = capsys.readouterr()
+    partial = out.out.split("\n")[0]
+    assert "interrupted" in out.err
+    assert session.conversation.turns[:2] == msgs(("user", "first"), ("assistant", partial))
+    assert prompts[1] == encode_messages(lm.tokenizer, msgs(("user", "first"), ("assistant", partial),
+                                                            ("user", "second")))  # fmt: skip
+
+
+def test_unknown_command_lists_the_commands(lm, calls, capsys):
+    chat(lm, "/stast", "/help")
+    err = capsys.readouterr().err
+    assert "unknown command /stast (did you mean /stats?)" in err
+    for name in ("/help", "/stats", "/reset", "/system", "/set", "/quit"):
+        assert name in err
+    assert not calls
+
+
+def test_set_changes_sampling_and_bad_values_are_one_line(lm, calls, capsys):
+    session = chat(lm, "/set temperature 0.25", "/set top-p 0.5", "/set max-new-tokens 3", "/set seed 7",
+                   "/set temperature hot", "/set top-p 2", "/set nope 1", "/set temperature", "hi")  # fmt: skip
+    cfg = calls[0]["cfg"]
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed) == (0.25, 0.5, 3, 7)
+    assert len(calls[0]["done"].token_ids) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: temperature must be a number from 0 (greedy) up, not 'hot'",
+        "error: top-p must be a number in (0, 1], not '2'",
+        "error: no setting 'nope': temperature, top-p, max-new-tokens, seed",
+        "error: usage: /set NAME VALUE, e.g. /set temperature 0.2",
+    ]
+    assert session.sampling.temperature == 0.25
+
+
+def test_stats_table_and_stats_json(lm, calls, capsys, tmp_path):
+    path = tmp_path / "last.json"
+    chat(lm, "hello", "again", "/stats", stats_json=path)
+    out = capsys.readouterr().out
+    table = out[out.index("Expert cache since start") :]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:] if line[:1].isalnum()}
+    assert set(lm.spec.moe_layers) == {int(k) for k in rows if k.isdigit()}
+    total = lm.cache.stats.total()
+    assert rows["total"][2:6] == [str(total.uses), str(total.hits), str(total.late), str(total.misses)]
+    assert f"{total.hit_rate:.0%}" in rows["total"]
+    data = json.loads(path.read_text())
+    last = calls[-1]["done"]
+    assert data["generated_tokens"] == len(last.token_ids) and data["prompt_tokens"] == len(calls[-1]["ids"])
+
+
+def test_long_conversation_drops_oldest_turns(lm, calls, capsys, monkeypatch):
+    monkeypatch.setattr(lm.plan, "context", 60)
+    session = chat(lm, "one two three", "four five six", "seven eight nine", "ten", system="sys")
+    for call in calls:
+        assert len(call["ids"]) + call["cfg"].max_new_tokens <= 60
+        assert lm.tokenizer.decode(call["ids"]).startswith("<|system|>sys")
+    assert "dropped the" in capsys.readouterr().err
+    turns = session.conversation.turns
+    assert turns[0]["content"] != "one two three" and turns[-2]["content"] == "ten"
+    assert calls[-1]["ids"] == encode_messages(lm.tokenizer, msgs(*[(m["role"], m["content"]) for m in turns[:-1]],
+                                                                   system="sys"))  # fmt: skip
+
+
+def test_message_too_long_for_the_context(lm, calls, capsys, monkeypatch):
+    monkeypatch.setattr(lm.plan, "context", 40)
+    session = chat(lm, "word " * 40, "hi")
+    err = capsys.readouterr().err
+    assert "error: this message is" in err and "hint:" in err
+    assert [m["content"] for m in session.conversation.turns][0] == "hi"  # the long one was not kept
+
+
+# -- the conversation, without a model ---------------------------------------------------
+
+
+def words(messages) -> list[int]:
+    """A fake tokenizer: one token per word, one per message."""
+    return [0] * sum(1 + len(m["content"].split()) for m in messages)
+
+
+def test_fit_drops_oldest_turns_and_keeps_the_system_prompt():
+    conv = msgs(("user", "a b c"), ("assistant", "d e f"), ("user", "g h i"), ("assistant", "j k l"),
+                ("user", "m n"), system="s")  # fmt: skip
+    full = len(words(conv))  # 2 + 4*4 + 3 = 21
+    fit = fit_to_context(conv, words, limit=full + 5, max_new_tokens=5)
+    assert fit.dropped_turns == 0 and fit.messages == conv and fit.max_new_tokens == 5
+    fit = fit_to_context(conv, words, limit=full + 4, max_new_tokens=5)
+    assert fit.dropped_turns == 1 and fit.messages == [conv[0], *conv[3:]]
+    assert fit.max_new_tokens == 5 and len(fit.prompt_ids) == full - 8
+    fit = fit_to_context(conv, words, limit=12, max_new_tokens=5)
+    assert fit.dropped_turns == 2 and fit.messages == [conv[0], conv[-1]]
+    fit = fit_to_context(conv, words, limit=7, max_new_tokens=100)  # the answer gets what is left
+    assert fit.messages == [conv[0], conv[-1]] and fit.max_new_tokens == 2
+    with pytest.raises(PromptTooLongError, match="5 tokens .* holds 5"):
+        fit_to_context(conv, words, limit=5, max_new_tokens=5)
+
+
+def test_fit_keeps_half_the_context_for_history_when_answers_are_long():
+    conv = msgs(("user", "a"), ("assistant", "b"), ("user", "c"))
+    fit = fit_to_context(conv, words, limit=20, max_new_tokens=1000)  # room kept: 10
+    assert fit.dropped_turns == 0 and fit.max_new_tokens == 20 - 6
+
+
+def test_conversation_turns():
+    conv = Conversation("s")
+    for text in ("a", "b", "c"):
+        conv.ask(text)
+        conv.answer(text.upper())
+    conv.ask("d")
+    assert conv.num_turns == 4
+    fit = conv.prepare(words, limit=12, max_new_tokens=4)
+    assert fit.dropped_turns == 2 and conv.messages() == msgs(("user", "c"), ("assistant", "C"), ("user", "d"),
+                                                              system="s")  # fmt: skip
+    conv.retract()
+    conv.reset()
+    assert conv.messages() == msgs(system="s")
+    assert split_turns(msgs(("assistant", "x"), ("user", "y"))) == (
+        [],
+        [msgs(("assistant", "x")), msgs(("user", "y"))],
+    )
+
+
+# -- input: keys, blocks, pipes ------------------------------------------------------------
+
+
+def test_triple_quoted_blocks_in_pipes():
+    read = line_reader(io.StringIO('"""first\nsecond\n"""\n"""one line"""\nplain\n'))
+    assert unquote(read()) == "first\nsecond"
+    assert unquote(read()) == "one line"
+    assert read() == "plain"
+    with pytest.raises(EOFError):
+        read()
+
+
+def test_prompt_keys_enter_sends_alt_enter_adds_a_line():
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    with create_pipe_input() as pipe:
+        session = make_prompt_session(input=pipe, output=DummyOutput())
+        pipe.send_text("hello\x1b\rworld\r")  # Esc Enter (what Alt+Enter sends), then Enter
+        assert session.prompt() == "hello\nworld"
+        pipe.send_text('"""a\rb"""\r')  # Enter inside an open triple-quoted block adds a line
+        assert session.prompt() == '"""a\nb"""'
+        pipe.send_text("x\ny\r")  # Ctrl-J
+        assert session.prompt() == "x\ny"
+
+
+def test_terminal_detection(monkeypatch):
+    from promoe_cli import repl
+    from promoe_cli.console import out
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(out, "_force_terminal", True)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert repl.is_terminal(TTY())
+    assert not repl.is_terminal(io.StringIO())
+    monkeypatch.setenv("TERM", "dumb")
+    assert not repl.is_terminal(TTY())
+
+
+def test_piped_stdin_gives_plain_answers(tiny_model):
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int8", 2)
+    r = CliRunner().invoke(app, ["chat", str(path), "--quant", "int8", "--vram", str(vram), "-t", "0", "-n", "8",
+                                 "--prefetch", "none"], input="hello\n/stats\n/quit\nnot sent\n")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lm = load_small(path, quant="int8", slots_per_layer=2)
+    want = generate(lm, encode_messages(lm.tokenizer, msgs(("user", "hello"))),
+                    SamplingConfig(max_new_tokens=8, temperature=0))  # fmt: skip
+    lm.close()
+    assert r.stdout.startswith(want.text + "\n")
+    assert "Expert cache since start" in r.stdout
+    assert not ANSI.search(r.output)
+    assert "tok/s" in r.stderr and "hit rate" in r.stderr
+
+
+# -- the live view -------------------------------------------------------------------------
+
+
+def test_live_answer_commits_lines_and_wrapped_rows():
+    text = "The quick brown fox jumps over the lazy dog and keeps running.\nShort.\n" + "word " * 30
+    sink = io.StringIO()
+    view = LiveAnswer(prompt_tokens=3, budget=None, console=Console(file=sink, width=24))
+    with view:
+        for i in range(0, len(text), 3):
+            view.add(text[i : i + 3])
+            assert "\n" not in view.pending and len(view.pending.rstrip()) <= 24
+    lines = sink.getvalue().splitlines()
+    assert all(len(line) <= 24 for line in lines)
+    assert " ".join(" ".join(lines).split()) == " ".join(text.split())
+    assert lines[0] == "The quick brown fox" and "Short." in lines
+
+
+def test_status_line(lm):
+    done = generate(lm, encode_messages(lm.tokenizer, msgs(("user", "hi"))), GREEDY)
+    line = status_text(done.stats, prompt_tokens=5, elapsed=1.0, budget=lm.plan.budget).plain
+    assert "6 tokens" in line and "tok/s" in line and "hit rate" in line and "memory" in line
+    assert "reading 5 prompt tokens" in status_text(None, prompt_tokens=5, elapsed=1.0, budget=None).plain
