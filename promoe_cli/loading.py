@@ -45,28 +45,26 @@ def load_options(
     trace: bool = False,
     **extra,
 ):
-    """Validate and convert every loading option (sizes, profile) before anything heavy runs."""
+    """Validate and convert every loading option (sizes, profile) before anything heavy runs.
+
+    A ``--profile`` is applied first, then the explicit flags, so flags win over the
+    profile (see runtime.device_profile); an explicit ``--vram`` is the whole budget.
+    """
     from runtime.loader import LoadOptions
     from runtime.sizes import parse_bandwidth, parse_duration, parse_size
 
-    opts = LoadOptions(
-        quant=quant,
-        vram=parse_size(vram) if vram else None,
-        context=context,
-        device=device,
-        dtype=dtype,
-        policy=policy,
-        split=slot_split,
-        predictor=prefetch,
-        link_bandwidth=parse_bandwidth(link_bandwidth) if link_bandwidth else None,
-        link_latency=parse_duration(link_latency) if link_latency else 0.0,
-        trace=trace,
-        **extra,
-    )
+    opts = LoadOptions(quant=quant, context=context, device=device, dtype=dtype, policy=policy, split=slot_split,
+                       predictor=prefetch, trace=trace, **extra)  # fmt: skip
     if profile:
         from runtime.device_profile import apply_profile
 
         apply_profile(opts, profile)
+    if vram:
+        opts.vram, opts.reserved = parse_size(vram), 0
+    if link_bandwidth:
+        opts.link_bandwidth = parse_bandwidth(link_bandwidth)
+    if link_latency:
+        opts.link_latency = parse_duration(link_latency)
     return opts
 
 

@@ -6,6 +6,8 @@ import typer
 
 from promoe_cli.chat import EXAMPLES as CHAT_EXAMPLES
 from promoe_cli.chat import chat
+from promoe_cli.plan import EXAMPLES as PLAN_EXAMPLES
+from promoe_cli.plan import plan
 from promoe_cli.train_predictor import EXAMPLES as TRAIN_EXAMPLES
 from promoe_cli.train_predictor import train_predictor
 
@@ -21,6 +23,7 @@ app = typer.Typer(
 )
 app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
 app.command("train-predictor", epilog=TRAIN_EXAMPLES)(train_predictor)
+app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES)(plan)
 
 
 def _version(value: bool) -> None:

@@ -5,17 +5,29 @@ the context length and a byte budget::
 
     budget
       - reserved        memory the OS / driver / CUDA context keeps (from the profile)
-      - non-expert      every weight that is not a routed expert, in the compute dtype
-      - KV cache        for ``context`` tokens (sliding-window layers: the window;
-                        MLA layers cache their compressed latents)
+      - non-expert      every weight that is not a routed expert, in the compute dtype,
+                        and the buffers the loader recomputes on the device (rotary tables)
+      - KV cache        for ``context`` tokens (sliding-window layers: the window, plus one
+                        prefill chunk that transformers keeps until the next step; MLA
+                        layers cache their compressed latents)
       - workspace       activations of one prefill chunk, logits, and one expert
                         dequantized (the dequantize-then-GEMM path needs it)
       = for experts  -> slots = floor(for experts / bytes of one quantized expert)
 
-On a unified-memory device (Jetson) host and device share one pool, so the host expert
-store is also subtracted from the budget. Slots are then split over the MoE layers,
-uniformly or shallow-favoring (Fate: early layers, where prediction is weakest, get
-more), never more than a layer has experts.
+On a unified-memory device (Jetson, the CPU) host and device share one pool, so the host
+expert store is also subtracted from the budget. Slots are then split over the MoE
+layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
+get more), never more than a layer has experts.
+
+What is planned is what is allocated: the non-expert, expert-cache and KV-cache figures
+equal the loaded model's bytes exactly for every tiny architecture
+(``tests/test_memory_plan.py``); the workspace is an estimate of transient activations.
+If the budget cannot hold one slot per MoE layer beside the rest,
+:class:`InsufficientMemoryError` says how much is needed and which single change
+(shorter context, lower quantization, half-precision weights, a bigger device) fits.
+
+:func:`plan_load` makes the plan ``load_model`` would make, from the same options,
+without reading a weight (``promoe plan``).
 """
 
 from __future__ import annotations
@@ -25,10 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quant import QuantFormat
+from quant import QuantFormat, available_formats, get_format
+from runtime.checkpoint import Checkpoint
 from runtime.errors import InsufficientMemoryError
 from runtime.expert_layout import ExpertLayout
-from runtime.model_spec import ModelSpec
+from runtime.model_spec import ModelSpec, describe_model
+from runtime.resolve import ResolvedModel, resolve_model
 from runtime.sizes import format_bytes
 
 SPLITS = ("uniform", "shallow")
@@ -60,7 +74,9 @@ class MemoryPlan:
 
     @property
     def device_total(self) -> int:
-        return self.reserved + self.non_expert + self.kv_cache + self.workspace + self.cache_bytes
+        """Everything planned on the device (with the shared store on a unified device)."""
+        total = self.reserved + self.non_expert + self.kv_cache + self.workspace + self.cache_bytes
+        return total + (self.store_bytes if self.unified else 0)
 
     @property
     def resident_fraction(self) -> float:
@@ -81,9 +97,35 @@ class MemoryPlan:
             rows.append(("host expert store (shared pool)", self.store_bytes, "unified memory"))
         return rows
 
+    def to_json(self) -> dict:
+        """Every figure in bytes, for ``promoe plan --json``."""
+        return {
+            "budget": self.budget,
+            "reserved": self.reserved,
+            "non_expert": self.non_expert,
+            "kv_cache": self.kv_cache,
+            "workspace": self.workspace,
+            "expert_bytes": self.expert_bytes,
+            "cache_bytes": self.cache_bytes,
+            "store_bytes": self.store_bytes,
+            "device_total": self.device_total,
+            "unified": self.unified,
+            "context": self.context,
+            "slots": self.slots,
+            "total_experts": self.total_experts,
+            "slots_per_layer": {str(k): v for k, v in self.slots_per_layer.items()},
+            "notes": list(self.notes),
+        }
 
-def kv_bytes_per_token(config, dtype: torch.dtype, context: int) -> int:
-    """KV-cache bytes for ``context`` tokens, summed over layers (batch 1)."""
+
+def kv_bytes_per_token(config, dtype: torch.dtype, context: int, prefill_chunk: int | None = None) -> int:
+    """KV-cache bytes for ``context`` tokens, summed over layers (batch 1).
+
+    Follows what transformers' ``DynamicCache`` holds: MLA layers (``kv_lora_rank``) keep
+    the compressed latent and the shared rope key; a sliding-window layer keeps
+    ``window - 1`` tokens, but after a forward of ``prefill_chunk`` tokens those are a view
+    of the whole concatenation, so it holds up to ``window - 1 + prefill_chunk``.
+    """
     size = torch.empty((), dtype=dtype).element_size()
     n_layers = config.num_hidden_layers
     if getattr(config, "kv_lora_rank", None):  # MLA: compressed latent + shared rope key
@@ -94,11 +136,24 @@ def kv_bytes_per_token(config, dtype: torch.dtype, context: int) -> int:
         per_layer = 2 * kv_heads * head_dim
     types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
     window = getattr(config, "sliding_window", None) or context
+    chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
     total = 0
     for t in types[:n_layers]:
-        tokens = min(context, window) if t == "sliding_attention" else context
+        tokens = min(context, window - 1 + chunk) if t == "sliding_attention" else context
         total += per_layer * tokens
     return total * size
+
+
+def non_expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """Device bytes of everything but the routed experts: the checkpoint's non-expert weights in
+    the compute dtype, plus the non-persistent buffers (rotary tables) at their own dtype."""
+    total = spec.non_expert_bytes(dtype)
+    seen: set[int] = set()
+    for name, t in spec.meta_model.named_non_persistent_buffers():
+        if ".mlp.experts." not in name and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, prefill_chunk: int) -> int:
@@ -136,6 +191,43 @@ def split_slots(total: int, layers: list[int], num_experts: int, split: str) -> 
     return dict(zip(layers, alloc, strict=True))
 
 
+@dataclass(frozen=True)
+class _Fixed:
+    """What the device holds before any expert slot, for one choice of settings."""
+
+    fmt: QuantFormat
+    dtype: torch.dtype
+    context: int
+    reserved: int
+    non_expert: int
+    kv: int
+    workspace: int
+    expert_bytes: int
+    store_bytes: int
+    unified: bool
+
+    @property
+    def total(self) -> int:
+        return (
+            self.reserved
+            + self.non_expert
+            + self.kv
+            + self.workspace
+            + (self.store_bytes if self.unified else 0)
+        )
+
+    def minimum(self, n_layers: int) -> int:
+        return self.total + n_layers * self.expert_bytes  # one slot per MoE layer
+
+
+def _fixed(spec, fmt, dtype, context, reserved, unified, prefill_chunk) -> _Fixed:
+    expert_bytes = ExpertLayout(spec.expert_shape, fmt).nbytes
+    chunk = min(prefill_chunk, context)
+    return _Fixed(fmt, dtype, context, reserved, non_expert_bytes(spec, dtype),
+                  kv_bytes_per_token(spec.config, dtype, context, chunk), workspace_bytes(spec, dtype, chunk),
+                  expert_bytes, expert_bytes * spec.total_experts, unified)  # fmt: skip
+
+
 def plan_memory(
     spec: ModelSpec,
     fmt: QuantFormat,
@@ -150,44 +242,124 @@ def plan_memory(
     max_slots: int | None = None,
 ) -> MemoryPlan:
     """Plan the device memory (see module doc). Raises InsufficientMemoryError with the numbers."""
-    expert_bytes = ExpertLayout(spec.expert_shape, fmt).nbytes
-    store_bytes = expert_bytes * spec.total_experts
-    non_expert = spec.non_expert_bytes(dtype)
-    kv = kv_bytes_per_token(spec.config, dtype, context)
-    ws = workspace_bytes(spec, dtype, min(prefill_chunk, context))
-    fixed = reserved + non_expert + kv + ws + (store_bytes if unified else 0)
+    fx = _fixed(spec, fmt, dtype, context, reserved, unified, prefill_chunk)
     n_layers = len(spec.moe_layers)
     if budget is None:
         slots = spec.total_experts
     else:
-        minimum = fixed + n_layers * expert_bytes  # one slot per MoE layer
+        minimum = fx.minimum(n_layers)
         if budget < minimum:
+            store = f", the {format_bytes(fx.store_bytes)} expert store (shared pool)" if unified else ""
             raise InsufficientMemoryError(
                 f"{format_bytes(budget)} is not enough: this model needs at least {format_bytes(minimum)} on the "
-                f"device ({format_bytes(non_expert)} non-expert weights, {format_bytes(kv)} KV cache for "
-                f"{context} tokens, {format_bytes(ws + reserved)} workspace and reserve, one expert slot per layer)",
+                f"device ({format_bytes(fx.non_expert)} non-expert weights in {_dtype_name(dtype)}, "
+                f"{format_bytes(fx.kv)} KV cache for {context} tokens, {format_bytes(fx.workspace)} workspace, "
+                f"{format_bytes(reserved)} reserved{store}, one {format_bytes(fx.expert_bytes)} expert slot "
+                f"in each of {n_layers} MoE layers)",
                 needed=minimum,
                 available=budget,
-                hint=_fit_hint(spec, fmt, kv, context, unified),
+                hint=_fit_hint(spec, fx, budget, prefill_chunk),
             )
-        slots = (budget - fixed) // expert_bytes
+        slots = (budget - fx.total) // fx.expert_bytes
     if max_slots is not None:
         slots = min(slots, max_slots)
     per_layer = split_slots(int(slots), spec.moe_layers, spec.num_experts, split)
     notes = []
     if budget is not None and sum(per_layer.values()) == spec.total_experts:
         notes.append("every expert fits: the cache holds the whole model")
-    return MemoryPlan(budget, reserved, non_expert, kv, ws, expert_bytes, store_bytes, spec.total_experts,
-                      per_layer, context, unified, notes)  # fmt: skip
+    return MemoryPlan(budget, reserved, fx.non_expert, fx.kv, fx.workspace, fx.expert_bytes, fx.store_bytes,
+                      spec.total_experts, per_layer, context, unified, notes)  # fmt: skip
 
 
-def _fit_hint(spec: ModelSpec, fmt: QuantFormat, kv: int, context: int, unified: bool) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fit_hint(spec: ModelSpec, fx: _Fixed, budget: int, prefill_chunk: int) -> str:
+    """Each single change that would make the plan fit, then the device size that would."""
+    n = len(spec.moe_layers)
+
+    def fits(**change) -> bool:
+        alt = dict(fmt=fx.fmt, dtype=fx.dtype, context=fx.context, reserved=fx.reserved, unified=fx.unified)
+        alt.update(change)
+        return _fixed(spec, prefill_chunk=prefill_chunk, **alt).minimum(n) <= budget
+
     tips = []
-    if kv > 0 and context > 512:
-        tips.append(f"a shorter --context (now {context}; the KV cache takes {format_bytes(kv)})")
-    if unified:
-        tips.append(f"a lower --quant than {fmt.name} (the expert store shares the pool)")
-    elif fmt.name == "none":
-        tips.append("--quant int4 (smaller slots)")
-    tips.append("a device with more memory (--vram / --profile)")
-    return "try " + ", or ".join(tips)
+    ctx = 1 << (fx.context - 1).bit_length() - 1  # largest power of two below context
+    while ctx >= 256 and not fits(context=ctx):
+        ctx //= 2
+    if ctx >= 256:
+        tips.append(f"--context {ctx} (the KV cache for {fx.context} tokens takes {format_bytes(fx.kv)})")
+    smaller = [get_format(q) for q in available_formats()]
+    smaller = [f for f in smaller if ExpertLayout(spec.expert_shape, f).nbytes < fx.expert_bytes]
+    smaller.sort(key=lambda f: ExpertLayout(spec.expert_shape, f).nbytes, reverse=True)
+    quant = next((f for f in smaller if fits(fmt=f)), None)
+    if quant is not None:
+        tips.append(f"--quant {quant.name} (smaller experts than {fx.fmt.name})")
+    if fx.dtype == torch.float32 and fits(dtype=torch.bfloat16):
+        tips.append(
+            f"--dtype bfloat16 (the non-expert weights take {format_bytes(fx.non_expert)} in float32)"
+        )
+    device = f"a device with at least {format_bytes(fx.minimum(n))} (--vram or a larger --profile)"
+    if tips:
+        return "any one of these fits: " + "; ".join(tips) + f"; or {device}"
+    together, flags = {}, []
+    if fx.context > 256:
+        together["context"] = 256
+        flags.append("--context 256")
+    if smaller:
+        together["fmt"] = smaller[-1]
+        flags.append(f"--quant {smaller[-1].name}")
+    if fx.dtype == torch.float32:
+        together["dtype"] = torch.bfloat16
+        flags.append("--dtype bfloat16")
+    if len(flags) > 1 and fits(**together):
+        return f"no single change fits, but together {' '.join(flags)} do; or {device}"
+    return f"no shorter context or lower quantization fits; use {device}"
+
+
+# -- the plan load_model would make -----------------------------------------------------
+@dataclass
+class LoadPlan:
+    resolved: ResolvedModel
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    plan: MemoryPlan
+
+
+def default_context(config, context: int | None) -> int:
+    """``--context``, or the model's maximum, at most the loader's DEFAULT_CONTEXT."""
+    from runtime.loader import DEFAULT_CONTEXT  # imported here: the loader imports this module
+
+    return context or min(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+
+
+def device_budget(device: torch.device, vram: int | None) -> int | None:
+    """``--vram`` (or a profile's), else what CUDA can give, else None (unlimited on the CPU)."""
+    if vram is not None or device.type != "cuda":
+        return vram
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
+def plan_load(ref: str | None, opts) -> LoadPlan:
+    """The plan ``runtime.loader.load_model(ref, opts)`` makes, without reading a weight.
+
+    Same rules as the loader: device, dtype (fp32 on the CPU, also when a GPU profile is
+    emulated there), context default and budget. The model is built on the meta device.
+    """
+    from runtime.loader import pick_device, pick_dtype  # imported here: the loader imports this module
+
+    resolved = resolve_model(ref)
+    ckpt = Checkpoint(resolved.path)
+    try:
+        spec = describe_model(ckpt)
+    finally:
+        ckpt.close()
+    device = pick_device(opts.device)
+    dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
+    plan = plan_memory(spec, get_format(opts.quant), budget=device_budget(device, opts.vram), dtype=dtype,
+                       context=default_context(spec.config, opts.context), reserved=opts.reserved,
+                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots)  # fmt: skip
+    return LoadPlan(resolved, spec, device, dtype, plan)

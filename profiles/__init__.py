@@ -1,0 +1,1 @@
+"""Shipped device profiles (TOML data; fields in README.md), read by runtime.device_profile."""

@@ -1,0 +1,124 @@
+"""``promoe plan``: what would live on the device, and how many experts fit, without loading weights."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from promoe_cli import options as o
+from promoe_cli.console import err, out
+from promoe_cli.errors import handle_errors
+
+
+def _shipped_names() -> str:
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "profiles"
+    return ", ".join(sorted(p.stem for p in folder.glob("*.toml"))) or "none"
+
+
+EXAMPLES = (
+    "[bold]Examples[/]\n\n"
+    "[cyan]promoe plan mixtral --profile rtx3060-laptop-6gb[/]  does Mixtral fit a 6 GB laptop GPU, and how many experts\n\n"
+    "[cyan]promoe plan ./my-olmoe --vram 4GB --quant int3 --context 2048 --json[/]  the same figures as JSON\n\n"
+    f"Shipped profiles: {_shipped_names()}; yours (promoe profile-device --write NAME) live in "
+    "$PROMOE_HOME/profiles and are found first. Explicit --vram, --link-bandwidth and --link-latency win over "
+    "the profile; --vram is then the whole budget (no reserve). Without CUDA a GPU profile is emulated: its "
+    "memory sizes the budget and its link is emulated."
+)
+
+
+def plan(
+    model: o.ModelArg = None,
+    quant: o.Quant = "int4",
+    vram: o.Vram = None,
+    profile: o.Profile = None,
+    context: o.Context = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = None,
+    slot_split: o.SlotSplit = "uniform",
+    link_bandwidth: o.LinkBandwidth = None,
+    link_latency: o.LinkLatency = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (bytes) on stdout.")
+    ] = False,
+) -> None:
+    """Show the device memory plan (weights, KV cache, expert slots) before loading anything."""
+    with handle_errors():
+        from promoe_cli.loading import load_options, offline_environment
+
+        opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
+                            policy="lru", slot_split=slot_split, prefetch="none", link_bandwidth=link_bandwidth,
+                            link_latency=link_latency)  # fmt: skip
+        offline_environment()
+        from runtime.memory_plan import plan_load
+
+        lp = plan_load(model, opts)
+        if as_json:
+            out.print_json(json.dumps(_json(lp, opts, profile)))
+        else:
+            _render(lp, opts, profile)
+
+
+def _link(opts) -> str | None:
+    from runtime.sizes import format_bytes
+
+    if opts.link_bandwidth is None and not opts.link_latency:
+        return None
+    bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
+    return f"{bw} + {opts.link_latency * 1e6:.0f} us per copy"
+
+
+def _json(lp, opts, profile: str | None) -> dict:
+    return {
+        "model": lp.resolved.label,
+        "model_path": str(lp.resolved.path),
+        "architecture": lp.spec.arch.model_type,
+        "quant": opts.quant,
+        "device": str(lp.device),
+        "dtype": str(lp.dtype).removeprefix("torch."),
+        "profile": profile,
+        "slot_split": opts.split,
+        "emulated_link": None
+        if _link(opts) is None
+        else {"bandwidth": opts.link_bandwidth, "latency_s": opts.link_latency},
+        **lp.plan.to_json(),
+    }
+
+
+def _render(lp, opts, profile: str | None) -> None:
+    from rich.table import Table
+
+    from runtime.sizes import format_bytes
+
+    p, spec = lp.plan, lp.spec
+    budget = format_bytes(p.budget) if p.budget is not None else "unlimited"
+    where = f"profile {profile}" if profile else f"budget {budget}"
+    table = Table(title=f"{lp.resolved.label} · {spec.arch.model_type} · {opts.quant} experts · "
+                        f"{str(lp.dtype).removeprefix('torch.')} on {lp.device} · {where}",
+                  title_justify="left")  # fmt: skip
+    table.add_column("item")
+    table.add_column("size", justify="right")
+    table.add_column("note", style="dim")
+    for item, nbytes, note in p.rows():
+        table.add_row(item, format_bytes(nbytes), note)
+    table.add_section()
+    table.add_row("[bold]device total[/]", f"[bold]{format_bytes(p.device_total)}[/]", "")
+    if p.budget is not None:
+        table.add_row("budget", budget, f"{format_bytes(p.budget - p.device_total)} left (less than one expert)"
+                      if p.budget - p.device_total < p.expert_bytes else "")  # fmt: skip
+    out.print(table)
+    per_layer = " ".join(f"{layer}:{n}" for layer, n in p.slots_per_layer.items())
+    out.print(f"slots per MoE layer ({opts.split}): {per_layer}")
+    link = _link(opts)
+    if link:
+        out.print(f"emulated link: {link}")
+    for note in p.notes:
+        out.print(f"note: {note}")
+    if p.budget is None:
+        err.print("[dim]no budget given: every expert resident; use --profile or --vram to size the cache[/]")
+    elif lp.device.type == "cpu" and opts.link_bandwidth is not None and str(lp.dtype) == "torch.float32":
+        err.print(f"[dim]planned in {str(lp.dtype).removeprefix('torch.')}, as the CPU computes; "
+                  "--dtype bfloat16 shows the plan for the device itself[/]")  # fmt: skip

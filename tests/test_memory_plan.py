@@ -1,0 +1,200 @@
+"""The memory plan against what is really allocated, its error with the needed figure, and `promoe plan`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from promoe_cli.main import app
+from quant import get_format
+from runtime.checkpoint import Checkpoint
+from runtime.errors import InsufficientMemoryError
+from runtime.loader import LoadOptions, load_model
+from runtime.memory_plan import kv_bytes_per_token, plan_load, plan_memory
+from runtime.model_spec import describe_model
+from tests.conftest import ARCHS
+from tests.helpers import load_small
+from tests.test_cli import one_line_error
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _device_bytes_of_non_experts(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if ".mlp.experts." in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def _kv_bytes_after_prefill(lm, n_tokens: int, chunk: int) -> int:
+    """Bytes of the storages a DynamicCache holds after prefilling ``n_tokens`` in chunks."""
+    from transformers import DynamicCache
+
+    kv = DynamicCache(config=lm.model.config)
+    ids = torch.randint(
+        1, lm.model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.inference_mode():
+        for i in range(0, n_tokens, chunk):
+            lm.model(input_ids=ids[:, i : i + chunk], past_key_values=kv, use_cache=True, logits_to_keep=1)
+    storages = {}
+    for layer in kv.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None and t.numel():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plan_matches_allocated_bytes(tiny_model, arch):
+    """Plan vs allocation on a loaded tiny model, float32 on CPU. Tolerance: 0 bytes.
+
+    Non-expert: the plan equals the bytes of every parameter and buffer outside the
+    experts (tied tensors counted once, rotary tables included). Expert cache: equals
+    ``cache.slots.numel()``. KV cache: equals the bytes of the storages a transformers
+    DynamicCache holds after a chunked prefill; deepseek_v3 caches compressed MLA
+    latents, gpt_oss's sliding layers keep ``window - 1`` tokens as a view of the last
+    concatenation (hence ``window - 1 + chunk`` tokens of storage).
+    """
+    path = tiny_model(arch)
+    lm = load_small(path, quant="int8", slots_per_layer=2, predictor="none")
+    try:
+        assert lm.plan.non_expert == _device_bytes_of_non_experts(lm.model)
+        assert lm.plan.cache_bytes == lm.cache.slots.numel() == lm.cache.nbytes
+        for n_tokens, chunk in [(40, 512), (96, 48)]:  # one prefill; chunks (gpt_oss window 32 < 96)
+            planned = kv_bytes_per_token(lm.model.config, torch.float32, n_tokens, chunk)
+            assert planned == _kv_bytes_after_prefill(lm, n_tokens, chunk), (n_tokens, chunk)
+    finally:
+        lm.close()
+
+
+def test_half_precision_plan_matches(tiny_model):
+    """bfloat16 weights, but modules transformers keeps in fp32 stay fp32 (gpt_oss): still exact."""
+    path = tiny_model("gpt_oss")
+    spec = describe_model(Checkpoint(path))
+    free = plan_memory(spec, get_format("int4"), budget=None, dtype=torch.bfloat16, context=64)
+    budget = free.non_expert + free.kv_cache + free.workspace + 2 * len(spec.moe_layers) * free.expert_bytes
+    lm = load_model(
+        str(path), LoadOptions(quant="int4", vram=budget, device="cpu", dtype="bfloat16", context=64)
+    )
+    try:
+        assert lm.plan.non_expert == _device_bytes_of_non_experts(lm.model)
+        assert lm.cache.num_slots == 2 * len(spec.moe_layers)
+    finally:
+        lm.close()
+
+
+def test_needed_figure_is_the_exact_minimum(tiny_model):
+    path = tiny_model("deepseek_v3")
+    spec = describe_model(Checkpoint(path))
+    fmt = get_format("int4")
+    free = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=256, reserved=1000)
+    needed = (
+        1000 + free.non_expert + free.kv_cache + free.workspace + len(spec.moe_layers) * free.expert_bytes
+    )
+    with pytest.raises(InsufficientMemoryError) as exc:
+        plan_memory(spec, fmt, budget=needed - 1, dtype=torch.float32, context=256, reserved=1000)
+    assert exc.value.needed == needed and exc.value.available == needed - 1
+    assert "needs at least" in str(exc.value) and "KV cache for 256 tokens" in str(exc.value)
+    fits = plan_memory(spec, fmt, budget=needed, dtype=torch.float32, context=256, reserved=1000)
+    assert set(fits.slots_per_layer.values()) == {1}
+
+
+def test_hint_names_the_change_that_fits(tiny_model):
+    spec = describe_model(Checkpoint(tiny_model("mixtral")))
+
+    def error(fmt: str, context: int, budget: int) -> InsufficientMemoryError:
+        with pytest.raises(InsufficientMemoryError) as exc:
+            plan_memory(spec, get_format(fmt), budget=budget, dtype=torch.float32, context=context)
+        return exc.value
+
+    def minimum(fmt: str, context: int, dtype=torch.float32) -> int:
+        with pytest.raises(InsufficientMemoryError) as exc:
+            plan_memory(spec, get_format(fmt), budget=0, dtype=dtype, context=context)
+        return exc.value.needed
+
+    # a budget that holds the model at 1024 tokens but not at 4096: shorten the context
+    err = error("int8", 4096, minimum("int8", 1024))
+    assert "--context 1024" in err.hint and "at least" in err.hint
+    # a budget that int4 fits and int8 does not, whatever the context: lower the quantization
+    err = error("none", 256, minimum("int4", 256))
+    assert "--quant int4" in err.hint
+    # half-precision non-expert weights
+    err = error("int2", 256, minimum("int2", 256, torch.bfloat16))
+    assert "--dtype bfloat16" in err.hint
+
+
+def test_unified_memory_counts_the_store(tiny_model):
+    """On one shared pool the whole host store comes off the budget before any slot."""
+    spec = describe_model(Checkpoint(tiny_model("olmoe")))
+    fmt = get_format("int8")
+    free = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=256)
+    fixed = free.non_expert + free.kv_cache + free.workspace
+    budget = fixed + free.store_bytes + 10 * free.expert_bytes
+    split = plan_memory(spec, fmt, budget=budget, dtype=torch.float32, context=256)
+    shared = plan_memory(spec, fmt, budget=budget, dtype=torch.float32, context=256, unified=True)
+    assert split.slots == spec.total_experts and shared.slots == 10
+    assert shared.device_total <= budget < shared.device_total + free.expert_bytes
+
+
+def _small_profile(home, name: str, memory: int | str) -> None:
+    """A GPU profile of ``memory`` under $PROMOE_HOME/profiles (so also a user-profile lookup)."""
+    d = home / "profiles"
+    d.mkdir(parents=True, exist_ok=True)
+    figures = {"device_memory": memory, "reserved_memory": "0", "host_memory": "16GB", "link_bandwidth": "2GB/s",
+               "link_latency": "20us", "device_bandwidth": "100GB/s", "compute": "1TFLOPS"}  # fmt: skip
+    text = 'description = "test"\ndevice_type = "cuda"\nunified = false\n'
+    for k, v in figures.items():
+        text += f'[{k}]\nvalue = "{v}"\nsource = "estimate: a test"\n'
+    (d / f"{name}.toml").write_text(text)
+
+
+def test_plan_command_predicts_the_loaded_plan(tiny_model, home):
+    """`promoe plan` (plan_load) makes exactly the plan load_model makes, here with an emulated profile."""
+    path = tiny_model("qwen2_moe")
+    spec = describe_model(Checkpoint(path))
+    free = plan_memory(spec, get_format("int4"), budget=None, dtype=torch.float32, context=128)
+    _small_profile(
+        home, "small-gpu", free.non_expert + free.kv_cache + free.workspace + 13 * free.expert_bytes
+    )
+    from promoe_cli.loading import load_options
+
+    opts = load_options(quant="int4", vram=None, profile="small-gpu", context=128, device="cpu", dtype=None,
+                        policy="lru", slot_split="shallow", prefetch="none", link_bandwidth=None, link_latency=None)  # fmt: skip
+    planned = plan_load(str(path), opts).plan
+    assert planned.slots == 13 and planned.total_experts == 32  # a partial cache, split shallow
+    lm = load_model(str(path), opts)
+    try:
+        assert lm.plan.to_json() == planned.to_json()
+        assert lm.cache.num_slots == planned.slots
+    finally:
+        lm.close()
+    r = invoke("plan", path, "--profile", "small-gpu", "--quant", "int4", "--context", 128, "--slot-split",
+               "shallow", "--device", "cpu", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["slots"] == planned.slots and data["non_expert"] == planned.non_expert
+    assert data["slots_per_layer"] == {str(k): v for k, v in planned.slots_per_layer.items()}
+    assert data["emulated_link"] == {"bandwidth": 2e9, "latency_s": pytest.approx(20e-6)}
+    r = invoke("plan", path, "--profile", "small-gpu", "--context", 128, "--device", "cpu")
+    assert r.exit_code == 0 and "expert cache" in r.stdout and "emulated link" in r.stdout
+
+
+def test_plan_that_cannot_fit_via_plan_and_chat(tiny_model, home):
+    path = tiny_model("mixtral")
+    _small_profile(home, "too-small", "300KB")
+    for args in (["plan", path], ["chat", path, "--prompt", "x"]):
+        r = invoke(*args, "--profile", "too-small")
+        one_line_error(r, 4, "needs at least", "non-expert weights", "device with at least")
+    r = invoke("plan", path, "--vram", "300KB")
+    one_line_error(r, 4, "300.0 KB is not enough")
