@@ -8,6 +8,8 @@ from promoe_cli.chat import EXAMPLES as CHAT_EXAMPLES
 from promoe_cli.chat import chat
 from promoe_cli.plan import EXAMPLES as PLAN_EXAMPLES
 from promoe_cli.plan import plan
+from promoe_cli.profile_device import EXAMPLES as PROFILE_EXAMPLES
+from promoe_cli.profile_device import profile_device
 from promoe_cli.train_predictor import EXAMPLES as TRAIN_EXAMPLES
 from promoe_cli.train_predictor import train_predictor
 
@@ -24,6 +26,7 @@ app = typer.Typer(
 app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
 app.command("train-predictor", epilog=TRAIN_EXAMPLES)(train_predictor)
 app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES)(plan)
+app.command("profile-device", epilog=PROFILE_EXAMPLES)(profile_device)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,259 @@
+"""Measure this machine for a device profile: memory, the host-to-device link, compute, dequantization.
+
+Rules every measurement follows (gpt-fast's): warm up first, synchronize the device
+before each clock read (``torch.cuda.synchronize``; a no-op on the CPU), repeat, and
+keep the median. Conventions:
+
+* link bandwidth: bytes copied host -> device per second, for pinned and pageable host
+  buffers at expert-like sizes (1, 4, 16, 64, 256 MB); the profile keeps the largest;
+* per-copy latency: the median time of one 4 KiB copy (what a copy costs beyond its bytes);
+* device bandwidth: memory traffic of a device-to-device copy, read + write, so it is
+  comparable to a datasheet's peak;
+* compute: a square matmul in the dtype promoe computes in (bf16 on CUDA, fp32 on CPU);
+* dequantization: weights per second that ``fmt.dequantize`` produces for an
+  expert-shaped ``[4096, 1024]`` weight, for every registered format.
+
+Without CUDA the CPU is the device: the "link" is a host memory copy, device memory is
+host memory (one pool), and pinned copies do not apply; :attr:`ProbeResult.not_applicable`
+says so.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+import torch
+
+from runtime.device_profile import DeviceProfile, Figure
+from runtime.errors import PromoeError
+
+MB = 10**6
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    sizes: tuple[int, ...] = (1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB)
+    warmup: int = 2
+    repeats: int = 5
+    latency_repeats: int = 50
+    matmul_n: int = 2048
+    dequant_shape: tuple[int, int] = (4096, 1024)
+    quick: bool = False
+
+
+QUICK = ProbeSettings(sizes=(1 * MB, 4 * MB, 16 * MB), warmup=1, repeats=3, latency_repeats=20, matmul_n=512,
+                      dequant_shape=(1024, 256), quick=True)  # fmt: skip
+
+
+@dataclass
+class CopyResult:
+    size: int  # bytes
+    pinned: bool
+    seconds: float  # median of one copy
+
+    @property
+    def bandwidth(self) -> float:
+        return self.size / self.seconds
+
+
+@dataclass
+class ProbeResult:
+    device: str  # "cuda:0" or "cpu"
+    device_name: str
+    unified: bool
+    device_memory: int
+    device_free: int
+    host_memory: int
+    host_available: int
+    copies: list[CopyResult]
+    latency: float  # seconds per small copy
+    device_bandwidth: float  # bytes/s, read + write
+    matmul_flops: float
+    matmul_dtype: str
+    dequant: dict[str, float]  # format -> weights/s
+    settings: ProbeSettings
+    not_applicable: list[str] = field(default_factory=list)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    def link_bandwidth(self, pinned: bool) -> float | None:
+        """Bandwidth of the largest copy of that kind, or None if it was not measured."""
+        rows = [c for c in self.copies if c.pinned == pinned]
+        return max(rows, key=lambda c: c.size).bandwidth if rows else None
+
+    def to_profile(self, name: str) -> DeviceProfile:
+        quick = " (--quick)" if self.settings.quick else ""
+        src = f"measured: promoe profile-device{quick} on {date.today().isoformat()}, {self.device_name}"
+        cuda = self.device_type == "cuda"
+        link = self.link_bandwidth(pinned=cuda)
+        figures = {
+            "device_memory": Figure(self.device_memory, f"{src}; total"),
+            "reserved_memory": Figure(self.device_memory - self.device_free,
+                                      f"{src}; total - free when measured (driver, context, other processes)"),
+            "host_memory": Figure(self.host_memory, f"{src}; total"),
+            "link_bandwidth": Figure(link, f"{src}; {'pinned host-to-device' if cuda else 'host memory'} copy of "
+                                           f"{max(c.size for c in self.copies) // MB} MB"),
+            "link_latency": Figure(self.latency, f"{src}; median of 4 KiB copies"),
+            "device_bandwidth": Figure(self.device_bandwidth, f"{src}; device-to-device copy, read + write"),
+            "compute": Figure(self.matmul_flops, f"{src}; {self.settings.matmul_n}^2 matmul in {self.matmul_dtype}"),
+        }  # fmt: skip
+        if cuda:
+            pageable = self.link_bandwidth(pinned=False)
+            figures["link_bandwidth_pageable"] = Figure(pageable, f"{src}; pageable host-to-device copy")
+        shape = "x".join(map(str, self.settings.dequant_shape))
+        return DeviceProfile(name, f"{self.device_name}, measured by promoe profile-device{quick}", self.device_type,
+                             self.unified, figures, dict(self.dequant), f"{src}; weights/s dequantizing {shape}")  # fmt: skip
+
+
+def median_seconds(fn: Callable[[], object], sync: Callable[[], None], warmup: int, repeats: int) -> float:
+    """Median wall-clock of ``fn`` after ``warmup`` calls, synchronizing before each clock read."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync_fn(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _memory(device: torch.device) -> tuple[str, bool, int, int, int, int]:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        props = torch.cuda.get_device_properties(device)
+        return props.name, bool(getattr(props, "is_integrated", False)), total, free, vm.total, vm.available
+    return _cpu_name(), True, vm.total, vm.available, vm.total, vm.available
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+            else:
+                name = platform.processor() or platform.machine()
+    except OSError:
+        name = platform.processor() or platform.machine()
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def _copies(dev: torch.device, s: ProbeSettings, sync, step) -> list[CopyResult]:
+    """Host -> device copies at each size: pinned and pageable on CUDA, a memory copy on the CPU."""
+    kinds = (True, False) if dev.type == "cuda" else (False,)
+    results = []
+    for size in s.sizes:
+        dst = torch.empty(size, dtype=torch.uint8, device=dev)
+        for pinned in kinds:
+            src = torch.ones(size, dtype=torch.uint8, pin_memory=pinned)
+            t = median_seconds(
+                lambda d=dst, x=src, p=pinned: d.copy_(x, non_blocking=p), sync, s.warmup, s.repeats
+            )
+            results.append(CopyResult(size, pinned, t))
+            step()
+    return results
+
+
+def _latency(dev: torch.device, s: ProbeSettings, sync) -> float:
+    cuda = dev.type == "cuda"
+    src = torch.ones(4096, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(4096, dtype=torch.uint8, device=dev)
+    return median_seconds(lambda: dst.copy_(src, non_blocking=cuda), sync, s.warmup, s.latency_repeats)
+
+
+def _device_bandwidth(dev: torch.device, s: ProbeSettings, sync) -> float:
+    """Read + write traffic of a device-to-device copy of the largest size."""
+    size = max(s.sizes)
+    a = torch.ones(size, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    return 2 * size / median_seconds(lambda: b.copy_(a), sync, s.warmup, s.repeats)
+
+
+def _matmul(dev: torch.device, dtype: torch.dtype, s: ProbeSettings, sync) -> float:
+    n = s.matmul_n
+    x = torch.randn(n, n, device=dev, dtype=dtype)
+    y = torch.randn(n, n, device=dev, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: x @ y, sync, s.warmup, s.repeats)
+
+
+def _dequant(dev: torch.device, dtype: torch.dtype, formats: list[str], s: ProbeSettings, sync, step) -> dict:
+    """Weights per second each format's reference dequantizer produces on an expert-shaped weight."""
+    from quant import get_format
+
+    w = torch.randn(*s.dequant_shape, device=dev)
+    rates = {}
+    for name in formats:
+        fmt = get_format(name)
+        parts = fmt.quantize(w)
+        t = median_seconds(lambda f=fmt, p=parts: f.dequantize(p, w.shape, dtype), sync, s.warmup, s.repeats)
+        rates[name] = w.numel() / t
+        step()
+    return rates
+
+
+def probe_device(device: str = "auto", settings: ProbeSettings | None = None,
+                 progress: ProgressFn | None = None) -> ProbeResult:  # fmt: skip
+    """Measure ``device`` (see module doc). ``progress(desc, done, total)`` is called per step."""
+    from quant import available_formats
+
+    s = settings or ProbeSettings()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PromoeError("--device cuda was asked for, but this torch build sees no CUDA device",
+                          hint="use --device cpu (or auto), or install a CUDA build of torch")  # fmt: skip
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cuda = dev.type == "cuda"
+    sync = _sync_fn(dev)
+    if cuda:
+        torch.empty(1, device=dev)  # create the context first: it is part of what the driver keeps
+    name, unified, total, free, host_total, host_avail = _memory(dev)
+    formats = [f for f in available_formats() if f != "none"]  # "none" has nothing to dequantize
+    steps = len(s.sizes) * (2 if cuda else 1) + 3 + len(formats)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress("Measuring this device", done, steps)
+
+    na = []
+    if not cuda:
+        na.append("pinned copies: no CUDA device; the link is a host memory copy (pageable)")
+        na.append(
+            "device memory is host memory (one pool): reserved = what the OS and other processes use now"
+        )
+        na.append("compute in float32: bf16 matmuls are several times slower on CPUs without AMX")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    copies = _copies(dev, s, sync, step)
+    latency = _latency(dev, s, sync)
+    step()
+    device_bw = _device_bandwidth(dev, s, sync)
+    step()
+    flops = _matmul(dev, dtype, s, sync)
+    step()
+    dequant = _dequant(dev, dtype, formats, s, sync, step)
+    return ProbeResult(str(dev), name, unified, total, free, host_total, host_avail, copies, latency, device_bw,
+                       flops, str(dtype).removeprefix("torch."), dequant, s, na)  # fmt: skip

@@ -1,0 +1,195 @@
+"""Device profiles: shipped ones validate, broken ones name the field, lookup, apply rules, profile-device."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from promoe_cli.main import app
+from runtime.device_profile import (
+    FIGURES,
+    apply_profile,
+    available_profiles,
+    load_profile,
+    parse_profile,
+    profile_to_toml,
+    shipped_dir,
+)
+from runtime.errors import ProfileError
+from runtime.loader import LoadOptions
+from tests.test_cli import one_line_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+runner = CliRunner()
+SHIPPED = ["jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "rtx3060-laptop-6gb", "rtx4060-laptop-8gb",
+           "rtx4090-24gb", "cpu"]  # fmt: skip
+GIB = 2**30
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profiles_validate(name):
+    p = load_profile(name)
+    assert p.path.parent == shipped_dir()
+    assert set(FIGURES) - set(p.figures) <= {"link_bandwidth_pageable"}
+    assert 0 < p.reserved_memory < p.device_memory
+    assert all(f.kind in ("datasheet", "estimate") for f in p.figures.values())  # shipped: never "measured"
+    assert p.unified == (name.startswith("jetson") or name == "cpu")
+    assert p.device_type == ("cpu" if name == "cpu" else "cuda")
+
+
+def test_shipped_figures_are_the_datasheets():
+    nano, laptop, big = (
+        load_profile("jetson-orin-nano-8gb"),
+        load_profile("rtx3060-laptop-6gb"),
+        load_profile("rtx4090-24gb"),
+    )
+    assert nano.device_memory == 8 * GIB and nano.value("device_bandwidth") == 68e9
+    assert laptop.device_memory == 6 * GIB and laptop.value("device_bandwidth") == 336e9
+    assert big.device_memory == 24 * GIB and big.value("device_bandwidth") == 1008e9
+    assert laptop.link_bandwidth < 15.75e9  # achievable, below even a PCIe 4.0 x8 link's nominal rate
+
+
+def _valid() -> dict:
+    return tomllib.loads((shipped_dir() / "rtx3060-laptop-6gb.toml").read_text())
+
+
+def _broken(change) -> dict:
+    data = _valid()
+    change(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["link_bandwidth"].update(value="fast"), "link_bandwidth.value"),
+        (lambda d: d["link_latency"].update(value="10 parsecs"), "link_latency.value"),
+        (lambda d: d.pop("device_memory"), "device_memory"),
+        (lambda d: d.update(link_bandwith={"value": "1GB/s", "source": "estimate: x"}), "link_bandwith"),
+        (lambda d: d["compute"].update(source="a blog"), "compute.source"),
+        (lambda d: d["reserved_memory"].update(value="7GiB"), "reserved_memory"),
+        (lambda d: d.update(device_type="tpu"), "device_type"),
+        (lambda d: d.update(unified="yes"), "unified"),
+        (lambda d: d.update(host_memory="16GB"), "host_memory"),
+        (lambda d: d["device_memory"].update(unit="GB"), "device_memory.unit"),
+        (lambda d: d.update(dequant={"int4": -1.0}), "dequant.int4"),
+    ],
+)
+def test_broken_profile_names_the_field(change, field):
+    with pytest.raises(ProfileError) as exc:
+        parse_profile(_broken(change), name="broken")
+    assert f"field '{field}'" in str(exc.value) and exc.value.hint
+
+
+def _write_user_profile(home, name: str, text: str):
+    d = home / "profiles"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.toml").write_text(text)
+
+
+def test_broken_profile_through_the_cli(tiny_model, home):
+    text = (shipped_dir() / "rtx3060-laptop-6gb.toml").read_text().replace('"12GB/s"', '"twelve"')
+    _write_user_profile(home, "broken", text)
+    for args in (["plan", tiny_model("mixtral")], ["chat", tiny_model("mixtral"), "--prompt", "x"]):
+        one_line_error(invoke(*args, "--profile", "broken"), 2, "field 'link_bandwidth.value'", "broken.toml")
+    _write_user_profile(home, "notoml", "device_memory = [")
+    one_line_error(invoke("plan", tiny_model("mixtral"), "--profile", "notoml"), 2, "not valid TOML")
+
+
+def test_unknown_profile_lists_the_available_ones(tiny_model, home):
+    _write_user_profile(home, "mine", (shipped_dir() / "cpu.toml").read_text())
+    r = invoke("plan", tiny_model("mixtral"), "--profile", "rtx9090")
+    one_line_error(
+        r, 2, "unknown device profile 'rtx9090'", "rtx3060-laptop-6gb", "jetson-orin-nano-8gb", "mine"
+    )
+
+
+def test_user_profile_shadows_a_shipped_one(home):
+    text = (shipped_dir() / "rtx4090-24gb.toml").read_text().replace('"24GiB"', '"20GiB"')
+    _write_user_profile(home, "rtx4090-24gb", text)
+    p = load_profile("rtx4090-24gb")
+    assert p.device_memory == 20 * GIB and p.path.parent == home / "profiles"
+    assert available_profiles()["rtx4090-24gb"] == p.path
+
+
+def test_a_path_is_read_as_is(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text((shipped_dir() / "cpu.toml").read_text())
+    assert load_profile(str(f)).name == "box"
+
+
+def test_gpu_profile_without_cuda_emulates_its_link():
+    opts = LoadOptions()
+    apply_profile(opts, "rtx3060-laptop-6gb", cuda_available=False)
+    assert (opts.vram, opts.reserved, opts.unified) == (6 * GIB, 500_000_000, False)
+    assert (opts.link_bandwidth, opts.link_latency) == (12e9, pytest.approx(10e-6))
+    opts = LoadOptions(device="cpu")  # --device cpu on a CUDA machine: emulated too
+    apply_profile(opts, "jetson-orin-nano-8gb", cuda_available=True)
+    assert opts.unified and opts.link_bandwidth == 20e9
+
+
+def test_gpu_profile_on_cuda_sizes_the_budget_only():
+    opts = LoadOptions()
+    apply_profile(opts, "rtx4090-24gb", cuda_available=True)
+    assert opts.vram == 24 * GIB and opts.link_bandwidth is None and opts.link_latency == 0.0
+
+
+def test_cpu_profile_picks_the_cpu_and_its_real_copy():
+    opts = LoadOptions()
+    apply_profile(opts, "cpu", cuda_available=True)
+    assert opts.device == "cpu" and opts.unified and opts.link_bandwidth is None
+
+
+def test_explicit_flags_win_over_the_profile():
+    from promoe_cli.loading import load_options
+
+    common = dict(quant="int4", context=None, device="cpu", dtype=None, policy="lru", slot_split="uniform",
+                  prefetch="none", profile="rtx3060-laptop-6gb")  # fmt: skip
+    opts = load_options(vram="4GB", link_bandwidth="1GB/s", link_latency=None, **common)
+    assert (opts.vram, opts.reserved) == (4e9, 0)  # --vram is the whole budget
+    assert opts.link_bandwidth == 1e9 and opts.link_latency == pytest.approx(
+        10e-6
+    )  # latency from the profile
+    opts = load_options(vram=None, link_bandwidth=None, link_latency="1ms", **common)
+    assert opts.vram == 6 * GIB and opts.reserved == 500_000_000 and opts.link_latency == pytest.approx(1e-3)
+
+
+def test_toml_round_trip():
+    p = load_profile("jetson-agx-orin-64gb")
+    q = parse_profile(tomllib.loads(profile_to_toml(p)), name=p.name)
+    for name, fig in p.figures.items():
+        assert q.figures[name].source == fig.source
+        assert q.figures[name].value == pytest.approx(fig.value, rel=1e-3)
+
+
+def test_profile_device_writes_a_profile_that_plan_finds(tiny_model, home):
+    r = invoke("profile-device", "--quick", "--write", "this-box")
+    assert r.exit_code == 0, r.output
+    assert "matmul" in r.stdout and "per-copy latency" in r.stdout and "dequantize int4" in r.stdout
+    assert "not applicable" in r.stdout or "pinned" in r.stdout  # CPU: says what does not apply
+    p = load_profile("this-box")
+    assert p.path == home / "profiles" / "this-box.toml"
+    assert all(f.kind == "measured" for f in p.figures.values()) and p.dequant
+    r = invoke("plan", tiny_model("mixtral"), "--profile", "this-box", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["budget"] == p.device_memory
+
+
+def test_profile_device_json_and_bad_name():
+    r = invoke("profile-device", "--quick", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    sizes = {c["bytes"] for c in data["copies"]}
+    assert sizes == {1_000_000, 4_000_000, 16_000_000} and data["matmul_flops"] > 0
+    one_line_error(invoke("profile-device", "--quick", "--write", "../evil"), 2, "not a usable profile name")
