@@ -76,7 +76,7 @@ def chat(
                 if prompt is not None:
                     _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace)
                 else:
-                    banner(lm)
+                    banner(lm, profile=profile)
                     from promoe_cli.repl import run_chat
 
                     run_chat(lm, sampling, system=system, chat_template=not no_chat_template, trace=trace,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from promoe_cli.console import err
 
@@ -68,15 +71,36 @@ def load_options(
     return opts
 
 
+class _Count(ProgressColumn):
+    """``done/total``, blank for a task without a total (the overall spinner)."""
+
+    def render(self, task) -> Text:
+        return Text(
+            "" if task.total is None else f"{task.completed:.0f}/{task.total:.0f}", style="progress.download"
+        )
+
+
+class _Remaining(TimeRemainingColumn):
+    def render(self, task) -> Text:
+        return Text("") if task.total is None else super().render(task)
+
+
 @contextmanager
-def progress_display(enabled: bool = True):
-    """A transient rich progress display on stderr; yields a ``progress(desc, done, total)`` callback."""
+def progress_display(enabled: bool = True, title: str | None = None):
+    """A transient progress display on stderr; yields a ``progress(desc, done, total)`` callback.
+
+    With a ``title``, a spinner line (the title and the time so far) stays up throughout;
+    each phase reported (converting experts, loading the store, the non-expert weights)
+    gets a bar under it. Nothing is shown when stderr is not a terminal.
+    """
     if not enabled or not err.is_terminal:
         yield None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]  # fmt: skip
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Count(), TimeElapsedColumn(),
+               _Remaining()]  # fmt: skip
     with Progress(*columns, console=err, transient=True) as bar:
+        if title:
+            bar.add_task(title, total=None)
         tasks: dict[str, int] = {}
 
         def update(desc: str, done: int, total: int) -> None:
@@ -90,29 +114,36 @@ def progress_display(enabled: bool = True):
 def load(ref: str | None, opts, *, show_progress: bool = True):
     from runtime.loader import load_model
 
-    with progress_display(show_progress) as progress:
+    title = f"Loading {escape(ref) if ref else 'the default model'}"
+    with progress_display(show_progress, title) as progress:
         return load_model(ref, opts, progress=progress)
 
 
-def banner(lm) -> None:
-    """Model, architecture, quantization, cache size, device, load times: one block on stderr."""
+def banner(lm, profile: str | None = None) -> None:
+    """Three lines on stderr: the model and its experts; the cache, device and budget; load time."""
     from runtime.sizes import format_bytes
 
-    plan, spec, rep = lm.plan, lm.spec, lm.store_report
+    plan, spec, rep, opts = lm.plan, lm.spec, lm.store_report, lm.options
     n, total = lm.cache.num_slots, spec.total_experts
-    store_line = {
-        "reused": f"mapped existing expert store in {rep.seconds:.1f}s",
-        "converted": f"converted experts in {rep.seconds:.1f}s",
-        "rebuilt": f"rebuilt expert store in {rep.seconds:.1f}s ({rep.reason})",
+    budget = "unlimited budget" if plan.budget is None else f"budget {format_bytes(plan.budget)}"
+    where = f"{lm.device}" + (f" as profile [accent]{escape(profile)}[/]" if profile else "")
+    link = ""
+    if lm.device.type == "cpu" and opts.link_bandwidth:
+        link = f" · emulated link {format_bytes(opts.link_bandwidth)}/s"
+    store = {
+        "reused": "expert store reused",
+        "converted": f"experts converted in {rep.seconds:.1f}s, stored in {rep.path}",
+        "rebuilt": f"expert store rebuilt in {rep.seconds:.1f}s ({rep.reason}), in {rep.path}",
     }[rep.action]
-    budget = format_bytes(plan.budget) if plan.budget is not None else "unlimited"
-    pred = lm.options.predictor
     err.print(
-        f"[accent]{lm.name}[/]  [dim]{spec.arch.name} · {spec.num_layers} layers · "
-        f"{spec.num_experts} experts top-{spec.top_k} · {lm.options.quant} experts ({format_bytes(plan.expert_bytes)} each)[/]"
+        f"[bold accent]{escape(lm.name)}[/]  {spec.arch.name} · {spec.num_layers} layers · "
+        f"{spec.num_experts} experts, top-{spec.top_k} · [bold]{opts.quant}[/] experts "
+        f"({format_bytes(plan.expert_bytes)} each)",
+        soft_wrap=False,
     )
     err.print(
-        f"[dim]cache {n} of {total} experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
-        f"budget {budget} on {lm.device} · policy {lm.options.policy} · prefetch {pred}[/]"
+        f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
+        f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}",
+        soft_wrap=False,
     )
-    err.print(f"[dim]{store_line}; loaded in {lm.timings['total_s']:.1f}s · store {rep.path}[/]")
+    err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)
