@@ -1,34 +1,25 @@
 """The chat loop, separate from the command so tests drive it with scripted input.
 
-On a terminal the input is a prompt-toolkit prompt:
-
-* Enter sends; Alt+Enter, Esc then Enter, or Ctrl-J inserts a new line; a message that
-  starts with triple quotes (``\"\"\"``) goes on until a line ends with them; pasted text
-  keeps its new lines;
-* Up / Down walk the history, kept in ``$PROMOE_HOME/chat_history``; Ctrl-X Ctrl-E edits
-  the message in ``$EDITOR``; Tab completes slash commands;
-* Ctrl-C clears the line, or stops the answer being written after its current token (a
-  second Ctrl-C stops it at once); what was written stays in the conversation; Ctrl-D on
-  an empty line, or ``/quit``, leaves.
-
-Without a terminal (stdin piped, or ``TERM=dumb``) the same loop reads lines from stdin
-(``\"\"\"`` blocks too) and writes the answers as plain text, one per message, so scripts
-can drive it; slash commands work the same.
+On a terminal: the prompt of :mod:`promoe_cli.chat_input` (its keys are listed there and
+in ``/help``), answers streamed under a live status line, Ctrl-C stops an answer after
+its current token (a second Ctrl-C at once) and what was written stays in the
+conversation; Ctrl-D or ``/quit`` leaves. Without a terminal (stdin piped, or
+``TERM=dumb``) the same loop reads lines from stdin (triple-quoted blocks too) and writes
+each answer as plain text, so scripts can drive it; slash commands work the same.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 
 from rich.markup import escape
 
+from promoe_cli.chat_input import is_terminal, isatty, line_reader, no_echo, prompt_reader, unquote
 from promoe_cli.console import err, out
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (arguments, what it does)
@@ -43,14 +34,14 @@ ALIASES = {"/exit": "/quit", "/bye": "/quit", "/?": "/help"}
 KEYS = [
     ("Enter", "send the message"),
     ("Alt+Enter, Esc Enter, Ctrl-J", 'new line (or start the message with """ and end it with """)'),
-    ("Up, Down", "history (kept in $PROMOE_HOME/chat_history)"),
+    ("Up, Down, Ctrl-R", "history, and searching it (kept in $PROMOE_HOME/chat_history)"),
+    ("Tab", "complete a slash command"),
     ("Ctrl-X Ctrl-E", "edit the message in $EDITOR"),
     ("Ctrl-C", "clear the line; while answering: stop after this token (twice: at once)"),
     ("Ctrl-D", "quit"),
     ("//text", "send a message that starts with /"),
 ]
 WELCOME = "[dim]Enter sends · Alt+Enter new line · /help commands · Ctrl-C stops an answer · Ctrl-D quits[/]"
-QUOTE = '"""'
 
 
 class SettingError(ValueError):
@@ -89,23 +80,6 @@ def settings_line(cfg) -> str:
     seed = "none" if cfg.seed is None else cfg.seed
     return (f"temperature {cfg.temperature:g} · top-p {cfg.top_p:g} · max-new-tokens {cfg.max_new_tokens} · "
             f"seed {seed}")  # fmt: skip
-
-
-def unquote(text: str) -> str:
-    """A message written as a triple-quoted block, without its quotes."""
-    s = text.strip()
-    if s.startswith(QUOTE):
-        s = s[3:]
-        if s.rstrip().endswith(QUOTE):
-            s = s.rstrip()[:-3]
-        return s.strip("\n")
-    return text
-
-
-def _open_block(text: str) -> bool:
-    """True while a triple-quoted message has not been closed yet (Enter then adds a line)."""
-    s = text.strip()
-    return s.startswith(QUOTE) and not (len(s) >= 6 and s.endswith(QUOTE))
 
 
 class ChatSession:
@@ -228,6 +202,9 @@ class ChatSession:
             conv.retract()
             report(exc)
             return
+        except BaseException:  # Ctrl-C while encoding: as if the message had not been sent
+            conv.retract()
+            raise
         if fit.dropped_turns:
             n = fit.dropped_turns
             kept = " [dim](the system prompt stays)[/]" if conv.system else ""
@@ -268,7 +245,7 @@ class ChatSession:
         ids: list[int] = []
         last = None
         try:
-            with view, _no_echo(self.live), StopRequest(view.stopping) as stop:
+            with view, no_echo(self.live), StopRequest(view.stopping) as stop:
                 for ev in events:
                     if isinstance(ev, generation.DoneEvent):
                         return ev
@@ -321,145 +298,6 @@ class StopRequest:
             )
 
 
-@contextmanager
-def _no_echo(enabled: bool) -> Iterator[None]:
-    """Keys typed while an answer streams are not echoed into it; the next prompt gets them.
-
-    Only ECHO is turned off: Ctrl-C still interrupts, and typed-ahead text waits in the
-    terminal's line buffer until prompt-toolkit reads it.
-    """
-    saved = None
-    if enabled and _isatty(sys.stdin):
-        try:
-            import termios
-
-            fd = sys.stdin.fileno()
-            saved = termios.tcgetattr(fd)
-            quiet = list(saved)
-            quiet[3] &= ~termios.ECHO
-            termios.tcsetattr(fd, termios.TCSANOW, quiet)
-        except Exception:  # not a POSIX terminal (termios.error, ImportError...): echo stays on
-            saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            termios.tcsetattr(fd, termios.TCSANOW, saved)
-
-
-# -- reading input ------------------------------------------------------------------
-
-
-def line_reader(stdin, prompt: bool = False) -> Callable[[], str]:
-    """Lines from a plain stream; a triple-quoted block is one message. EOFError at the end."""
-
-    def readline() -> str:
-        line = stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\r\n")
-
-    def read() -> str:
-        if prompt:
-            err.file.write(">>> ")
-            err.file.flush()
-        text = readline()
-        lines = [text]
-        while _open_block("\n".join(lines)):
-            try:
-                lines.append(readline())
-            except EOFError:
-                break
-        return "\n".join(lines)
-
-    return read
-
-
-def make_prompt_session(history_path=None, **io):
-    """The prompt-toolkit session: key bindings above, history, slash-command completion."""
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
-    from prompt_toolkit.completion import Completer, Completion
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
-    from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.styles import Style
-
-    keys = KeyBindings()
-
-    @keys.add("enter")
-    def _enter(event) -> None:
-        buf = event.current_buffer
-        if _open_block(buf.text):
-            buf.insert_text("\n")
-        else:
-            buf.validate_and_handle()
-
-    @keys.add("escape", "enter")
-    @keys.add("c-j")
-    def _newline(event) -> None:
-        event.current_buffer.insert_text("\n")
-
-    class SlashCompleter(Completer):
-        def get_completions(self, document, complete_event):
-            text = document.text_before_cursor
-            if not text.startswith("/") or "\n" in text:
-                return
-            if " " not in text:
-                for name, (_args, what) in COMMANDS.items():
-                    if name.startswith(text.lower()):
-                        yield Completion(name, -len(text), display_meta=what)
-            elif text.startswith("/set ") and text.count(" ") == 1:
-                word = text[5:]
-                for name in ("temperature", "top-p", "max-new-tokens", "seed"):
-                    if name.startswith(word.lower()):
-                        yield Completion(name, -len(word))
-
-    history = InMemoryHistory()
-    if history_path is not None:
-        try:
-            history_path.parent.mkdir(parents=True, exist_ok=True)
-            history_path.touch()
-            history = FileHistory(str(history_path))
-        except OSError:
-            pass  # a read-only home: history for this session only
-
-    def continuation(width: int, line_number: int, wrap_count: int):
-        return [("class:continuation", "" if wrap_count else "... ".rjust(width))]
-
-    return PromptSession(
-        message=[("class:prompt", ">>> ")],
-        multiline=True,
-        key_bindings=keys,
-        history=history,
-        auto_suggest=AutoSuggestFromHistory(),
-        completer=SlashCompleter(),
-        complete_while_typing=True,
-        enable_open_in_editor=True,
-        prompt_continuation=continuation,
-        placeholder=[("class:placeholder", "Send a message (/help for commands)")],
-        style=Style.from_dict(
-            {"prompt": "ansicyan bold", "continuation": "ansibrightblack", "placeholder": "ansibrightblack"}
-        ),  # fmt: skip
-        **io,
-    )
-
-
-def prompt_reader() -> Callable[[], str]:
-    from runtime.resolve import promoe_home
-
-    session = make_prompt_session(promoe_home() / "chat_history")
-    return session.prompt
-
-
-def is_terminal(stdin) -> bool:
-    """A person at a terminal (the prompt and the live status), or a script (plain lines)?"""
-    try:
-        tty = stdin.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    return tty and out.is_terminal and os.environ.get("TERM", "") not in ("dumb", "unknown")
-
-
 def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats_json=None, stdin=None,
              read: Callable[[], str] | None = None, live: bool | None = None) -> ChatSession:  # fmt: skip
     """Read a message, stream the answer, repeat, until Ctrl-D, ``/quit`` or the end of stdin.
@@ -471,7 +309,11 @@ def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats
     stdin = stdin or sys.stdin
     terminal = is_terminal(stdin)
     if read is None:
-        read = prompt_reader() if terminal else line_reader(stdin, prompt=_isatty(stdin))
+        read = (
+            prompt_reader({k: d for k, (_, d) in COMMANDS.items()})
+            if terminal
+            else line_reader(stdin, prompt=isatty(stdin))
+        )
     session = ChatSession(lm, sampling, system=system, chat_template=chat_template, trace=trace,
                           stats_json=stats_json, live=terminal if live is None else live)  # fmt: skip
     if terminal:
@@ -496,10 +338,3 @@ def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -13,9 +13,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import runtime.generate as generation
+from promoe_cli.chat_input import line_reader, make_prompt_session, unquote
 from promoe_cli.main import app
 from promoe_cli.render import LiveAnswer, status_text
-from promoe_cli.repl import ChatSession, line_reader, make_prompt_session, run_chat, unquote
+from promoe_cli.repl import ChatSession, run_chat
 from runtime.conversation import Conversation, PromptTooLongError, fit_to_context, split_turns
 from runtime.generate import SamplingConfig, encode_messages, generate
 from tests.helpers import budget_for_slots, load_small
@@ -248,6 +249,16 @@ def test_message_too_long_for_the_context(lm, calls, capsys, monkeypatch):
     assert [m["content"] for m in session.conversation.turns][0] == "hi"  # the long one was not kept
 
 
+def test_chat_template_refusing_the_system_role(lm, calls, capsys, monkeypatch):
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    monkeypatch.setattr(lm.tokenizer, "chat_template", strict + TEMPLATE)
+    session = chat(lm, "hi", "/system none", "hi again", system="be brief")
+    err = capsys.readouterr().err.splitlines()
+    assert "error: the model's chat template refused this conversation: System role not supported" in err
+    assert any(line.startswith("hint: drop the system prompt (/system none)") for line in err)
+    assert len(calls) == 1 and session.conversation.messages()[0] == {"role": "user", "content": "hi again"}
+
+
 # -- the conversation, without a model ---------------------------------------------------
 
 
@@ -325,7 +336,7 @@ def test_prompt_keys_enter_sends_alt_enter_adds_a_line():
 
 
 def test_terminal_detection(monkeypatch):
-    from promoe_cli import repl
+    from promoe_cli import chat_input
     from promoe_cli.console import out
 
     class TTY(io.StringIO):
@@ -334,10 +345,10 @@ def test_terminal_detection(monkeypatch):
 
     monkeypatch.setattr(out, "_force_terminal", True)
     monkeypatch.setenv("TERM", "xterm-256color")
-    assert repl.is_terminal(TTY())
-    assert not repl.is_terminal(io.StringIO())
+    assert chat_input.is_terminal(TTY())
+    assert not chat_input.is_terminal(io.StringIO())
     monkeypatch.setenv("TERM", "dumb")
-    assert not repl.is_terminal(TTY())
+    assert not chat_input.is_terminal(TTY())
 
 
 def test_piped_stdin_gives_plain_answers(tiny_model):
