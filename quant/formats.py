@@ -14,7 +14,10 @@ scales agree. ``int3`` and ``int2`` choose each group's range by a squared-error
 over a few shrink factors (:mod:`quant.clip_search`) instead of plain min-max; the stored
 layout is the same either way.
 
-``nf4`` (bitsandbytes NormalFloat4) lives in :mod:`quant.nf4`.
+On CUDA (with triton importable) ``int4`` and ``int8`` compute :meth:`~QuantFormat.linear`
+with the Triton kernels of :mod:`quant.kernels` (fused dequantize-GEMV for up to 8
+tokens, dequantize-to-``x.dtype`` then one GEMM beyond); everywhere else, and for the
+other formats, with the plain-torch reference. ``nf4`` lives in :mod:`quant.nf4`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from quant import kernels
 from quant.base import Part, QuantFormat
 from quant.clip_search import search_clip_range
 from quant.nf4 import NF4
@@ -114,6 +118,13 @@ class GroupwiseInt(QuantFormat):
             q = unpack(parts["q"], self.bits, n_pad).float().reshape(out, n_pad // g, g)
             w = q * scale + parts["zero"].float().unsqueeze(-1)
         return w.reshape(out, n_pad)[:, :n_in].to(dtype)
+
+    def linear(self, x, parts, shape, bias=None):
+        if kernels.groupwise_supported(self.bits, self.group_size) and kernels.use_kernels(x):
+            from quant.kernels.groupwise import groupwise_linear
+
+            return groupwise_linear(x, parts, shape, bias, bits=self.bits, group_size=self.group_size)
+        return super().linear(x, parts, shape, bias)
 
 
 register_format("none", NoQuant)

@@ -34,6 +34,11 @@ def triton_available() -> bool:
     return True
 
 
+def groupwise_supported(bits: int, group_size: int) -> bool:
+    """Whether :mod:`quant.kernels.groupwise` has kernels for these codes (power-of-two groups)."""
+    return bits in (4, 8) and group_size >= 16 and group_size & (group_size - 1) == 0
+
+
 def use_kernels(x: torch.Tensor) -> bool:
     """True when ``x`` lives on a CUDA device, triton imports, and kernels are not disabled."""
     return x.is_cuda and os.environ.get("PROMOE_KERNELS", "1") != "0" and triton_available()
