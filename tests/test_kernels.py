@@ -99,6 +99,7 @@ def test_bench_runs_on_cpu_with_a_stub_timer(monkeypatch):
     monkeypatch.setattr(bench, "HIDDEN", 64)
     monkeypatch.setattr(bench, "INTER", 96)
     monkeypatch.setattr(bench, "SHAPES", [(96, 64), (64, 96)])
+    monkeypatch.setattr(bench, "triton_available", lambda: INTERPRET)  # compiled Triton needs CUDA tensors
 
     def timer(fn):
         fn()

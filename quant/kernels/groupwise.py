@@ -155,9 +155,9 @@ def _int8_dequant_kernel(
 
 
 # -- launchers -------------------------------------------------------------------------
-# (BLOCK_N, num_warps) per code width: 1 KiB of codes per step, about 80 registers a thread
-# on sm_90 (cuobjdump of an ahead-of-time build; 64 rows of int4 took 187). Not tuned on a
-# GPU yet: ``python -m quant.kernels.bench --sweep`` times the alternatives.
+# (BLOCK_N, num_warps) per code width: 1 KiB of codes per step, 72-96 registers a thread on
+# sm_90 (python -m quant.kernels.aot_check; 64 rows of int4 took 187). Not tuned on a GPU
+# yet: ``python -m quant.kernels.bench --sweep`` times the alternatives.
 GEMV_CONFIG = {4: (32, 4), 8: (16, 4)}
 DEQUANT_BLOCK_N, DEQUANT_BLOCK_K, DEQUANT_WARPS = 32, 128, 4
 MIN_GROUPS_PER_SPLIT = 8  # each split-K program streams at least this many groups
