@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from promoe_cli.bench import EXAMPLES as BENCH_EXAMPLES
+from promoe_cli.bench import bench
 from promoe_cli.chat import EXAMPLES as CHAT_EXAMPLES
 from promoe_cli.chat import chat
 from promoe_cli.plan import EXAMPLES as PLAN_EXAMPLES
@@ -27,6 +29,7 @@ app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
 app.command("train-predictor", epilog=TRAIN_EXAMPLES)(train_predictor)
 app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES)(plan)
 app.command("profile-device", epilog=PROFILE_EXAMPLES)(profile_device)
+app.command(no_args_is_help=False, epilog=BENCH_EXAMPLES)(bench)
 
 
 def _version(value: bool) -> None:

@@ -141,7 +141,7 @@ class ExpertCache:
         for e, entry in list(part.entries.items()):  # stale: queued for this layer, not needed
             stale = entry.ticket is not None and entry.prefetched and e not in part.pinned
             if stale and self.transfer.cancel(entry.ticket):
-                self._drop(part, e, cancelled=True)
+                part.free.append(self._drop(part, e, cancelled=True))
         if not reorder:
             return list(needed)
         ready, inflight, missing = [], [], []
@@ -193,7 +193,7 @@ class ExpertCache:
             entry.protected = False
         if not self.retain:
             for e in list(part.entries):
-                self._drop(part, e)
+                part.free.append(self._drop(part, e))
         for layer_, stall in self.transfer.deferred_stall().items():
             self.stats.layer(layer_).stall_s += stall
 
@@ -253,6 +253,7 @@ class ExpertCache:
         return self._drop(part, victim)
 
     def _drop(self, part: _Partition, expert: int, cancelled: bool = False) -> int:
+        """Forget ``expert``; returns its slot, which the caller reuses or puts back in ``free``."""
         entry = part.entries.pop(expert)
         st = self.stats.layer(part.layer)
         if cancelled:
@@ -262,8 +263,18 @@ class ExpertCache:
             st.prefetch_wasted += 1
             st.wasted_bytes += self.expert_bytes
         part.policy.on_evict(expert)
-        part.free.append(entry.slot)
-        return part.free.pop()
+        return entry.slot
+
+    def fill(self) -> None:
+        """Load every expert each partition has room for (all of them when the cache holds the model)."""
+        for part in self._parts.values():
+            for e in range(part.capacity):
+                if e not in part.entries and part.free:
+                    self._load(part, e, prefetch=False)
+        self.transfer.synchronize()
+        for part in self._parts.values():
+            for entry in part.entries.values():
+                entry.ticket = None
 
     def clear(self) -> None:
         """Forget every resident expert (counters are kept)."""

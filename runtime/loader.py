@@ -25,7 +25,7 @@ from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, PromoeError
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
-from runtime.memory_plan import MemoryPlan, plan_memory
+from runtime.memory_plan import MemoryPlan, default_context, device_budget, plan_memory
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
@@ -127,13 +127,8 @@ def load_model(
     dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
     fmt = get_format(opts.quant)
     policy_cls = policy_class(opts.policy)
-    context = opts.context or min(
-        getattr(spec.config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT
-    )
-    budget = opts.vram
-    if budget is None and device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free + torch.cuda.memory_reserved(device)
+    context = default_context(spec.config, opts.context)
+    budget = device_budget(device, opts.vram)
     plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=opts.reserved,
                        unified=opts.unified, split=opts.split, max_slots=opts.max_slots)  # fmt: skip
     timings["resolve_s"] = time.perf_counter() - t_start

@@ -125,13 +125,14 @@ def test_working_set_larger_than_partition():
 
 
 def test_on_demand_mode_keeps_nothing_across_invocations():
-    cache = ExpertCache({0: 8}, lambda layer, cap: LRU(cap), expert_bytes=1, retain=False)
-    for _ in range(3):
-        for e in cache.begin(0, [1, 2]):
+    cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), expert_bytes=1, retain=False)
+    for needed in ([1, 2], [1, 2, 3, 4], [1, 2], [5, 6, 7]):  # some larger than the partition
+        for e in cache.begin(0, needed):
             cache.acquire(0, e)
             cache.release(0, e)
         cache.end(0)
-    assert cache.stats.layer(0).hits == 0 and cache.stats.layer(0).misses == 6
+        assert cache.resident(0) == []
+    assert cache.stats.layer(0).hits == 0 and cache.stats.layer(0).misses == 11
 
 
 def test_prefetch_hit_and_wasted_accounting():

@@ -93,6 +93,10 @@ def test_stale_prefetches_are_cancelled(tiny_model):
         assert st.prefetch_cancelled >= 2
         assert st.bytes_moved == (4 - st.prefetch_cancelled) * cache.expert_bytes
         assert 0 in cache.resident(1)
+        for e in (4, 5, 6, 7):  # the cancelled prefetches' slots are free again: the partition still holds 4
+            assert cache.prefetch(1, e) or cache.is_resident(1, e)
+        cache.transfer.synchronize()
+        assert len(cache.resident(1)) == 4
     finally:
         lm.close()
 

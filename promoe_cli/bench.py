@@ -1,0 +1,171 @@
+"""``promoe bench``: every configuration and the alternatives side by side, or a trace replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promoe_cli import options as o
+from promoe_cli.console import err, out
+from promoe_cli.errors import handle_errors
+
+EXAMPLES = (
+    "[bold]Examples[/]\n\n"
+    "[cyan]promoe bench[/]  the bundled model, a cache of half the experts, a link emulated so a copy costs 4x compute\n\n"
+    "[cyan]promoe bench mixtral --vram 6GB --gen-len 64[/]  on a GPU, real copies\n\n"
+    "[cyan]promoe bench --configs on-demand,lru,cross-layer --repeats 5 --json[/]\n\n"
+    "[cyan]promoe bench --trace ../shared/traces/mixtral-8x7b-humaneval.jsonl --policy lfu --slots-per-layer 4[/]  "
+    "replay a routing trace through the cache"
+)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    out_: list[str] = []
+    for v in values or []:
+        out_ += [x.strip() for x in v.split(",") if x.strip()]
+    return out_
+
+
+def bench(
+    model: o.ModelArg = None,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens per run.")] = 512,
+    gen_len: Annotated[
+        int, typer.Option("--gen-len", min=2, help="Generated tokens per run (end of text ignored).")
+    ] = 128,
+    configs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--configs",
+            help="Comma-separated subset of: resident, on-demand, lru, lfu, arc, cross-layer, "
+            "learned, transformers, accelerate. \\[default: all]",
+        ),
+    ] = None,  # fmt: skip
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Timed runs per configuration (medians shown).")
+    ] = 3,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG chart of tokens/s and hit rate (needs matplotlib)."),
+    ] = None,
+    cache_fraction: Annotated[
+        float,
+        typer.Option(
+            "--cache-fraction",
+            min=0.0,
+            max=1.0,
+            help="Without --vram/--profile: size the cache to hold this share of the experts.",
+        ),
+    ] = 0.5,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Replay this routing trace instead of running a model.",
+            rich_help_panel="Trace replay",
+        ),
+    ] = None,
+    slots_per_layer: Annotated[
+        int,
+        typer.Option(
+            "--slots-per-layer",
+            min=1,
+            help="Cache slots per layer for --trace.",
+            rich_help_panel="Trace replay",
+        ),
+    ] = 4,
+    trace_out: o.TraceOut = None,
+    quant: o.Quant = "int4",
+    vram: o.Vram = None,
+    profile: o.Profile = None,
+    context: o.Context = None,
+    device: o.Device = "auto",
+    dtype: o.Dtype = None,
+    policy: o.Policy = "lru",
+    slot_split: o.SlotSplit = "uniform",
+    link_bandwidth: Annotated[
+        str | None,
+        typer.Option(
+            "--link-bandwidth",
+            help="Emulated link on the CPU: a speed like 8GB/s, 'auto' (a copy costs 4x one "
+            "expert's compute) or 'off'. \\[default: auto on the CPU without a profile]",
+            rich_help_panel="Expert cache and prefetch",
+        ),
+    ] = None,  # fmt: skip
+    link_latency: o.LinkLatency = None,
+) -> None:
+    """Measure promoe's configurations against each other and the alternatives, in one run."""
+    with handle_errors():
+        if trace is not None:
+            _replay(trace, policy, slots_per_layer, json_out)
+            return
+        from promoe_cli.loading import load_options, offline_environment, progress_display
+
+        auto_link = link_bandwidth == "auto"
+        bw = None if link_bandwidth in ("auto", "off") else link_bandwidth
+        opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
+                            policy=policy, slot_split=slot_split, prefetch="none", link_bandwidth=bw,
+                            link_latency=link_latency)  # fmt: skip
+        names = _split(configs) or None
+        offline_environment()
+        import torch
+
+        from runtime.bench import ALL_CONFIGS, budget_for_fraction, calibrate_link, run_bench
+
+        names = names or list(ALL_CONFIGS)
+        if opts.vram is None and not profile and not (opts.device == "auto" and torch.cuda.is_available()):
+            opts.vram = budget_for_fraction(model, opts, cache_fraction)
+        on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
+        if on_cpu and (auto_link or (link_bandwidth is None and opts.link_bandwidth is None)):
+            opts.link_bandwidth, compute = calibrate_link(model, opts)
+            opts.link_latency = opts.link_latency or 20e-6
+            err.print(f"[dim]emulated link: one expert's decode compute takes {compute * 1e3:.2f} ms; "
+                      "the link is set so that its copy takes 4x that[/]")  # fmt: skip
+        with progress_display(not json_out) as progress:
+            report = run_bench(model, opts, names, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
+                               progress=progress, trace_out=trace_out)  # fmt: skip
+        if json_out:
+            out.print_json(json.dumps(report.to_json()))
+        else:
+            from promoe_cli.bench_render import render_report
+
+            render_report(report)
+        if plot is not None:
+            from promoe_cli.bench_render import plot_report
+
+            plot_report(report, plot)
+            err.print(f"[good]wrote[/] {plot}")
+
+
+def _replay(path: Path, policy: str, slots: int, json_out: bool) -> None:
+    from runtime.policies import policy_class
+    from runtime.trace import read_trace, replay
+
+    policy_class(policy)  # a clear error for an unknown name, before reading anything
+    records = read_trace(path)
+    names = list(dict.fromkeys([policy, "lru", "lfu", "arc", "belady"]))
+    rates = {name: replay(records, name, slots).hit_rate for name in names}
+    tokens = len({r.token for r in records})
+    layers = len({r.layer for r in records})
+    if json_out:
+        data = {"trace": str(path), "tokens": tokens, "layers": layers, "slots_per_layer": slots,
+                "policy": policy, "hit_rate": rates}  # fmt: skip
+        out.print_json(json.dumps(data))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{path.name}: {tokens} tokens x {layers} layers, {slots} slots per layer")
+    table.add_column("policy")
+    table.add_column("hit rate", justify="right")
+    table.add_column("of Belady's", justify="right")
+    for name, rate in rates.items():
+        label = f"[bold]{name}[/]" if name == policy else name
+        if name == "belady":
+            label += " (offline optimum)"
+        table.add_row(label, f"{rate:.4f}", f"{rate / rates['belady']:.0%}" if rates["belady"] else "-")
+    out.print(table)

@@ -1,0 +1,93 @@
+"""Rendering of a BenchReport: a rich table, and an optional PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from promoe_cli.console import err, out
+
+
+def _fmt(v: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def _cell(r, metric: str, spec: str, scale: float = 1.0) -> str:
+    med, span = r.median(metric), r.span(metric)
+    if med is None:
+        return "-"
+    text = _fmt(med, spec, scale)
+    if span and r.runs and len(r.runs) > 1 and span[0] != span[1]:
+        text += f" [dim]({_fmt(span[0], spec, scale)}–{_fmt(span[1], spec, scale)})[/]"
+    return text
+
+
+def render_report(report) -> None:
+    from runtime.sizes import format_bytes
+
+    budget = format_bytes(report.budget) if report.budget is not None else "unlimited"
+    out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget} "
+              f"(cache {report.cache_experts} experts) · link {report.link}")  # fmt: skip
+    table = Table(caption=f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) "
+                  f"of {report.repeats} runs; speedup: decode tok/s against on-demand in this run; hit rate, MB "
+                  "and stall per token: decode phase")  # fmt: skip
+    for col in ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
+                "stall ms/tok", "device mem"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "config" else "right")
+    skipped = []
+    for r in report.results:
+        if r.status != "ok":
+            skipped.append(r)
+            continue
+        p, rc = r.median("prediction_precision"), r.median("prediction_recall")
+        mem = r.median("peak_device_bytes")
+        table.add_row(
+            r.name,
+            _fmt(r.median("prefill_tokens_per_s"), ".0f"),
+            _cell(r, "decode_tokens_per_s", ".1f"),
+            "-" if r.speedup_decode is None else f"{r.speedup_decode:.2f}x",
+            _fmt(r.median("ttft_s"), ".3f"),
+            _fmt(r.median("decode_hit_rate"), ".3f"),
+            "-" if p is None else f"{p:.2f}/{rc:.2f}",
+            _fmt(r.median("bytes_per_token"), ".2f", 1e-6),
+            _fmt(r.median("stall_ms_per_token"), ".2f"),
+            format_bytes(mem) if mem is not None else "-",
+        )
+    out.print(table)
+    for r in report.results:
+        if r.status == "ok" and r.note:
+            out.print(f"[dim]{r.name}: {r.note}[/]")
+    for r in skipped:
+        out.print(f"[warn]{r.name} skipped:[/] {r.note}")
+
+
+def plot_report(report, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from runtime.errors import PromoeError
+
+        raise PromoeError("--plot needs matplotlib", hint="pip install 'promoe[plot]'") from None
+    ok = [r for r in report.results if r.status == "ok"]
+    names = [r.name for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    dec = [r.median("decode_tokens_per_s") or 0 for r in ok]
+    lo = [d - (r.span("decode_tokens_per_s") or (d, d))[0] for d, r in zip(dec, ok, strict=True)]
+    hi = [(r.span("decode_tokens_per_s") or (d, d))[1] - d for d, r in zip(dec, ok, strict=True)]
+    ax1.bar(names, dec, yerr=[lo, hi], color="tab:blue", capsize=3)
+    ax1.set_ylabel("decode tokens/s (median, min-max)")
+    ax2.bar(names, [r.median("decode_hit_rate") or 0 for r in ok], color="tab:green")
+    ax2.set_ylabel("hit rate at use (decode)")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"{report.model} on {report.device}, {report.quant}, link {report.link}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    err.print(f"[dim]chart: {len(ok)} configurations[/]")

@@ -1,0 +1,474 @@
+"""Benchmarks: every configuration and the alternatives, side by side, on the same prompts.
+
+Each configuration is loaded fresh (its own cache, cold), warmed up with one short
+generation, then timed over ``repeats`` runs of ``prompt_len`` prompt tokens and
+``gen_len`` greedy tokens (end-of-sequence ignored, so every run generates the same
+count). Clocks are read after a device synchronize. Figures are medians over the
+repeats, with min and max; speedups are ratios against ``on-demand`` measured in the
+same run. Decode-phase figures (hit rate at use, bytes moved and stall per token) exclude
+the prefill, whose one invocation per layer touches nearly every expert.
+
+Configurations:
+
+* ``resident``: every expert on the device, preloaded (the upper bound);
+* ``on-demand``: nothing kept beyond the current layer's experts (what naive offloading
+  does; no cross-token hits by construction);
+* ``lru``, ``lfu``, ``arc``: reactive caching within the budget, no prefetch;
+* ``cross-layer``, ``learned``: prefetch with the best of lru/lfu/arc in this run;
+* ``transformers``: the same model in plain transformers, every weight on the device;
+* ``accelerate``: transformers + accelerate's offload at the same budget (CUDA only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime.errors import PromoeError
+from runtime.loader import LoadedModel, LoadOptions, load_model
+
+ALL_CONFIGS = (
+    "resident",
+    "on-demand",
+    "lru",
+    "lfu",
+    "arc",
+    "cross-layer",
+    "learned",
+    "transformers",
+    "accelerate",
+)
+REACTIVE = ("lru", "lfu", "arc")
+METRICS = (
+    "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "hit_rate", "decode_hit_rate",
+    "prediction_precision", "prediction_recall", "bytes_per_token", "stall_ms_per_token",
+    "peak_device_bytes", "host_rss_bytes",
+)  # fmt: skip
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    status: str = "ok"  # "ok" or "skipped"
+    note: str = ""
+    runs: list[dict[str, float | None]] = field(default_factory=list)
+    speedup_decode: float | None = None
+    speedup_prefill: float | None = None
+
+    def median(self, metric: str) -> float | None:
+        vals = [r[metric] for r in self.runs if r.get(metric) is not None]
+        return statistics.median(vals) if vals else None
+
+    def span(self, metric: str) -> tuple[float, float] | None:
+        vals = [r[metric] for r in self.runs if r.get(metric) is not None]
+        return (min(vals), max(vals)) if vals else None
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "status": self.status, "note": self.note}
+        if self.status == "ok":
+            for m in METRICS:
+                span = self.span(m)
+                out[m] = {"median": self.median(m), "min": span[0], "max": span[1]} if span else None
+            out["speedup_decode_vs_on_demand"] = self.speedup_decode
+            out["speedup_prefill_vs_on_demand"] = self.speedup_prefill
+        return out
+
+
+@dataclass
+class BenchReport:
+    model: str
+    device: str
+    quant: str
+    budget: int | None
+    cache_experts: str
+    link: str
+    prompt_len: int
+    gen_len: int
+    repeats: int
+    results: list[ConfigResult]
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "results"},
+                "configs": [r.to_json() for r in self.results]}  # fmt: skip
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def bench_prompts(tokenizer, prompt_len: int, repeats: int) -> list[list[int]]:
+    """``repeats + 1`` prompts (the first warms up) of exactly ``prompt_len`` tokens.
+
+    The text is promoe's own source code, so every machine and Python version gets the
+    same prompts; for the bundled code model it is in-distribution.
+    """
+    root = Path(__file__).resolve().parent
+    text = "\n\n".join(p.read_text() for p in sorted(root.glob("*.py")))
+    ids = tokenizer(text)["input_ids"]
+    need = (repeats + 1) * prompt_len
+    while len(ids) < need:
+        ids = ids + ids
+    return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(repeats + 1)]
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+def _host_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _run_promoe(lm: LoadedModel, prompt: list[int], gen_len: int) -> dict[str, float | None]:
+    from runtime.generate import DoneEvent, SamplingConfig, stream_generate
+
+    cfg = SamplingConfig(max_new_tokens=gen_len, temperature=0, ignore_eos=True)
+    if lm.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(lm.device)
+    first = None
+    done = None
+    for ev in stream_generate(lm, prompt, cfg):
+        if isinstance(ev, DoneEvent):
+            done = ev
+        elif first is None:
+            first = ev.stats  # after prefill and the first sample
+    s = done.stats
+    dec_tokens = max(s.generated_tokens - 1, 1)
+    dec_uses = s.uses - first.uses
+    dec_hits = s.hits - first.hits
+    peak = torch.cuda.max_memory_allocated(lm.device) if lm.device.type == "cuda" else lm.plan.device_total
+    if done.finish_reason == "interrupted":
+        raise KeyboardInterrupt
+    return {
+        "prefill_tokens_per_s": s.prefill_tokens_per_s,
+        "decode_tokens_per_s": s.decode_tokens_per_s,
+        "ttft_s": s.ttft_s,
+        "hit_rate": s.hit_rate,
+        "decode_hit_rate": dec_hits / dec_uses if dec_uses else None,
+        "prediction_precision": s.prediction_precision,
+        "prediction_recall": s.prediction_recall,
+        "bytes_per_token": (s.bytes_moved - first.bytes_moved) / dec_tokens,
+        "stall_ms_per_token": 1e3 * (s.stall_s - first.stall_s) / dec_tokens,
+        "peak_device_bytes": float(peak),
+        "host_rss_bytes": float(_host_rss()),
+        "uses": float(s.uses),
+        "hits": float(s.hits),
+    }
+
+
+def _run_hf(model, prompt: list[int], gen_len: int, device: torch.device) -> dict[str, float | None]:
+    """The same timing loop as stream_generate, for a plain transformers model."""
+    from transformers import DynamicCache
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    kv = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        t0 = now()
+        x = torch.tensor([prompt], device=device)
+        logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+        token = int(logits.argmax())
+        t1 = now()
+        for _ in range(gen_len - 1):
+            x = torch.tensor([[token]], device=device)
+            logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+            token = int(logits.argmax())
+        t2 = now()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "prefill_tokens_per_s": len(prompt) / (t1 - t0),
+        "decode_tokens_per_s": (gen_len - 1) / (t2 - t1) if gen_len > 1 else None,
+        "ttft_s": t1 - t0,
+        "hit_rate": None,
+        "decode_hit_rate": None,
+        "prediction_precision": None,
+        "prediction_recall": None,
+        "bytes_per_token": None,
+        "stall_ms_per_token": None,
+        "peak_device_bytes": float(peak) if peak is not None else None,
+        "host_rss_bytes": float(_host_rss()),
+    }
+
+
+# -- the configurations ------------------------------------------------------------------------
+
+
+def _promoe_options(
+    name: str, base: LoadOptions, best_policy: str, total_experts: int, top_k_slots: int
+) -> LoadOptions:
+    if name == "resident":
+        return dataclasses.replace(base, predictor="none", max_slots=total_experts)
+    if name == "on-demand":
+        return dataclasses.replace(base, predictor="none", retain=False, max_slots=top_k_slots, policy="lru")
+    if name in REACTIVE:
+        return dataclasses.replace(base, predictor="none", policy=name)
+    return dataclasses.replace(base, predictor=name, policy=best_policy)
+
+
+def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, budget: int | None, offload: bool):
+    from transformers import AutoModelForCausalLM
+
+    if not offload:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    max_memory = {device.index or 0: budget, "cpu": _host_total()}
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, device_map="auto", max_memory=max_memory
+    ).eval()
+
+
+def _host_total() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> int:
+    """The budget whose expert cache holds ``fraction`` of all experts (beside everything else)."""
+    from runtime.memory_plan import plan_load
+
+    lp = plan_load(ref, dataclasses.replace(base, vram=None, max_slots=None))
+    p = lp.plan
+    fixed = p.reserved + p.non_expert + p.kv_cache + p.workspace
+    slots = max(round(fraction * p.total_experts), len(lp.spec.moe_layers))
+    return fixed + slots * p.expert_bytes
+
+
+def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tuple[float, float]:
+    """An emulated link on which one expert copy takes ``ratio`` times one expert's decode compute.
+
+    Times one expert (random weights of the model's expert shape, in the run's format) on
+    one token, median of 50 after warm-up. Returns (bytes per second, compute seconds).
+    """
+    from quant import get_format
+    from runtime.expert_layout import ExpertLayout
+    from runtime.memory_plan import plan_load
+    from runtime.offload import expert_mlp
+
+    lp = plan_load(ref, dataclasses.replace(base, vram=None))
+    fmt = get_format(base.quant)
+    layout = ExpertLayout(lp.spec.expert_shape, fmt)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        k: torch.randn(shape, generator=gen) * 0.02 for k, shape in lp.spec.expert_shape.matrices().items()
+    }
+    tensors.update({k: torch.zeros(shape) for k, shape in lp.spec.expert_shape.biases().items()})
+    row = layout.pack(tensors).to(lp.device)
+    w = layout.views(row)
+    x = torch.randn(1, lp.spec.expert_shape.hidden, device=lp.device, dtype=lp.dtype)
+
+    def gate(h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    times = []
+    with torch.inference_mode():
+        for i in range(60):
+            if lp.device.type == "cuda":
+                torch.cuda.synchronize(lp.device)
+            t0 = time.perf_counter()
+            expert_mlp(x, w, fmt, layout, gate)
+            if lp.device.type == "cuda":
+                torch.cuda.synchronize(lp.device)
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+    compute = statistics.median(times)
+    return layout.nbytes / (ratio * compute), compute
+
+
+def run_bench(
+    ref: str | None,
+    base: LoadOptions,
+    configs: list[str],
+    *,
+    prompt_len: int = 512,
+    gen_len: int = 128,
+    repeats: int = 3,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_result: Callable[[ConfigResult], None] | None = None,
+    trace_out: Path | None = None,
+) -> BenchReport:
+    unknown = [c for c in configs if c not in ALL_CONFIGS]
+    if unknown:
+        raise PromoeError(
+            f"unknown bench configuration '{unknown[0]}'", hint=f"choose from: {', '.join(ALL_CONFIGS)}"
+        )
+    # keep the documented order, so on-demand and the reactive policies run before prefetch
+    configs = [c for c in ALL_CONFIGS if c in configs]
+    results: list[ConfigResult] = []
+    best_policy = base.policy
+    prompts: list[list[int]] | None = None
+    header: dict = {}
+    for i, name in enumerate(configs):
+        if progress:
+            progress(f"Benchmarking {name}", i, len(configs))
+        res = ConfigResult(name)
+        try:
+            if name in ("transformers", "accelerate"):
+                _bench_hf(name, ref, base, header, prompts, gen_len, res)
+            else:
+                if name in ("cross-layer", "learned"):
+                    ok = [r for r in results if r.name in REACTIVE and r.status == "ok"]
+                    if ok:
+                        best_policy = max(ok, key=lambda r: r.median("decode_hit_rate") or 0).name
+                lm = _load_for(name, ref, base, best_policy, header)
+                if lm is None:
+                    res.status, res.note = "skipped", header.pop("skip_note")
+                else:
+                    try:
+                        if prompts is None:
+                            prompts = bench_prompts(lm.tokenizer, prompt_len, repeats)
+                        if name == "resident":
+                            lm.cache.fill()
+                        _run_promoe(lm, prompts[0][: max(prompt_len // 4, 8)], min(gen_len, 8))  # warm-up
+                        res.runs = [_run_promoe(lm, p, gen_len) for p in prompts[1:]]
+                        if name in ("cross-layer", "learned"):
+                            res.note = f"policy {best_policy}"
+                        res.note = header.pop("resident_note", res.note)
+                    finally:
+                        lm.close()
+        except PromoeError as exc:
+            res.status, res.note = "skipped", f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+        results.append(res)
+        if on_result:
+            on_result(res)
+    if trace_out is not None and prompts is not None and "path" in header:
+        _record_trace(header["path"], base, prompts[1], gen_len, trace_out)
+    if progress:
+        progress("Benchmark done", len(configs), len(configs))
+    base_res = next((r for r in results if r.name == "on-demand" and r.status == "ok"), None)
+    for r in results:
+        if base_res is not None and r.status == "ok":
+            d0, p0 = base_res.median("decode_tokens_per_s"), base_res.median("prefill_tokens_per_s")
+            d, p = r.median("decode_tokens_per_s"), r.median("prefill_tokens_per_s")
+            r.speedup_decode = d / d0 if d and d0 else None
+            r.speedup_prefill = p / p0 if p and p0 else None
+    return BenchReport(
+        model=header.get("model", str(ref)),
+        device=header.get("device", "?"),
+        quant=base.quant,
+        budget=header.get("budget"),
+        cache_experts=header.get("cache_experts", "?"),
+        link=_describe_link(base),
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        repeats=repeats,
+        results=results,
+    )
+
+
+def _describe_link(opts: LoadOptions) -> str:
+    if opts.link_bandwidth is None and not opts.link_latency:
+        return "real"
+    from runtime.sizes import format_bytes
+
+    bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
+    return f"emulated {bw}, {opts.link_latency * 1e6:.0f} us per copy"
+
+
+def _emulated_budget(opts: LoadOptions) -> bool:
+    """On the CPU the budget only emulates a device: upper-bound rows may ignore it."""
+    from runtime.loader import pick_device
+
+    return pick_device(opts.device).type == "cpu"
+
+
+def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict) -> LoadedModel | None:
+    from runtime.checkpoint import Checkpoint
+    from runtime.model_spec import describe_model
+    from runtime.resolve import resolve_model
+
+    if "spec" not in header:
+        resolved = resolve_model(ref)
+        header["path"] = resolved.path
+        header["model"] = resolved.label
+        header["spec"] = describe_model(Checkpoint(resolved.path))
+    spec = header["spec"]
+    opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers))
+    if name == "resident" and _emulated_budget(base):
+        opts = dataclasses.replace(opts, vram=None)
+    lm = load_model(str(header["path"]), opts)
+    if name == "resident" and _emulated_budget(base):
+        header["resident_note"] = "upper bound: the emulated budget is lifted"
+    if name == "resident" and lm.cache.num_slots < spec.total_experts:
+        lm.close()
+        header["skip_note"] = (f"every expert does not fit the budget ({lm.cache.num_slots} of "
+                               f"{spec.total_experts} slots)")  # fmt: skip
+        return None
+    header.setdefault("device", str(lm.device))
+    header.setdefault("dtype", lm.dtype)
+    header.setdefault("budget", base.vram if _emulated_budget(base) else lm.plan.budget)
+    if name not in ("resident", "on-demand"):
+        header.setdefault("cache_experts", f"{lm.cache.num_slots} of {spec.total_experts}")
+    return lm
+
+
+def _record_trace(path: Path, base: LoadOptions, prompt: list[int], gen_len: int, out: Path) -> None:
+    """One untimed run with routing recorded (tracing adds host syncs, so it never runs while timing)."""
+    from runtime.generate import SamplingConfig, generate
+    from runtime.trace import TraceWriter
+
+    lm = load_model(str(path), dataclasses.replace(base, predictor="none", trace=True))
+    writer = TraceWriter(out)
+    try:
+        generate(
+            lm, prompt, SamplingConfig(max_new_tokens=gen_len, temperature=0, ignore_eos=True), trace=writer
+        )
+    finally:
+        writer.close()
+        lm.close()
+
+
+def _bench_hf(
+    name: str, ref, base: LoadOptions, header: dict, prompts, gen_len: int, res: ConfigResult
+) -> None:
+    from runtime.loader import pick_device, pick_dtype
+    from runtime.resolve import resolve_model
+
+    device = pick_device(base.device)
+    if name == "accelerate" and device.type != "cuda":
+        res.status, res.note = (
+            "skipped",
+            "accelerate's offload needs a CUDA device (on a CPU every weight is in host memory)",
+        )
+        return
+    if prompts is None:
+        res.status, res.note = "skipped", "runs after a promoe configuration (it needs the prompts)"
+        return
+    path = header.get("path") or resolve_model(ref).path
+    spec = header.get("spec")
+    dtype = header.get("dtype") or pick_dtype(
+        device, spec.expert_shape.dtype if spec else torch.float32, base.dtype
+    )
+    budget = header.get("budget")
+    if name == "transformers" and _emulated_budget(base):
+        res.note = "upper bound: the emulated budget is lifted"
+    elif name == "transformers" and budget is not None and spec is not None:
+        full = (
+            spec.non_expert_bytes(dtype) + spec.total_experts * spec.expert_shape.num_weights * dtype.itemsize
+        )
+        if full > budget:
+            res.status, res.note = "skipped", "the whole model does not fit the budget"
+            return
+    try:
+        model = _load_hf(path, device, dtype, budget, offload=name == "accelerate")
+    except (ImportError, ValueError, RuntimeError) as exc:
+        res.status, res.note = "skipped", f"could not load with transformers: {exc}"
+        return
+    try:
+        _run_hf(model, prompts[0][: max(len(prompts[0]) // 4, 8)], min(gen_len, 8), device)  # warm-up
+        res.runs = [_run_hf(model, p, gen_len, device) for p in prompts[1:]]
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,83 @@
+"""promoe bench: every configuration measured on the same prompts; trace replay through the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from promoe_cli.main import app
+from runtime.bench import METRICS
+from tests.conftest import SHARED
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bench_json(tiny_model, tmp_path_factory):
+    path = tiny_model("mixtral")
+    trace = tmp_path_factory.mktemp("bench") / "trace.jsonl"
+    r = runner.invoke(app, ["bench", str(path), "--prompt-len", "24", "--gen-len", "6", "--repeats", "2",
+                            "--quant", "int8", "--json", "--trace-out", str(trace)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout), trace
+
+
+def test_every_configuration_reports_every_field(bench_json):
+    data, _ = bench_json
+    by_name = {c["name"]: c for c in data["configs"]}
+    assert list(by_name) == ["resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "transformers",
+                             "accelerate"]  # fmt: skip
+    for name in ("resident", "on-demand", "lru", "lfu", "arc", "cross-layer"):
+        c = by_name[name]
+        assert c["status"] == "ok", c
+        for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "hit_rate", "decode_hit_rate",
+                  "bytes_per_token", "stall_ms_per_token", "peak_device_bytes", "host_rss_bytes"):  # fmt: skip
+            assert c[m] is not None and c[m]["min"] <= c[m]["median"] <= c[m]["max"], (name, m)
+        assert c["speedup_decode_vs_on_demand"] > 0
+    assert by_name["cross-layer"]["prediction_precision"]["median"] > 0
+    assert by_name["on-demand"]["speedup_decode_vs_on_demand"] == 1.0
+    assert by_name["learned"]["status"] == "skipped" and "train-predictor" in by_name["learned"]["note"]
+    assert by_name["accelerate"]["status"] == "skipped" and "CUDA" in by_name["accelerate"]["note"]
+    assert by_name["transformers"]["status"] == "ok"
+    assert set(METRICS) <= set(by_name["resident"])
+
+
+def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json):
+    data, _ = bench_json
+    by_name = {c["name"]: c for c in data["configs"]}
+    res, od = by_name["resident"], by_name["on-demand"]
+    assert res["hit_rate"]["min"] == 1.0 and res["bytes_per_token"]["max"] == 0
+    assert od["hit_rate"]["max"] == 0.0 and od["bytes_per_token"]["min"] > 0  # no cross-token hits
+    assert data["cache_experts"] == "16 of 32"  # --cache-fraction 0.5 by default
+    assert data["link"].startswith("emulated")
+
+
+def test_trace_out_records_the_run(bench_json):
+    from runtime.trace import read_trace
+
+    _, trace = bench_json
+    recs = read_trace(trace)
+    assert {r.layer for r in recs} == {0, 1, 2, 3} and len({r.token for r in recs}) == 24 + 6 - 1
+
+
+@pytest.mark.skipif(not (SHARED / "traces").is_dir(), reason="no shared traces")
+def test_trace_replay_json():
+    r = runner.invoke(app, ["bench", "--trace", str(SHARED / "traces" / "mixtral-8x7b-humaneval.jsonl"),
+                            "--policy", "lfu", "--slots-per-layer", "4", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["hit_rate"] == pytest.approx(
+        {"lfu": 0.6122, "lru": 0.5946, "arc": 0.5935, "belady": 0.7261}, abs=5e-5
+    )
+    r = runner.invoke(app, ["bench", "--trace", str(SHARED / "traces" / "mixtral-8x7b-humaneval.jsonl"),
+                            "--policy", "lfu", "--slots-per-layer", "4"])  # fmt: skip
+    assert r.exit_code == 0 and "offline optimum" in r.stdout
+
+
+def test_bench_errors_are_one_line(tmp_path):
+    r = runner.invoke(app, ["bench", "--trace", str(tmp_path / "none.jsonl")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: trace file") and "Traceback" not in r.output
+    r = runner.invoke(app, ["bench", "--configs", "fastest", "--gen-len", "2"])
+    assert r.exit_code != 0 and "fastest" in r.stderr
