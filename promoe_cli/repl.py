@@ -236,16 +236,20 @@ class ChatSession:
         import runtime.generate as generation
         from promoe_cli.render import LiveAnswer, PlainAnswer
 
-        events = generation.stream_generate(self.lm, prompt_ids, cfg, trace=self.trace)
         if self.live:
             view = LiveAnswer(prompt_tokens=len(prompt_ids), budget=self.lm.plan.budget)
         else:
             view = PlainAnswer()
+        stop = StopRequest(view.stopping)
+        # the runtime polls should_stop between prefill chunks and decode steps: a safe point
+        events = generation.stream_generate(
+            self.lm, prompt_ids, cfg, trace=self.trace, should_stop=lambda: stop.requested
+        )
         pieces: list[str] = []
         ids: list[int] = []
         last = None
         try:
-            with view, no_echo(self.live), StopRequest(view.stopping) as stop:
+            with view, no_echo(self.live), stop:
                 for ev in events:
                     if isinstance(ev, generation.DoneEvent):
                         return ev

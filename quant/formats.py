@@ -61,11 +61,14 @@ class GroupwiseInt(QuantFormat):
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
-        self.clip_search = clip_search  # how the range is chosen; not a layout param
+        self.clip_search = clip_search  # how the range is chosen: same layout, other values
         self.name = f"int{bits}"
 
     def params(self) -> dict[str, Any]:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        p: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.clip_search:  # changes the stored values, so a store made without it is stale
+            p["clip_search"] = True
+        return p
 
     def _padded(self, n_in: int) -> int:
         g = self.group_size

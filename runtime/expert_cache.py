@@ -36,7 +36,7 @@ from runtime.expert_layout import ExpertLayout, ExpertWeights
 from runtime.expert_store import ExpertStore
 from runtime.policies import EvictionPolicy
 from runtime.stats import ExpertStats
-from runtime.transfer import InlineCopy, Ticket, TransferEngine
+from runtime.transfer import CANCELLED, InlineCopy, Ticket, TransferEngine
 
 PolicyFactory = Callable[[int, int], EvictionPolicy]  # (layer, capacity) -> policy
 
@@ -56,6 +56,7 @@ class _Partition:
     def __init__(self, layer: int, slots: list[int], policy: EvictionPolicy) -> None:
         self.layer = layer
         self.capacity = len(slots)
+        self.slots = tuple(slots)
         self.free = list(reversed(slots))
         self.entries: dict[int, _Entry] = {}
         self.policy = policy
@@ -275,6 +276,27 @@ class ExpertCache:
         for part in self._parts.values():
             for entry in part.entries.values():
                 entry.ticket = None
+
+    def recover(self) -> None:
+        """Make the bookkeeping whole after an interrupted invocation (Ctrl-C can land anywhere).
+
+        Waits for every copy issued (so none can land in a slot about to be reused), drops
+        entries whose copy was cancelled, rebuilds each free list from the entries, and
+        clears pins. Cheap when nothing is in flight; generation calls it before each run.
+        """
+        self.transfer.synchronize()
+        for part in self._parts.values():
+            for e, entry in list(part.entries.items()):
+                if entry.ticket is not None and entry.ticket.state == CANCELLED:
+                    del part.entries[e]
+                    part.policy.on_evict(e)
+                elif entry.ticket is not None and self.transfer.is_done(entry.ticket):
+                    entry.ticket = None
+                entry.protected = False
+            used = {entry.slot for entry in part.entries.values()}
+            part.free = [s for s in reversed(part.slots) if s not in used]
+            part.pinned.clear()
+            part.done.clear()
 
     def clear(self) -> None:
         """Forget every resident expert (counters are kept)."""

@@ -10,7 +10,7 @@ the stream with ``finish_reason="interrupted"``; the model and its cache stay us
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -183,13 +183,20 @@ def stream_generate(
     *,
     trace: TraceWriter | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[TokenEvent | DoneEvent]:
-    """Generate from ``prompt_ids``, yielding a TokenEvent per token and a DoneEvent last."""
+    """Generate from ``prompt_ids``, yielding a TokenEvent per token and a DoneEvent last.
+
+    ``should_stop`` is polled between prefill chunks and decode steps, a safe point to
+    stop (``finish_reason="interrupted"``); a KeyboardInterrupt raised inside the model
+    ends the stream the same way, and the cache is made whole again on the next run.
+    """
     from transformers import DynamicCache
 
     if not prompt_ids:
         raise ValueError("empty prompt")
     model, rt = lm.model, lm.runtime
+    lm.cache.recover()
     stops = set() if cfg.ignore_eos else stop_token_ids(lm)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     detok = _Detokenizer(lm.tokenizer)
@@ -220,6 +227,8 @@ def stream_generate(
         with torch.inference_mode():
             ids = list(prompt_ids)
             for i in range(0, len(ids), prefill_chunk):
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
                 logits = forward(ids[i : i + prefill_chunk])
             while True:
                 token = _sample(logits, cfg, gen)
@@ -244,6 +253,8 @@ def stream_generate(
                 yield TokenEvent(piece, token, _snapshot(lm, before, len(prompt_ids), len(generated), times))
                 if len(generated) >= cfg.max_new_tokens:
                     break
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
                 logits = forward([token])
     except KeyboardInterrupt:
         reason = "interrupted"

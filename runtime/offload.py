@@ -63,7 +63,7 @@ class OffloadRuntime:
     fmt: QuantFormat
     prefetcher: object | None = None  # runtime.prefetch.Prefetcher
     tracer: RoutingTracer | None = None
-    miss_handler: object | None = None  # runtime.miss.MissHandler (low-bit copies, CPU compute)
+    miss_handler: object | None = None  # runtime.miss.MissHandler: low-bit copies, host compute
     hooks: list[Callable[[int, torch.Tensor], None]] = field(default_factory=list)  # (layer, router input)
 
 
@@ -116,15 +116,12 @@ class OffloadedExperts(nn.Module):
             cache.end(layer)
 
     def _compute(self, x, flat, top_k_weights, counts, order, K):
-        cache, layer = self.rt.cache, self.layer
         out = torch.zeros_like(x)  # [T, D]
         if x.shape[0] == 1:  # decode: one token, no gather/scatter needed
             slot_of = {e: k for k, e in enumerate(flat.tolist())}
             for e in order:
-                w = cache.acquire(layer, e)
-                y = self._expert(e, x, w)
-                out += y * top_k_weights[:, slot_of[e], None]
-                cache.release(layer, e)
+                w = top_k_weights[:, slot_of[e], None]  # [1, 1]
+                out += self._serve(e, x, w) * w
             return out
         perm = flat.argsort(stable=True)  # [T*K], grouped by expert
         token_of = perm // K
@@ -133,15 +130,21 @@ class OffloadedExperts(nn.Module):
         for e, c in enumerate(counts):
             starts[e + 1] = starts[e] + c
         for e in order:
-            w = cache.acquire(layer, e)
             tok = token_of[starts[e] : starts[e + 1]]
-            y = self._expert(e, x[tok], w)
-            out.index_add_(0, tok, (y * weight_of[starts[e] : starts[e + 1], None]).to(out.dtype))
-            cache.release(layer, e)
+            w = weight_of[starts[e] : starts[e + 1], None]  # [t, 1]
+            out.index_add_(0, tok, (self._serve(e, x[tok], w) * w).to(out.dtype))
         return out
 
-    def _expert(self, e: int, x: torch.Tensor, w: ExpertWeights | None) -> torch.Tensor:
-        rt = self.rt
-        if w is None:  # the miss handler served it without a slot (e.g. computed on the CPU)
-            return rt.miss_handler.compute(self.layer, e, x, self._gate_fn)
-        return expert_mlp(x, w, rt.fmt, rt.layout, self._gate_fn)
+    def _serve(self, e: int, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on ``x [t, D]``: from its cache slot, or as the miss handler decides."""
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        handler = rt.miss_handler
+        if handler is not None and not cache.is_resident(layer, e):
+            route = handler.route(layer, e, x.shape[0], weights)
+            if route != "copy":
+                return handler.compute(route, layer, e, x, self._gate_fn)
+        w = cache.acquire(layer, e)
+        try:
+            return expert_mlp(x, w, rt.fmt, rt.layout, self._gate_fn)
+        finally:
+            cache.release(layer, e)
