@@ -62,6 +62,21 @@ def bench(
             help="Without --vram/--profile: size the cache to hold this share of the experts.",
         ),
     ] = 0.5,
+    quality: Annotated[
+        bool,
+        typer.Option(
+            "--quality",
+            help="Instead of speed: perplexity and greedy agreement with --quant none for every "
+            "format, and for int4 with low-bit copies on misses.",
+            rich_help_panel="Quality",
+        ),
+    ] = False,  # fmt: skip
+    quality_tokens: Annotated[
+        int,
+        typer.Option(
+            "--quality-tokens", min=16, help="Tokens of text scored per format.", rich_help_panel="Quality"
+        ),
+    ] = 512,
     trace: Annotated[
         Path | None,
         typer.Option(
@@ -98,6 +113,15 @@ def bench(
         ),
     ] = None,  # fmt: skip
     link_latency: o.LinkLatency = None,
+    low_bit: Annotated[
+        str,
+        typer.Option(
+            "--low-bit",
+            help="Format of the low-bit copies in the low-bit configuration.",
+            rich_help_panel="Expert cache and prefetch",
+        ),
+    ] = "int2",  # fmt: skip
+    low_bit_threshold: o.LowBitThreshold = 0.3,
 ) -> None:
     """Measure promoe's configurations against each other and the alternatives, in one run."""
     with handle_errors():
@@ -113,6 +137,9 @@ def bench(
                             link_latency=link_latency)  # fmt: skip
         names = _split(configs) or None
         offline_environment()
+        if quality:
+            _quality(model, opts, quality_tokens, low_bit, low_bit_threshold, json_out)
+            return
         import torch
 
         from runtime.bench import ALL_CONFIGS, budget_for_fraction, calibrate_link, run_bench
@@ -128,7 +155,8 @@ def bench(
                       "the link is set so that its copy takes 4x that[/]")  # fmt: skip
         with progress_display(not json_out) as progress:
             report = run_bench(model, opts, names, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                               progress=progress, trace_out=trace_out)  # fmt: skip
+                               progress=progress, trace_out=trace_out, low_bit=low_bit,
+                               low_bit_threshold=low_bit_threshold)  # fmt: skip
         if json_out:
             out.print_json(json.dumps(report.to_json()))
         else:
@@ -140,6 +168,36 @@ def bench(
 
             plot_report(report, plot)
             err.print(f"[good]wrote[/] {plot}")
+
+
+def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out: bool) -> None:
+    from transformers import AutoTokenizer
+
+    from promoe_cli.loading import progress_display
+    from runtime.bench import bench_prompts
+    from runtime.quality import evaluate_quality
+    from runtime.resolve import resolve_model
+
+    resolved = resolve_model(model)
+    ids = bench_prompts(AutoTokenizer.from_pretrained(resolved.path), tokens, 0)[0]
+    with progress_display(not json_out) as progress:
+        rows = evaluate_quality(model, opts, ids, mixed=("int4", low_bit), mixed_threshold=threshold,
+                                progress=progress)  # fmt: skip
+    if json_out:
+        out.print_json(
+            json.dumps({"model": resolved.label, "tokens": len(ids), "rows": [r.to_json() for r in rows]})
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{resolved.label}: {len(ids)} tokens of promoe's own source, teacher-forced token by token",
+                  caption="agreement: share of positions whose greedy token equals --quant none's")  # fmt: skip
+    for col in ("experts", "bits/weight", "perplexity", "agreement", "low-bit uses"):
+        table.add_column(col, justify="left" if col == "experts" else "right")
+    for r in rows:
+        share = "-" if r.low_bit_share is None else f"{r.low_bit_share:.1%}"
+        table.add_row(r.name, f"{r.bits_per_weight:.2f}", f"{r.perplexity:.3f}", f"{r.agreement:.1%}", share)
+    out.print(table)
 
 
 def _replay(path: Path, policy: str, slots: int, json_out: bool) -> None:

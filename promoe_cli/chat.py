@@ -55,6 +55,9 @@ def chat(
     prefetch: o.Prefetch = "cross-layer",
     link_bandwidth: o.LinkBandwidth = None,
     link_latency: o.LinkLatency = None,
+    low_bit: o.LowBit = None,
+    low_bit_threshold: o.LowBitThreshold = 0.3,
+    host_misses: o.HostMisses = False,
 ) -> None:
     """Chat with a Mixture-of-Experts model whose experts do not fit on the device."""
     with handle_errors():
@@ -62,7 +65,8 @@ def chat(
 
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy=policy, slot_split=slot_split, prefetch=prefetch, link_bandwidth=link_bandwidth,
-                            link_latency=link_latency, trace=trace_out is not None)  # fmt: skip
+                            link_latency=link_latency, trace=trace_out is not None, low_bit=low_bit,
+                            low_bit_threshold=low_bit_threshold, host_misses=host_misses)  # fmt: skip
         offline_environment()
         from runtime.generate import SamplingConfig
 

@@ -56,6 +56,10 @@ def load_options(
     from runtime.loader import LoadOptions
     from runtime.sizes import parse_bandwidth, parse_duration, parse_size
 
+    if extra.get("low_bit"):
+        from quant import get_format
+
+        get_format(extra["low_bit"])  # an unknown name fails here, with the list
     opts = LoadOptions(quant=quant, context=context, device=device, dtype=dtype, policy=policy, split=slot_split,
                        predictor=prefetch, trace=trace, **extra)  # fmt: skip
     if profile:

@@ -92,3 +92,18 @@ TraceOut = Annotated[
         rich_help_panel=_CACHE,
     ),
 ]
+LowBit = Annotated[
+    str | None,
+    typer.Option("--low-bit", help="Serve misses of low gate weight from a low-bit copy in this format, e.g. int2 (HOBBIT).",
+                 rich_help_panel=_CACHE),
+]  # fmt: skip
+LowBitThreshold = Annotated[
+    float,
+    typer.Option("--low-bit-threshold", min=0.0, max=1.0, help="Gate weight below which a miss may use the low-bit copy.",
+                 rich_help_panel=_CACHE),
+]  # fmt: skip
+HostMisses = Annotated[
+    bool,
+    typer.Option("--host-misses", help="Compute a miss on the host when the cost model says that beats copying it (Fiddler).",
+                 rich_help_panel=_CACHE),
+]  # fmt: skip

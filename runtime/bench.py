@@ -15,6 +15,8 @@ Configurations:
   does; no cross-token hits by construction);
 * ``lru``, ``lfu``, ``arc``: reactive caching within the budget, no prefetch;
 * ``cross-layer``, ``learned``: prefetch with the best of lru/lfu/arc in this run;
+* ``low-bit``, ``host-misses``: cross-layer prefetch, and misses served by a low-bit copy
+  (gate weight below a threshold) or computed on the host when cheaper (runtime.miss);
 * ``transformers``: the same model in plain transformers, every weight on the device;
 * ``accelerate``: transformers + accelerate's offload at the same budget (CUDA only).
 """
@@ -41,10 +43,13 @@ ALL_CONFIGS = (
     "arc",
     "cross-layer",
     "learned",
+    "low-bit",
+    "host-misses",
     "transformers",
     "accelerate",
 )
 REACTIVE = ("lru", "lfu", "arc")
+PREFETCHING = ("cross-layer", "learned", "low-bit", "host-misses")
 METRICS = (
     "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "hit_rate", "decode_hit_rate",
     "prediction_precision", "prediction_recall", "bytes_per_token", "stall_ms_per_token",
@@ -159,6 +164,8 @@ def _run_promoe(lm: LoadedModel, prompt: list[int], gen_len: int) -> dict[str, f
         "host_rss_bytes": float(_host_rss()),
         "uses": float(s.uses),
         "hits": float(s.hits),
+        "low_bit_loads": float(s.low_bit_loads),
+        "host_computed": float(s.host_computed),
     }
 
 
@@ -205,7 +212,13 @@ def _run_hf(model, prompt: list[int], gen_len: int, device: torch.device) -> dic
 
 
 def _promoe_options(
-    name: str, base: LoadOptions, best_policy: str, total_experts: int, top_k_slots: int
+    name: str,
+    base: LoadOptions,
+    best_policy: str,
+    total_experts: int,
+    top_k_slots: int,
+    low_bit: str = "int2",
+    low_bit_threshold: float = 0.3,
 ) -> LoadOptions:
     if name == "resident":
         return dataclasses.replace(base, predictor="none", max_slots=total_experts)
@@ -213,6 +226,11 @@ def _promoe_options(
         return dataclasses.replace(base, predictor="none", retain=False, max_slots=top_k_slots, policy="lru")
     if name in REACTIVE:
         return dataclasses.replace(base, predictor="none", policy=name)
+    if name == "low-bit":
+        return dataclasses.replace(base, predictor="cross-layer", policy=best_policy, low_bit=low_bit,
+                                   low_bit_threshold=low_bit_threshold)  # fmt: skip
+    if name == "host-misses":
+        return dataclasses.replace(base, predictor="cross-layer", policy=best_policy, host_misses=True)
     return dataclasses.replace(base, predictor=name, policy=best_policy)
 
 
@@ -297,6 +315,8 @@ def run_bench(
     progress: Callable[[str, int, int], None] | None = None,
     on_result: Callable[[ConfigResult], None] | None = None,
     trace_out: Path | None = None,
+    low_bit: str = "int2",
+    low_bit_threshold: float = 0.3,
 ) -> BenchReport:
     unknown = [c for c in configs if c not in ALL_CONFIGS]
     if unknown:
@@ -317,11 +337,11 @@ def run_bench(
             if name in ("transformers", "accelerate"):
                 _bench_hf(name, ref, base, header, prompts, gen_len, res)
             else:
-                if name in ("cross-layer", "learned"):
+                if name in PREFETCHING:
                     ok = [r for r in results if r.name in REACTIVE and r.status == "ok"]
                     if ok:
                         best_policy = max(ok, key=lambda r: r.median("decode_hit_rate") or 0).name
-                lm = _load_for(name, ref, base, best_policy, header)
+                lm = _load_for(name, ref, base, best_policy, header, low_bit, low_bit_threshold)
                 if lm is None:
                     res.status, res.note = "skipped", header.pop("skip_note")
                 else:
@@ -332,8 +352,10 @@ def run_bench(
                             lm.cache.fill()
                         _run_promoe(lm, prompts[0][: max(prompt_len // 4, 8)], min(gen_len, 8))  # warm-up
                         res.runs = [_run_promoe(lm, p, gen_len) for p in prompts[1:]]
-                        if name in ("cross-layer", "learned"):
+                        if name in PREFETCHING:
                             res.note = f"policy {best_policy}"
+                        if name in ("low-bit", "host-misses"):
+                            res.note += f"; {_route_note(res.runs)}"
                         res.note = header.pop("resident_note", res.note)
                     finally:
                         lm.close()
@@ -383,7 +405,19 @@ def _emulated_budget(opts: LoadOptions) -> bool:
     return pick_device(opts.device).type == "cpu"
 
 
-def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict) -> LoadedModel | None:
+def _route_note(runs: list[dict]) -> str:
+    uses = sum(r["uses"] for r in runs)
+    low = sum(r["low_bit_loads"] for r in runs)
+    host = sum(r["host_computed"] for r in runs)
+    return (
+        f"{low / uses:.1%} of uses from low-bit copies, {host / uses:.1%} computed on the host"
+        if uses
+        else ""
+    )
+
+
+def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict, low_bit: str = "int2",
+              low_bit_threshold: float = 0.3) -> LoadedModel | None:  # fmt: skip
     from runtime.checkpoint import Checkpoint
     from runtime.model_spec import describe_model
     from runtime.resolve import resolve_model
@@ -394,7 +428,8 @@ def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict)
         header["model"] = resolved.label
         header["spec"] = describe_model(Checkpoint(resolved.path))
     spec = header["spec"]
-    opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers))
+    opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers), low_bit,
+                           low_bit_threshold)  # fmt: skip
     if name == "resident" and _emulated_budget(base):
         opts = dataclasses.replace(opts, vram=None)
     lm = load_model(str(header["path"]), opts)

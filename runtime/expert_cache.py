@@ -178,6 +178,19 @@ class ExpertCache:
         part.pinned.add(expert)
         return self._views[entry.slot] if self._views else None
 
+    def record_bypass(self, layer: int, expert: int, route: str, nbytes: int, stall_s: float) -> None:
+        """Count a miss that the miss handler served without a slot (``route``: host or low-bit)."""
+        st = self.stats.layer(layer)
+        st.uses += 1
+        st.misses += 1
+        st.bytes_moved += nbytes
+        st.stall_s += stall_s
+        if route == "host":
+            st.cpu_computed += 1
+        else:
+            st.low_bit_loads += 1
+        self._parts[layer].policy.on_access(expert, False)
+
     def release(self, layer: int, expert: int) -> None:
         """Compute has issued its work on ``expert`` for this invocation."""
         part = self._parts[layer]

@@ -51,6 +51,8 @@ class GenerationStats:
     prediction_precision: float | None
     prediction_recall: float | None
     stall_s: float
+    low_bit_loads: int  # misses served by a low-bit copy (runtime.miss)
+    host_computed: int  # misses computed on the host (runtime.miss)
     cache_slots: int
     cache_bytes: int
     device_memory_bytes: int  # allocated on CUDA; the plan's device total on the CPU
@@ -170,6 +172,8 @@ def _snapshot(
         prediction_precision=tot.prediction_precision,
         prediction_recall=tot.prediction_recall,
         stall_s=tot.stall_s,
+        low_bit_loads=tot.low_bit_loads,
+        host_computed=tot.cpu_computed,
         cache_slots=lm.cache.num_slots,
         cache_bytes=lm.cache.nbytes,
         device_memory_bytes=int(mem),

@@ -54,6 +54,9 @@ class LoadOptions:
     link_latency: float = 0.0  # seconds per copy of the emulated link
     retain: bool = True  # False: on-demand, nothing kept between invocations
     max_slots: int | None = None
+    low_bit: str | None = None  # a low-bit format whose copy serves misses of low gate weight
+    low_bit_threshold: float = 0.3
+    host_misses: bool = False  # compute a miss on the host when that beats copying it
     home: Path | None = None
     trace: bool = False
 
@@ -149,6 +152,7 @@ def load_model(
         mlp = model.model.layers[layer].mlp
         mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
     _materialize(model, spec, ckpt, device, dtype, progress)
+    rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
     ckpt.close()
     predictor = make_predictor(opts.predictor, model=model, spec=spec, extra=opts.predictor_extra,
                                lookahead=opts.lookahead, learned_path=store.path)  # fmt: skip
@@ -159,6 +163,25 @@ def load_model(
     timings["total_s"] = time.perf_counter() - t_start
     return LoadedModel(model, tokenizer, spec, resolved, store, report, cache, plan, rt, device, dtype, opts,
                        timings)  # fmt: skip
+
+
+def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, model, home, progress):
+    if opts.low_bit is None and not opts.host_misses:
+        return None
+    from runtime.miss import MissHandler, calibrate
+
+    low_store = low_fmt = None
+    if opts.low_bit is not None:
+        low_fmt = get_format(opts.low_bit)
+        low_store, _ = open_store(ckpt, spec, low_fmt, home=home, pin=device.type == "cuda",
+                                  quantize_device=device if device.type == "cuda" else None,
+                                  progress=progress)  # fmt: skip
+    link = (opts.link_bandwidth, opts.link_latency)
+    gate_fn = model.model.layers[spec.moe_layers[0]].mlp.experts._gate_fn
+    cost = calibrate(store, fmt, device, link, gate_fn)
+    emulate = link if device.type == "cpu" and (opts.link_bandwidth or opts.link_latency) else None
+    return MissHandler(cache, store, fmt, cost, host=opts.host_misses, low_store=low_store, low_fmt=low_fmt,
+                       threshold=opts.low_bit_threshold, emulate=emulate)  # fmt: skip
 
 
 def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

@@ -27,9 +27,9 @@ def bench_json(tiny_model, tmp_path_factory):
 def test_every_configuration_reports_every_field(bench_json):
     data, _ = bench_json
     by_name = {c["name"]: c for c in data["configs"]}
-    assert list(by_name) == ["resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "transformers",
-                             "accelerate"]  # fmt: skip
-    for name in ("resident", "on-demand", "lru", "lfu", "arc", "cross-layer"):
+    assert list(by_name) == ["resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "low-bit",
+                             "host-misses", "transformers", "accelerate"]  # fmt: skip
+    for name in ("resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "low-bit", "host-misses"):
         c = by_name[name]
         assert c["status"] == "ok", c
         for m in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "hit_rate", "decode_hit_rate",
@@ -41,6 +41,7 @@ def test_every_configuration_reports_every_field(bench_json):
     assert by_name["learned"]["status"] == "skipped" and "train-predictor" in by_name["learned"]["note"]
     assert by_name["accelerate"]["status"] == "skipped" and "CUDA" in by_name["accelerate"]["note"]
     assert by_name["transformers"]["status"] == "ok"
+    assert "of uses from low-bit copies" in by_name["low-bit"]["note"]
     assert set(METRICS) <= set(by_name["resident"])
 
 
@@ -81,3 +82,17 @@ def test_bench_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and r.stderr.startswith("error: trace file") and "Traceback" not in r.output
     r = runner.invoke(app, ["bench", "--configs", "fastest", "--gen-len", "2"])
     assert r.exit_code != 0 and "fastest" in r.stderr
+
+
+def test_quality_reports_every_format(tiny_model):
+    r = runner.invoke(
+        app, ["bench", str(tiny_model("mixtral")), "--quality", "--quality-tokens", "48", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
+    assert list(rows)[:6] == ["none", "int8", "int4", "nf4", "int3", "int2"]
+    assert rows["none"]["agreement"] == 1.0 and rows["int8"]["agreement"] >= 0.9
+    bits = [rows[n]["bits_per_weight"] for n in ("none", "int8", "int4", "int2")]
+    assert bits == sorted(bits, reverse=True)
+    mixed = next(row for name, row in rows.items() if "misses" in name)
+    assert 0 < mixed["low_bit_share"] < 1 and mixed["perplexity"] > 0

@@ -1,0 +1,148 @@
+"""Smarter misses: what to do with an expert that is not resident when compute needs it.
+
+Per miss, a cost model picks one of three routes (``route``):
+
+* ``host`` (Fiddler, arXiv 2402.07033; kTransformers): when copying the expert would take
+  longer than computing it on the host for the tokens at hand, compute it there from the
+  host store and move only the activations. Exact: the same stored weights.
+* ``low-bit`` (HOBBIT, arXiv 2411.01433; Fate's low-bit cold copies): when the expert's
+  gate weight is below a threshold, copy a low-bit version of it (a fraction of the
+  bytes) into a scratch buffer and compute from that. Nothing is cached: a later use
+  still loads the full expert. The output changes, boundedly (``promoe bench --quality``).
+* ``copy``: the cache's normal on-demand load.
+
+Host wins over low-bit when both apply, since it is exact. The cost model's figures
+come from the link (emulated, or one copy timed at load on CUDA) and from timing one
+expert on the host at load (:func:`calibrate`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from quant import QuantFormat
+from runtime.expert_cache import ExpertCache
+from runtime.expert_layout import ExpertLayout
+from runtime.expert_store import ExpertStore
+from runtime.transfer import _emulate
+
+ROUTES = ("copy", "low-bit", "host")
+
+
+@dataclass
+class CostModel:
+    link_bandwidth: float  # bytes per second, host -> device
+    link_latency: float  # seconds per copy
+    host_fixed_s: float  # one expert on the host: fixed cost ...
+    host_per_token_s: float  # ... plus this per token
+
+    def copy_s(self, nbytes: int) -> float:
+        return self.link_latency + nbytes / self.link_bandwidth
+
+    def host_s(self, tokens: int) -> float:
+        return self.host_fixed_s + tokens * self.host_per_token_s
+
+
+class MissHandler:
+    """Routes misses (see module doc) and computes the ``host`` and ``low-bit`` ones."""
+
+    def __init__(
+        self,
+        cache: ExpertCache,
+        store: ExpertStore,
+        fmt: QuantFormat,
+        cost: CostModel,
+        *,
+        host: bool = False,
+        low_store: ExpertStore | None = None,
+        low_fmt: QuantFormat | None = None,
+        threshold: float = 0.3,
+        emulate: tuple[float | None, float] | None = None,
+    ) -> None:
+        self.cache, self.store, self.fmt, self.cost = cache, store, fmt, cost
+        self.host = host
+        self.low_store, self.low_fmt, self.threshold = low_store, low_fmt, threshold
+        self.emulate = emulate  # (bandwidth, latency) of an emulated link, for low-bit copies
+        self._scratch: torch.Tensor | None = None
+        if low_store is not None:
+            self._scratch = torch.empty(low_store.layout.nbytes, dtype=torch.uint8, device=cache.device)
+
+    def route(self, layer: int, expert: int, tokens: int, weights: torch.Tensor) -> str:
+        if self.host and self.cost.host_s(tokens) < self.cost.copy_s(self.store.layout.nbytes):
+            return "host"
+        if self.low_store is not None and float(weights.max()) < self.threshold:  # host sync, on a miss only
+            return "low-bit"
+        return "copy"
+
+    def compute(
+        self, route: str, layer: int, expert: int, x: torch.Tensor, gate_fn: Callable
+    ) -> torch.Tensor:
+        from runtime.offload import expert_mlp
+
+        if route == "host":
+            w = self.store.weights(layer, expert)
+            xh = x.to("cpu", torch.float32)  # only activations cross the link
+            y = expert_mlp(xh, w, self.fmt, self.store.layout, gate_fn).to(x.device, x.dtype)
+            self.cache.record_bypass(layer, expert, "host", nbytes=0, stall_s=0.0)
+            return y
+        t0 = time.perf_counter()
+        row = self.low_store.row(layer, expert)
+        self._scratch.copy_(row, non_blocking=True)  # same stream as compute: ordered after earlier reads
+        if self.emulate is not None:
+            _emulate(t0, row.numel(), *self.emulate)
+        stall = time.perf_counter() - t0 if x.device.type == "cpu" else 0.0
+        self.cache.record_bypass(layer, expert, "low-bit", nbytes=row.numel(), stall_s=stall)
+        w = self.low_store.layout.views(self._scratch)
+        return expert_mlp(x, w, self.low_fmt, self.low_store.layout, gate_fn)
+
+
+def _median_time(fn: Callable[[], object], sync: Callable[[], None], n: int = 15) -> float:
+    times = []
+    for i in range(n + 3):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def calibrate(
+    store: ExpertStore,
+    fmt: QuantFormat,
+    device: torch.device,
+    link: tuple[float | None, float],
+    gate_fn: Callable,
+) -> CostModel:
+    """Time one expert on the host (1 and 16 tokens) and, on CUDA, one real copy of a row."""
+    from runtime.offload import expert_mlp
+
+    layer = store.layers[0]
+    layout: ExpertLayout = store.layout
+    w = store.weights(layer, 0)
+    none = lambda: None  # noqa: E731
+    with torch.inference_mode():
+        t1 = _median_time(
+            lambda: expert_mlp(torch.randn(1, layout.shape.hidden), w, fmt, layout, gate_fn), none
+        )
+        t16 = _median_time(
+            lambda: expert_mlp(torch.randn(16, layout.shape.hidden), w, fmt, layout, gate_fn), none
+        )
+    per_token = max((t16 - t1) / 15, 0.0)
+    bandwidth, latency = link
+    if device.type == "cuda" and bandwidth is None:
+        dst = torch.empty_like(store.row(layer, 0), device=device)
+        sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        copy_s = _median_time(lambda: dst.copy_(store.row(layer, 0), non_blocking=True), sync, n=5)
+        bandwidth, latency = layout.nbytes / copy_s, 0.0
+    elif bandwidth is None:  # the CPU without an emulated link: a memcpy
+        dst = torch.empty_like(store.row(layer, 0))
+        copy_s = _median_time(lambda: dst.copy_(store.row(layer, 0)), none, n=5)
+        bandwidth = layout.nbytes / copy_s
+    return CostModel(bandwidth, latency, max(t1 - per_token, 0.0), per_token)
