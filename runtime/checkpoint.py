@@ -111,7 +111,7 @@ class Checkpoint:
         n = 1
         for d in self.shape(key):
             n *= d
-        return n * torch.empty((), dtype=self.dtype(key)).element_size()
+        return n * self.dtype(key).itemsize
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle(key).get_tensor(key)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from quant import QuantFormat
+from quant.base import tensor_nbytes
 
 ALIGN = 64
 _DTYPE_NAMES = {
@@ -54,10 +55,7 @@ class Field:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass

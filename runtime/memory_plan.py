@@ -126,7 +126,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype, context: int, prefill_chunk: 
     ``window - 1`` tokens, but after a forward of ``prefill_chunk`` tokens those are a view
     of the whole concatenation, so it holds up to ``window - 1 + prefill_chunk``.
     """
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     n_layers = config.num_hidden_layers
     if getattr(config, "kv_lora_rank", None):  # MLA: compressed latent + shared rope key
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
@@ -157,7 +157,7 @@ def non_expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
 
 
 def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, prefill_chunk: int) -> int:
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     c = spec.config
     d, i = spec.expert_shape.hidden, spec.expert_shape.intermediate
     acts = prefill_chunk * (8 * d + 3 * max(i, getattr(c, "intermediate_size", i) or i)) * size

@@ -70,7 +70,7 @@ class ModelSpec:
                 continue
             seen.add(id(t))
             d = self.load_dtype(name, dtype) if t.is_floating_point() else t.dtype
-            total += t.numel() * torch.empty((), dtype=d).element_size()
+            total += t.numel() * d.itemsize
         return total
 
     @property
