@@ -101,8 +101,12 @@ class OffloadedExperts(nn.Module):
         T, K = top_k_index.shape
         flat = top_k_index.reshape(-1)  # [T*K]
         # host sync: which experts to fetch is a host decision (one per layer invocation)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        needed = [e for e, c in enumerate(counts) if c]
+        if T == 1:
+            needed = flat.tolist()  # top-k experts are distinct
+            counts = None
+        else:
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            needed = [e for e, c in enumerate(counts) if c]
         if rt.tracer is not None:
             rt.tracer.record(layer, top_k_index, top_k_weights)
         order = cache.begin(layer, needed)
@@ -111,14 +115,14 @@ class OffloadedExperts(nn.Module):
                 hook(layer, hidden_states)
             if rt.prefetcher is not None:
                 rt.prefetcher.on_layer(layer, needed, hidden_states)
-            return self._compute(hidden_states, flat, top_k_weights, counts, order, K)
+            return self._compute(hidden_states, needed, flat, top_k_weights, counts, order, K)
         finally:
             cache.end(layer)
 
-    def _compute(self, x, flat, top_k_weights, counts, order, K):
+    def _compute(self, x, needed, flat, top_k_weights, counts, order, K):
         out = torch.zeros_like(x)  # [T, D]
-        if x.shape[0] == 1:  # decode: one token, no gather/scatter needed
-            slot_of = {e: k for k, e in enumerate(flat.tolist())}
+        if counts is None:  # decode: one token, no gather/scatter needed
+            slot_of = {e: k for k, e in enumerate(needed)}
             for e in order:
                 w = top_k_weights[:, slot_of[e], None]  # [1, 1]
                 out += self._serve(e, x, w) * w
