@@ -27,11 +27,12 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from runtime.baselines import bench_hf
+from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
 from runtime.errors import PromoeError
 from runtime.loader import LoadedModel, LoadOptions, load_model
 
@@ -50,59 +51,6 @@ ALL_CONFIGS = (
 )
 REACTIVE = ("lru", "lfu", "arc")
 PREFETCHING = ("cross-layer", "learned", "low-bit", "host-misses")
-METRICS = (
-    "prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "hit_rate", "decode_hit_rate",
-    "prediction_precision", "prediction_recall", "bytes_per_token", "stall_ms_per_token",
-    "peak_device_bytes", "host_rss_bytes",
-)  # fmt: skip
-
-
-@dataclass
-class ConfigResult:
-    name: str
-    status: str = "ok"  # "ok" or "skipped"
-    note: str = ""
-    runs: list[dict[str, float | None]] = field(default_factory=list)
-    speedup_decode: float | None = None
-    speedup_prefill: float | None = None
-
-    def median(self, metric: str) -> float | None:
-        vals = [r[metric] for r in self.runs if r.get(metric) is not None]
-        return statistics.median(vals) if vals else None
-
-    def span(self, metric: str) -> tuple[float, float] | None:
-        vals = [r[metric] for r in self.runs if r.get(metric) is not None]
-        return (min(vals), max(vals)) if vals else None
-
-    def to_json(self) -> dict:
-        out: dict = {"name": self.name, "status": self.status, "note": self.note}
-        if self.status == "ok":
-            for m in METRICS:
-                span = self.span(m)
-                out[m] = {"median": self.median(m), "min": span[0], "max": span[1]} if span else None
-            out["speedup_decode_vs_on_demand"] = self.speedup_decode
-            out["speedup_prefill_vs_on_demand"] = self.speedup_prefill
-        return out
-
-
-@dataclass
-class BenchReport:
-    model: str
-    device: str
-    quant: str
-    budget: int | None
-    cache_experts: str
-    link: str
-    prompt_len: int
-    gen_len: int
-    repeats: int
-    results: list[ConfigResult]
-
-    def to_json(self) -> dict:
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "results"},
-                "configs": [r.to_json() for r in self.results]}  # fmt: skip
-
-
 # -- prompts ----------------------------------------------------------------------------------
 
 
@@ -122,12 +70,6 @@ def bench_prompts(tokenizer, prompt_len: int, repeats: int) -> list[list[int]]:
 
 
 # -- one run ----------------------------------------------------------------------------------
-
-
-def _host_rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def _run_promoe(lm: LoadedModel, prompt: list[int], gen_len: int) -> dict[str, float | None]:
@@ -161,54 +103,12 @@ def _run_promoe(lm: LoadedModel, prompt: list[int], gen_len: int) -> dict[str, f
         "bytes_per_token": (s.bytes_moved - first.bytes_moved) / dec_tokens,
         "stall_ms_per_token": 1e3 * (s.stall_s - first.stall_s) / dec_tokens,
         "peak_device_bytes": float(peak),
-        "host_rss_bytes": float(_host_rss()),
+        "host_rss_bytes": float(host_rss()),
         "uses": float(s.uses),
         "hits": float(s.hits),
         "low_bit_loads": float(s.low_bit_loads),
         "host_computed": float(s.host_computed),
     }
-
-
-def _run_hf(model, prompt: list[int], gen_len: int, device: torch.device) -> dict[str, float | None]:
-    """The same timing loop as stream_generate, for a plain transformers model."""
-    from transformers import DynamicCache
-
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    kv = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        t0 = now()
-        x = torch.tensor([prompt], device=device)
-        logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
-        token = int(logits.argmax())
-        t1 = now()
-        for _ in range(gen_len - 1):
-            x = torch.tensor([[token]], device=device)
-            logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
-            token = int(logits.argmax())
-        t2 = now()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {
-        "prefill_tokens_per_s": len(prompt) / (t1 - t0),
-        "decode_tokens_per_s": (gen_len - 1) / (t2 - t1) if gen_len > 1 else None,
-        "ttft_s": t1 - t0,
-        "hit_rate": None,
-        "decode_hit_rate": None,
-        "prediction_precision": None,
-        "prediction_recall": None,
-        "bytes_per_token": None,
-        "stall_ms_per_token": None,
-        "peak_device_bytes": float(peak) if peak is not None else None,
-        "host_rss_bytes": float(_host_rss()),
-    }
-
-
-# -- the configurations ------------------------------------------------------------------------
 
 
 def _promoe_options(
@@ -232,23 +132,6 @@ def _promoe_options(
     if name == "host-misses":
         return dataclasses.replace(base, predictor="cross-layer", policy=best_policy, host_misses=True)
     return dataclasses.replace(base, predictor=name, policy=best_policy)
-
-
-def _load_hf(path: Path, device: torch.device, dtype: torch.dtype, budget: int | None, offload: bool):
-    from transformers import AutoModelForCausalLM
-
-    if not offload:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    max_memory = {device.index or 0: budget, "cpu": _host_total()}
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map="auto", max_memory=max_memory
-    ).eval()
-
-
-def _host_total() -> int:
-    import psutil
-
-    return psutil.virtual_memory().total
 
 
 def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> int:
@@ -335,7 +218,7 @@ def run_bench(
         res = ConfigResult(name)
         try:
             if name in ("transformers", "accelerate"):
-                _bench_hf(name, ref, base, header, prompts, gen_len, res)
+                bench_hf(name, ref, base, header, prompts, gen_len, res)
             else:
                 if name in PREFETCHING:
                     ok = [r for r in results if r.name in REACTIVE and r.status == "ok"]
@@ -398,13 +281,6 @@ def _describe_link(opts: LoadOptions) -> str:
     return f"emulated {bw}, {opts.link_latency * 1e6:.0f} us per copy"
 
 
-def _emulated_budget(opts: LoadOptions) -> bool:
-    """On the CPU the budget only emulates a device: upper-bound rows may ignore it."""
-    from runtime.loader import pick_device
-
-    return pick_device(opts.device).type == "cpu"
-
-
 def _route_note(runs: list[dict]) -> str:
     uses = sum(r["uses"] for r in runs)
     low = sum(r["low_bit_loads"] for r in runs)
@@ -430,10 +306,10 @@ def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict,
     spec = header["spec"]
     opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers), low_bit,
                            low_bit_threshold)  # fmt: skip
-    if name == "resident" and _emulated_budget(base):
+    if name == "resident" and emulated_budget(base):
         opts = dataclasses.replace(opts, vram=None)
     lm = load_model(str(header["path"]), opts)
-    if name == "resident" and _emulated_budget(base):
+    if name == "resident" and emulated_budget(base):
         header["resident_note"] = "upper bound: the emulated budget is lifted"
     if name == "resident" and lm.cache.num_slots < spec.total_experts:
         lm.close()
@@ -442,7 +318,7 @@ def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict,
         return None
     header.setdefault("device", str(lm.device))
     header.setdefault("dtype", lm.dtype)
-    header.setdefault("budget", base.vram if _emulated_budget(base) else lm.plan.budget)
+    header.setdefault("budget", base.vram if emulated_budget(base) else lm.plan.budget)
     if name not in ("resident", "on-demand"):
         header.setdefault("cache_experts", f"{lm.cache.num_slots} of {spec.total_experts}")
     return lm
@@ -462,48 +338,3 @@ def _record_trace(path: Path, base: LoadOptions, prompt: list[int], gen_len: int
     finally:
         writer.close()
         lm.close()
-
-
-def _bench_hf(
-    name: str, ref, base: LoadOptions, header: dict, prompts, gen_len: int, res: ConfigResult
-) -> None:
-    from runtime.loader import pick_device, pick_dtype
-    from runtime.resolve import resolve_model
-
-    device = pick_device(base.device)
-    if name == "accelerate" and device.type != "cuda":
-        res.status, res.note = (
-            "skipped",
-            "accelerate's offload needs a CUDA device (on a CPU every weight is in host memory)",
-        )
-        return
-    if prompts is None:
-        res.status, res.note = "skipped", "runs after a promoe configuration (it needs the prompts)"
-        return
-    path = header.get("path") or resolve_model(ref).path
-    spec = header.get("spec")
-    dtype = header.get("dtype") or pick_dtype(
-        device, spec.expert_shape.dtype if spec else torch.float32, base.dtype
-    )
-    budget = header.get("budget")
-    if name == "transformers" and _emulated_budget(base):
-        res.note = "upper bound: the emulated budget is lifted"
-    elif name == "transformers" and budget is not None and spec is not None:
-        full = (
-            spec.non_expert_bytes(dtype) + spec.total_experts * spec.expert_shape.num_weights * dtype.itemsize
-        )
-        if full > budget:
-            res.status, res.note = "skipped", "the whole model does not fit the budget"
-            return
-    try:
-        model = _load_hf(path, device, dtype, budget, offload=name == "accelerate")
-    except (ImportError, ValueError, RuntimeError) as exc:
-        res.status, res.note = "skipped", f"could not load with transformers: {exc}"
-        return
-    try:
-        _run_hf(model, prompts[0][: max(len(prompts[0]) // 4, 8)], min(gen_len, 8), device)  # warm-up
-        res.runs = [_run_hf(model, p, gen_len, device) for p in prompts[1:]]
-    finally:
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()

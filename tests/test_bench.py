@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from promoe_cli.main import app
-from runtime.bench import METRICS
+from runtime.bench_report import METRICS
 from tests.conftest import SHARED
 
 runner = CliRunner()
