@@ -39,6 +39,10 @@ class Predictor(ABC):
 
 def rank_experts(indices: torch.Tensor, scores: torch.Tensor | None, num_experts: int) -> list[int]:
     """Experts chosen for any token, most-chosen first (ties: higher total score)."""
+    if indices.shape[0] == 1:  # decode: one token, distinct experts; order by score if known
+        if scores is None:
+            return indices[0].tolist()  # host sync: the prediction decides copies
+        return indices[0][scores[0].argsort(descending=True)].tolist()
     flat = indices.reshape(-1)
     counts = torch.bincount(flat, minlength=num_experts).float()
     if scores is not None:
