@@ -39,7 +39,7 @@ import torch
 
 from quant import QuantFormat, available_formats, get_format
 from runtime.checkpoint import Checkpoint
-from runtime.errors import InsufficientMemoryError
+from runtime.errors import InsufficientMemoryError, PromoeError, UnknownNameError
 from runtime.expert_layout import ExpertLayout
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.resolve import ResolvedModel, resolve_model
@@ -174,7 +174,7 @@ def split_slots(total: int, layers: list[int], num_experts: int, split: str) -> 
     elif split == "shallow":  # Fate: linearly from 2x (first layer) down to 1x (last)
         weights = [2.0 - (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
     else:
-        raise ValueError(f"unknown slot split '{split}' (choose {', '.join(SPLITS)})")
+        raise UnknownNameError(f"unknown slot split '{split}'", hint=f"choose one of: {', '.join(SPLITS)}")
     total = max(min(total, n * num_experts), n)
     raw = [total * w / sum(weights) for w in weights]
     alloc = [min(num_experts, max(1, math.floor(r))) for r in raw]
@@ -332,7 +332,11 @@ def default_context(config, context: int | None) -> int:
     """``--context``, or the model's maximum, at most the loader's DEFAULT_CONTEXT."""
     from runtime.loader import DEFAULT_CONTEXT  # imported here: the loader imports this module
 
-    return context or min(getattr(config, "max_position_embeddings", DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+    limit = getattr(config, "max_position_embeddings", None)
+    if context and limit and context > limit:
+        raise PromoeError(f"--context {context} is longer than this model's {limit} positions",
+                          hint=f"use --context {limit} or less")  # fmt: skip
+    return context or min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 def device_budget(device: torch.device, vram: int | None) -> int | None:

@@ -77,7 +77,9 @@ def untrained_copy(path: Path, seed: int, out: Path) -> Path:
 
     config = AutoConfig.from_pretrained(path)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)  # as the training script
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+        out
+    )  # as the training script
     AutoTokenizer.from_pretrained(path).save_pretrained(out)
     return out
 
@@ -86,7 +88,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--seed", type=int, default=None, help="init seed (default: the training seed in training_log.json)")
+    ap.add_argument(
+        "--seed", type=int, default=None, help="init seed (default: the training seed in training_log.json)"
+    )
     args = ap.parse_args()
     seed = args.seed
     log = args.model / "training_log.json"
@@ -96,14 +100,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init = report(untrained_copy(args.model, seed, Path(tmp) / "init"), args.tokens)
     print(json.dumps({"trained": trained, "untrained": init, "seed": seed}, indent=1))
-    print(f"\n{trained['tokens']} tokens of promoe's runtime/ sources; entropies in bits (max {trained['max_entropy']})\n")
+    print(
+        f"\n{trained['tokens']} tokens of promoe's runtime/ sources; entropies in bits (max {trained['max_entropy']})\n"
+    )
     print("| layer | usage entropy, trained | untrained | router entropy, trained | untrained "
           "| cross-layer recall, trained | untrained |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for layer, t in trained["layers"].items():
         u = init["layers"][layer]
-        print(f"| {layer} | {t['usage_entropy']:.2f} | {u['usage_entropy']:.2f} | {t['router_entropy']:.2f} | "
-              f"{u['router_entropy']:.2f} | {t.get('cross_layer_recall', '-')} | {u.get('cross_layer_recall', '-')} |")
+        print(
+            f"| {layer} | {t['usage_entropy']:.2f} | {u['usage_entropy']:.2f} | {t['router_entropy']:.2f} | "
+            f"{u['router_entropy']:.2f} | {t.get('cross_layer_recall', '-')} | {u.get('cross_layer_recall', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -89,9 +89,9 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "tiny-code-moe"
-DEFAULT_CKPT_DIR = Path(
-    os.environ.get("PROMOE_CACHE", Path.home() / ".cache" / "promoe")
-) / "train-ckpt" / "tiny-code-moe"
+DEFAULT_CKPT_DIR = (
+    Path(os.environ.get("PROMOE_CACHE", Path.home() / ".cache" / "promoe")) / "train-ckpt" / "tiny-code-moe"
+)
 
 EOT = "<|endoftext|>"
 EOT_ID = 0  # first (and only) special token of the trained tokenizer
@@ -111,14 +111,36 @@ EXCLUDED_DIRS = (
 
 # Settings that define a run; stored in the checkpoint and in training_log.json.
 MODEL_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-    "num_kv_heads", "num_experts", "top_k", "seq_len", "rope_theta", "tie_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "num_experts",
+    "top_k",
+    "seq_len",
+    "rope_theta",
+    "tie_embeddings",
     "router_aux_loss_coef",
 )
 TRAIN_KEYS = (
-    "seed", "steps", "batch_size", "micro_batch_size", "lr", "min_lr_ratio", "warmup_steps",
-    "weight_decay", "beta1", "beta2", "grad_clip", "eval_every", "val_every_n_files",
-    "val_max_chunks", "max_files", "tokenizer_min_frequency",
+    "seed",
+    "steps",
+    "batch_size",
+    "micro_batch_size",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "eval_every",
+    "val_every_n_files",
+    "val_max_chunks",
+    "max_files",
+    "tokenizer_min_frequency",
 )
 
 
@@ -127,6 +149,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- corpus
+
 
 def collect_corpus(max_files: int | None = None) -> tuple[Path, list[str], list[bytes]]:
     """Return (stdlib root, sorted relative paths, raw file contents)."""
@@ -146,7 +169,7 @@ def collect_corpus(max_files: int | None = None) -> tuple[Path, list[str], list[
 
 def corpus_sha256(rels: list[str], data: list[bytes]) -> str:
     h = hashlib.sha256()
-    for rel, raw in zip(rels, data):
+    for rel, raw in zip(rels, data, strict=True):
         h.update(rel.encode())
         h.update(b"\0")
         h.update(len(raw).to_bytes(8, "little"))
@@ -160,6 +183,7 @@ def decode_source(raw: bytes) -> str:
 
 
 # -------------------------------------------------------------------------- tokenizer
+
 
 def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -207,6 +231,7 @@ def build_stream(tok, texts: list[str]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- data
 
+
 class TrainBatches:
     """Stateless, deterministic batch order: a pure function of (seed, step).
 
@@ -238,7 +263,7 @@ class TrainBatches:
         for gidx in range(first, first + count):
             self._load_epoch(gidx // self.n_windows)
             start = self._offset + int(self._perm[gidx % self.n_windows]) * self.seq_len
-            rows.append(self.stream[start:start + self.seq_len])
+            rows.append(self.stream[start : start + self.seq_len])
         return torch.stack(rows).long()
 
 
@@ -250,6 +275,7 @@ def val_chunks(stream: torch.Tensor, seq_len: int, max_chunks: int) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------ model
+
 
 def make_config(s: dict):
     from transformers import MixtralConfig
@@ -290,7 +316,8 @@ def count_params(model, s: dict) -> dict:
         "experts": L * s["num_experts"] * per_expert,
         # weights used per token: all but the unrouted experts and the embedding lookup
         # (with tied embeddings the shared matrix still counts once, as the lm_head)
-        "active_per_token": total - inactive
+        "active_per_token": total
+        - inactive
         - (0 if s["tie_embeddings"] else model.model.embed_tokens.weight.numel()),
         "bf16_bytes_estimate": 2 * total,
     }
@@ -311,7 +338,7 @@ def evaluate(model, chunks: torch.Tensor, s: dict, tok_bytes: torch.Tensor) -> d
     total_ce, n_tok, total_bytes, aux_sum, n_batches = 0.0, 0, 0.0, 0.0, 0
     load = torch.zeros(s["num_layers"], s["num_experts"], dtype=torch.float64)
     for i in range(0, len(chunks), mb):
-        x = chunks[i:i + mb]
+        x = chunks[i : i + mb]
         out = model(input_ids=x, output_router_logits=True, use_cache=False)
         logits = out.logits[:, :-1]
         tgt = x[:, 1:]
@@ -345,6 +372,12 @@ def evaluate(model, chunks: torch.Tensor, s: dict, tok_bytes: torch.Tensor) -> d
 
 def lr_at(step: int, s: dict) -> float:
     peak, warm, total = s["lr"], s["warmup_steps"], s["steps"]
+    # --shorten-to: steps before a change used the schedule's earlier length, so a fresh
+    # run with these settings reproduces a shortened one exactly.
+    for change in s.get("schedule_changes", []):
+        if step < change["at_step"]:
+            total = change["steps_before"]
+            break
     if step < warm:
         return peak * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, total - warm))
@@ -354,7 +387,7 @@ def lr_at(step: int, s: dict) -> float:
 
 def make_optimizer(model, s: dict):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     return torch.optim.AdamW(
         [
@@ -369,6 +402,7 @@ def make_optimizer(model, s: dict):
 
 
 # ------------------------------------------------------------------------ checkpoints
+
 
 def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
@@ -403,10 +437,10 @@ def environment_info(threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- export
 
+
 def export_model(model, tok, s: dict, record: dict, out_dir: Path) -> None:
     """Write the HF-layout model to a temp dir beside out_dir, verify, rename into place."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -417,13 +451,19 @@ def export_model(model, tok, s: dict, record: dict, out_dir: Path) -> None:
         m.config.output_router_logits = False  # inference default; coef is kept for reference
         m.config.use_cache = True
         m.generation_config = GenerationConfig(
-            bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
-            max_length=s["seq_len"], do_sample=False,
+            bos_token_id=EOT_ID,
+            eos_token_id=EOT_ID,
+            pad_token_id=EOT_ID,
+            max_length=s["seq_len"],
+            do_sample=False,
         )
         m.save_pretrained(tmp)
 
         hf_tok = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+            tokenizer_object=tok,
+            bos_token=EOT,
+            eos_token=EOT,
+            pad_token=EOT,
             model_max_length=s["seq_len"],
         )
         hf_tok.save_pretrained(tmp)
@@ -472,6 +512,7 @@ def export_model(model, tok, s: dict, record: dict, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- train
 
+
 def settings_from_args(args) -> dict:
     return {k: getattr(args, k) for k in MODEL_KEYS + TRAIN_KEYS}
 
@@ -515,9 +556,7 @@ def prepare_data(s: dict, ckpt_dir: Path | None, reuse_tokenizer: bool):
     val_stream = build_stream(tok, val_texts)
     corpus["train_tokens"] = len(train_stream)
     corpus["val_tokens"] = len(val_stream)
-    corpus["train_bytes_per_token"] = round(
-        sum(len(t.encode()) for t in train_texts) / len(train_stream), 4
-    )
+    corpus["train_bytes_per_token"] = round(sum(len(t.encode()) for t in train_texts) / len(train_stream), 4)
     log(
         f"data: {len(train_stream):,} train tokens, {len(val_stream):,} val tokens "
         f"({corpus['train_bytes_per_token']} bytes/token), prepared in {time.time() - t0:.0f}s"
@@ -540,8 +579,17 @@ class StopFlag:
         signal.signal(signal.SIGINT, handler)
 
 
-def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
-          stop_after: int | None = None, stop_flag: StopFlag | None = None) -> dict:
+def train(
+    args,
+    s: dict,
+    *,
+    ckpt_dir: Path,
+    out_dir: Path | None,
+    resume: bool,
+    stop_after: int | None = None,
+    stop_flag: StopFlag | None = None,
+    shorten_to: int | None = None,
+) -> dict:
     """Run (or continue) training. Returns the run record. Exports if finished and out_dir."""
     from transformers import MixtralForCausalLM
 
@@ -556,9 +604,22 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
             raise SystemExit(f"unsupported checkpoint format {ckpt.get('format')}")
         diff = {k: (v, ckpt["settings"].get(k)) for k, v in s.items() if ckpt["settings"].get(k) != v}
         if diff:
-            log("note: --resume uses the checkpoint's settings; ignoring command-line values "
-                + ", ".join(f"{k}={a} (checkpoint: {b})" for k, (a, b) in diff.items()))
+            log(
+                "note: --resume uses the checkpoint's settings; ignoring command-line values "
+                + ", ".join(f"{k}={a} (checkpoint: {b})" for k, (a, b) in diff.items())
+            )
         s = dict(ckpt["settings"])
+        if shorten_to is not None and shorten_to != s["steps"]:
+            if shorten_to <= ckpt["step"]:
+                raise SystemExit(
+                    f"--shorten-to {shorten_to}: the checkpoint is already at step {ckpt['step']}"
+                )
+            s["schedule_changes"] = [
+                *s.get("schedule_changes", []),
+                {"at_step": ckpt["step"], "steps_before": s["steps"]},
+            ]
+            log(f"schedule: {s['steps']} -> {shorten_to} steps from step {ckpt['step']} on")
+            s["steps"] = shorten_to
         log(f"resuming from {ckpt_path} at step {ckpt['step']}/{s['steps']}")
     elif ckpt_path.exists():
         raise SystemExit(
@@ -600,8 +661,14 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
     else:
         step, train_curve, val_curve, elapsed_before, sessions = 0, [], [], 0.0, []
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    sessions.append({"start_step": step, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     "threads": args.threads, "pid": os.getpid()})
+    sessions.append(
+        {
+            "start_step": step,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "threads": args.threads,
+            "pid": os.getpid(),
+        }
+    )
 
     assert s["batch_size"] % s["micro_batch_size"] == 0, "batch-size must be a multiple of micro-batch-size"
     accum = s["batch_size"] // s["micro_batch_size"]
@@ -616,7 +683,7 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
     def record() -> dict:
         return {
             "description": "promoe bundled default model: tiny Mixtral-architecture code-completion MoE "
-                           "trained from scratch on the Python standard library's sources",
+            "trained from scratch on the Python standard library's sources",
             "script": "scripts/train_default_model.py",
             "settings": s,
             "model_config": make_config(s).to_dict(),
@@ -656,8 +723,11 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
     def run_eval() -> None:
         t = time.time()
         ev = evaluate(model, vchunks, s, tok_bytes)
-        ev.update(step=step, tokens_seen=step * tokens_per_step,
-                  wall_time_s=round(elapsed_before + (time.time() - t_session), 1))
+        ev.update(
+            step=step,
+            tokens_seen=step * tokens_per_step,
+            wall_time_s=round(elapsed_before + (time.time() - t_session), 1),
+        )
         val_curve.append(ev)
         log(
             f"eval step {step}: val_loss {ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}, "
@@ -676,8 +746,9 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
             g["lr"] = lr
         ce_sum, aux_sum = 0.0, 0.0
         for micro in range(accum):
-            x = batches.sequences(step * s["batch_size"] + micro * s["micro_batch_size"],
-                                  s["micro_batch_size"])
+            x = batches.sequences(
+                step * s["batch_size"] + micro * s["micro_batch_size"], s["micro_batch_size"]
+            )
             ce, aux, loss, _ = forward_losses(model, x, s["router_aux_loss_coef"])
             (loss / accum).backward()
             ce_sum += ce.item()
@@ -687,15 +758,17 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
         opt.zero_grad(set_to_none=True)
         step += 1
         tok_window += tokens_per_step
-        train_curve.append({
-            "step": step,
-            "tokens_seen": step * tokens_per_step,
-            "loss": round(ce_sum / accum, 5),
-            "aux_loss": round(aux_sum / accum, 5),
-            "lr": lr,
-            "grad_norm": round(gnorm, 4),
-            "wall_time_s": round(elapsed_before + (time.time() - t_session), 2),
-        })
+        train_curve.append(
+            {
+                "step": step,
+                "tokens_seen": step * tokens_per_step,
+                "loss": round(ce_sum / accum, 5),
+                "aux_loss": round(aux_sum / accum, 5),
+                "lr": lr,
+                "grad_norm": round(gnorm, 4),
+                "wall_time_s": round(elapsed_before + (time.time() - t_session), 2),
+            }
+        )
         if step % args.log_every == 0 or step == s["steps"]:
             dt = time.time() - t_window
             rate = tok_window / dt if dt > 0 else float("nan")
@@ -707,7 +780,9 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
             t_window, tok_window = time.time(), 0
         if step % s["eval_every"] == 0 or step == s["steps"]:
             run_eval()
-        stopping = (stop_flag is not None and stop_flag.stop) or (stop_after is not None and step >= stop_after)
+        stopping = (stop_flag is not None and stop_flag.stop) or (
+            stop_after is not None and step >= stop_after
+        )
         if step % args.ckpt_every == 0 or step == s["steps"] or stopping:
             save_ckpt()
             log(f"checkpoint: {ckpt_path} (step {step})")
@@ -725,6 +800,7 @@ def train(args, s: dict, *, ckpt_dir: Path, out_dir: Path | None, resume: bool,
 
 # ----------------------------------------------------------------------------- bench
 
+
 def bench(args, s: dict) -> None:
     from transformers import MixtralForCausalLM
 
@@ -741,7 +817,9 @@ def bench(args, s: dict) -> None:
     for step in range(args.bench_steps):
         t = time.time()
         for micro in range(accum):
-            x = batches.sequences(step * s["batch_size"] + micro * s["micro_batch_size"], s["micro_batch_size"])
+            x = batches.sequences(
+                step * s["batch_size"] + micro * s["micro_batch_size"], s["micro_batch_size"]
+            )
             _, _, loss, _ = forward_losses(model, x, s["router_aux_loss_coef"])
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
@@ -753,11 +831,14 @@ def bench(args, s: dict) -> None:
     tps = s["batch_size"] * s["seq_len"] / dt
     result = {
         "config": {k: s[k] for k in MODEL_KEYS},
-        "batch_size": s["batch_size"], "micro_batch_size": s["micro_batch_size"],
-        "threads": args.threads, "params": params["total"],
+        "batch_size": s["batch_size"],
+        "micro_batch_size": s["micro_batch_size"],
+        "threads": args.threads,
+        "params": params["total"],
         "active_params_per_token": params["active_per_token"],
         "bf16_MB": round(params["bf16_bytes_estimate"] / 1e6, 1),
-        "s_per_step": round(dt, 3), "tokens_per_s": round(tps),
+        "s_per_step": round(dt, 3),
+        "tokens_per_s": round(tps),
         # fastest timed step: robust to other processes competing for the CPU
         "tokens_per_s_best_step": round(s["batch_size"] * s["seq_len"] / min(timed)),
         "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -767,6 +848,7 @@ def bench(args, s: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- smoke
+
 
 def smoke(args) -> None:
     """~1 minute end-to-end test in a temp dir: tokenizer, data, train, checkpoint,
@@ -779,10 +861,25 @@ def smoke(args) -> None:
     args.ckpt_every = 5
     args.log_every = 5
     s = settings_from_args(args)
-    s.update(vocab_size=512, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
-             num_kv_heads=2, num_experts=8, top_k=2, seq_len=64, steps=20, batch_size=4,
-             micro_batch_size=2, warmup_steps=4, lr=3e-3, eval_every=10, val_max_chunks=8,
-             max_files=80)
+    s.update(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=8,
+        top_k=2,
+        seq_len=64,
+        steps=20,
+        batch_size=4,
+        micro_batch_size=2,
+        warmup_steps=4,
+        lr=3e-3,
+        eval_every=10,
+        val_max_chunks=8,
+        max_files=80,
+    )
 
     log("--- run A: 20 steps uninterrupted")
     rec_a = train(args, s, ckpt_dir=tmp / "ckpt_a", out_dir=None, resume=False)
@@ -805,17 +902,27 @@ def smoke(args) -> None:
 
     files = sorted(p.name for p in out.iterdir())
     log(f"exported files: {files}")
-    for need in ("config.json", "model.safetensors", "generation_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "training_log.json"):
+    for need in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "training_log.json",
+    ):
         if need not in files:
             raise SystemExit(f"SMOKE FAILED: export lacks {need}")
     cfg = json.loads((out / "config.json").read_text())
-    log(f"config.json: dtype={cfg.get('dtype')} max_position_embeddings={cfg['max_position_embeddings']} "
-        f"experts={cfg['num_local_experts']} top_k={cfg['num_experts_per_tok']}")
+    log(
+        f"config.json: dtype={cfg.get('dtype')} max_position_embeddings={cfg['max_position_embeddings']} "
+        f"experts={cfg['num_local_experts']} top_k={cfg['num_experts_per_tok']}"
+    )
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    log(f"reloaded {type(model).__name__} dtype={model.dtype}, tokenizer {type(tok).__name__} "
-        f"vocab={len(tok)} bos={tok.bos_token!r} eos={tok.eos_token!r}")
+    log(
+        f"reloaded {type(model).__name__} dtype={model.dtype}, tokenizer {type(tok).__name__} "
+        f"vocab={len(tok)} bos={tok.bos_token!r} eos={tok.eos_token!r}"
+    )
     prompt = "def fibonacci(n):"
     enc = tok(prompt, return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=16, do_sample=False)
@@ -827,6 +934,7 @@ def smoke(args) -> None:
 
 # ------------------------------------------------------------------------------ main
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -836,6 +944,13 @@ def parse_args(argv=None):
     io.add_argument("--out", type=Path, default=DEFAULT_OUT, help="export directory (HF layout)")
     io.add_argument("--ckpt-dir", type=Path, default=DEFAULT_CKPT_DIR, help="checkpoint directory")
     io.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir")
+    io.add_argument(
+        "--shorten-to",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="with --resume: end the lr schedule at STEPS instead (recorded in the settings)",
+    )
     io.add_argument("--fresh", action="store_true", help="delete an existing checkpoint and start over")
     io.add_argument("--smoke", action="store_true", help="quick end-to-end test in a temp dir")
     io.add_argument("--keep-smoke", action="store_true", help="keep the smoke test's temp dir")
@@ -844,8 +959,12 @@ def parse_args(argv=None):
     io.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     io.add_argument("--log-every", type=int, default=10)
     io.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    io.add_argument("--stop-after", type=int, default=None,
-                    help="checkpoint and exit after this step (simulates an interruption)")
+    io.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and exit after this step (simulates an interruption)",
+    )
 
     m = p.add_argument_group("model")
     m.add_argument("--vocab-size", type=int, default=8192)
@@ -858,8 +977,11 @@ def parse_args(argv=None):
     m.add_argument("--top-k", type=int, default=2)
     m.add_argument("--seq-len", type=int, default=512, help="training context = max_position_embeddings")
     m.add_argument("--rope-theta", type=float, default=10000.0)
-    m.add_argument("--tie-embeddings", action="store_true",
-                   help="tie lm_head to the embeddings (default: untied, like Mixtral)")
+    m.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="tie lm_head to the embeddings (default: untied, like Mixtral)",
+    )
     m.add_argument("--router-aux-loss-coef", type=float, default=0.01)
 
     t = p.add_argument_group("training")
@@ -906,8 +1028,16 @@ def main(argv=None) -> None:
     log(f"argv: {sys.argv}")
     stop_flag = StopFlag()
     stop_flag.install()
-    train(args, s, ckpt_dir=args.ckpt_dir, out_dir=args.out, resume=args.resume,
-          stop_after=args.stop_after, stop_flag=stop_flag)
+    train(
+        args,
+        s,
+        ckpt_dir=args.ckpt_dir,
+        out_dir=args.out,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        stop_flag=stop_flag,
+        shorten_to=args.shorten_to,
+    )
     log("done")
 
 

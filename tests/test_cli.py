@@ -99,3 +99,15 @@ def test_help_lists_commands_and_examples():
     assert r.exit_code == 0 and "chat" in r.stdout
     r = invoke("chat", "--help")
     assert r.exit_code == 0 and "Examples" in r.stdout and "--vram" in r.stdout
+
+
+def test_unknown_slot_split(tiny_model):
+    one_line_error(
+        invoke("chat", tiny_model("mixtral"), "--slot-split", "deep", "--prompt", "x"), 2, "shallow"
+    )
+
+
+def test_context_longer_than_the_model(tiny_model):
+    one_line_error(
+        invoke("chat", tiny_model("mixtral"), "--context", "100000", "--prompt", "x"), 1, "256 positions"
+    )
