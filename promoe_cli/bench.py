@@ -31,7 +31,15 @@ def _split(values: list[str] | None) -> list[str]:
 
 def bench(
     model: o.ModelArg = None,
-    prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Prompt tokens per run.")] = 512,
+    prompt_len: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-len",
+            min=1,
+            show_default=False,
+            help="Prompt tokens per run. [default: 512, shortened so prompt and answer fit the model's positions]",
+        ),
+    ] = None,
     gen_len: Annotated[
         int, typer.Option("--gen-len", min=2, help="Generated tokens per run (end of text ignored).")
     ] = 128,

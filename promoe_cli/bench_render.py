@@ -27,8 +27,9 @@ def render_report(report) -> None:
     from runtime.sizes import format_bytes
 
     budget = format_bytes(report.budget) if report.budget is not None else "unlimited"
-    out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget} "
-              f"(cache {report.cache_experts} experts) · link {report.link}")  # fmt: skip
+    cache = f" (cache {report.cache_experts} experts)" if report.cache_experts else ""
+    out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget}{cache} "
+              f"· link {report.link}")  # fmt: skip
     table = Table(caption=f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) "
                   f"of {report.repeats} runs; speedup: decode tok/s against on-demand in this run; hit rate, MB "
                   "and stall per token: decode phase")  # fmt: skip

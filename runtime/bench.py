@@ -51,6 +51,7 @@ ALL_CONFIGS = (
 )
 REACTIVE = ("lru", "lfu", "arc")
 PREFETCHING = ("cross-layer", "learned", "low-bit", "host-misses")
+DEFAULT_PROMPT_LEN = 512
 # -- prompts ----------------------------------------------------------------------------------
 
 
@@ -67,6 +68,21 @@ def bench_prompts(tokenizer, prompt_len: int, repeats: int) -> list[list[int]]:
     while len(ids) < need:
         ids = ids + ids
     return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(repeats + 1)]
+
+
+def fit_prompt_len(limit: int | None, prompt_len: int | None, gen_len: int) -> int:
+    """``prompt_len`` (default 512, shortened to fit), checked against the model's ``limit`` positions."""
+    if prompt_len is None:
+        prompt_len = min(DEFAULT_PROMPT_LEN, limit - gen_len) if limit else DEFAULT_PROMPT_LEN
+        if prompt_len < 1:
+            raise PromoeError(f"--gen-len {gen_len} leaves no room for a prompt in this model's {limit} positions",
+                              hint=f"use --gen-len {limit // 4} or less")  # fmt: skip
+    elif limit and prompt_len + gen_len > limit:
+        raise PromoeError(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} is longer than this model's {limit} positions",
+            hint=f"use --prompt-len {max(limit - gen_len, 1)} or a shorter --gen-len",
+        )
+    return prompt_len
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -192,7 +208,7 @@ def run_bench(
     base: LoadOptions,
     configs: list[str],
     *,
-    prompt_len: int = 512,
+    prompt_len: int | None = None,
     gen_len: int = 128,
     repeats: int = 3,
     progress: Callable[[str, int, int], None] | None = None,
@@ -212,6 +228,9 @@ def run_bench(
     best_policy = base.policy
     prompts: list[list[int]] | None = None
     header: dict = {}
+    _describe(ref, header)
+    limit = getattr(header["spec"].config, "max_position_embeddings", None)
+    prompt_len = fit_prompt_len(limit, prompt_len, gen_len)
     for i, name in enumerate(configs):
         if progress:
             progress(f"Benchmarking {name}", i, len(configs))
@@ -263,7 +282,7 @@ def run_bench(
         device=header.get("device", "?"),
         quant=base.quant,
         budget=header.get("budget"),
-        cache_experts=header.get("cache_experts", "?"),
+        cache_experts=header.get("cache_experts"),
         link=_describe_link(base),
         prompt_len=prompt_len,
         gen_len=gen_len,
@@ -292,8 +311,7 @@ def _route_note(runs: list[dict]) -> str:
     )
 
 
-def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict, low_bit: str = "int2",
-              low_bit_threshold: float = 0.3) -> LoadedModel | None:  # fmt: skip
+def _describe(ref, header: dict) -> None:
     from runtime.checkpoint import Checkpoint
     from runtime.model_spec import describe_model
     from runtime.resolve import resolve_model
@@ -303,6 +321,11 @@ def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict,
         header["path"] = resolved.path
         header["model"] = resolved.label
         header["spec"] = describe_model(Checkpoint(resolved.path))
+
+
+def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict, low_bit: str = "int2",
+              low_bit_threshold: float = 0.3) -> LoadedModel | None:  # fmt: skip
+    _describe(ref, header)
     spec = header["spec"]
     opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers), low_bit,
                            low_bit_threshold)  # fmt: skip

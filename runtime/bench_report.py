@@ -49,7 +49,7 @@ class BenchReport:
     device: str
     quant: str
     budget: int | None
-    cache_experts: str
+    cache_experts: str | None  # "N of M" when a cached configuration ran
     link: str
     prompt_len: int
     gen_len: int

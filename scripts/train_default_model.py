@@ -490,8 +490,13 @@ def export_model(model, tok, s: dict, record: dict, out_dir: Path) -> None:
         with torch.no_grad():
             a = re_m(input_ids=ids).logits.float()
             b = m(input_ids=ids).logits.float()
-        if not torch.allclose(a, b, atol=1e-2, rtol=1e-2):
-            raise RuntimeError("reloaded export disagrees with the in-memory model")
+        # The same bf16 weights, but the reloaded model may pick other kernels that sum in
+        # another order: bound the error relative to the logits, not absolutely.
+        rel = ((a - b).norm() / b.norm()).item()
+        if rel > 2e-2 or (a.argmax(-1) != b.argmax(-1)).float().mean().item() > 0.2:
+            raise RuntimeError(
+                f"reloaded export disagrees with the in-memory model (relative error {rel:.3g})"
+            )
         del re_m, m
 
         # Swap into place. os.rename of a directory is atomic; an old export is moved

@@ -96,3 +96,19 @@ def test_quality_reports_every_format(tiny_model):
     assert bits == sorted(bits, reverse=True)
     mixed = next(row for name, row in rows.items() if "misses" in name)
     assert 0 < mixed["low_bit_share"] < 1 and mixed["perplexity"] > 0
+
+
+def test_prompt_length_fits_the_model():
+    from runtime.bench import fit_prompt_len
+    from runtime.errors import PromoeError
+
+    assert fit_prompt_len(512, None, 128) == 384  # the default shrinks to fit a short model
+    assert fit_prompt_len(32768, None, 128) == 512 and fit_prompt_len(None, None, 128) == 512
+    assert fit_prompt_len(512, 300, 128) == 300
+    with pytest.raises(PromoeError, match="512 positions"):
+        fit_prompt_len(512, 500, 128)
+
+
+def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--prompt-len", "250", "--gen-len", "10"])
+    assert r.exit_code == 1 and "256 positions" in r.stderr and "Traceback" not in r.output
