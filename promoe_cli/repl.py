@@ -322,6 +322,9 @@ def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats
                           stats_json=stats_json, live=terminal if live is None else live)  # fmt: skip
     if terminal:
         err.print(WELCOME)
+        if not (chat_template and getattr(lm.tokenizer, "chat_template", None)):
+            err.print("[dim]no chat template: the conversation is continued as plain text, so a completion "
+                      "model writes on from what you type (try: def fibonacci(n):)[/]")  # fmt: skip
         err.print()
     while True:
         try:
