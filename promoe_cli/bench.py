@@ -183,10 +183,16 @@ def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out:
 
     from promoe_cli.loading import progress_display
     from runtime.bench import bench_prompts
+    from runtime.checkpoint import Checkpoint
+    from runtime.errors import PromoeError
     from runtime.quality import evaluate_quality
     from runtime.resolve import resolve_model
 
     resolved = resolve_model(model)
+    limit = Checkpoint(resolved.path).config.get("max_position_embeddings")
+    if limit and tokens > limit:
+        raise PromoeError(f"--quality-tokens {tokens} is longer than this model's {limit} positions",
+                          hint=f"use --quality-tokens {limit} or less")  # fmt: skip
     ids = bench_prompts(AutoTokenizer.from_pretrained(resolved.path), tokens, 0)[0]
     with progress_display(not json_out) as progress:
         rows = evaluate_quality(model, opts, ids, mixed=("int4", low_bit), mixed_threshold=threshold,

@@ -112,3 +112,5 @@ def test_prompt_length_fits_the_model():
 def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--prompt-len", "250", "--gen-len", "10"])
     assert r.exit_code == 1 and "256 positions" in r.stderr and "Traceback" not in r.output
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--quality", "--quality-tokens", "300"])
+    assert r.exit_code == 1 and "256 positions" in r.stderr and "Traceback" not in r.output
