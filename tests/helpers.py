@@ -37,5 +37,10 @@ def load_small(path: Path, quant: str = "none", slots_per_layer: int = 2, **kw):
 
 
 def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    x = torch.tensor([prompt])
+    # An explicit mask: without one, generate() masks every token equal to pad_token_id,
+    # and the bundled model's BOS is its pad token (<|endoftext|>), as in GPT-2.
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return out[0, len(prompt) :].tolist()
