@@ -243,7 +243,7 @@ def run_bench(
                     ok = [r for r in results if r.name in REACTIVE and r.status == "ok"]
                     if ok:
                         best_policy = max(ok, key=lambda r: r.median("decode_hit_rate") or 0).name
-                lm = _load_for(name, ref, base, best_policy, header, low_bit, low_bit_threshold)
+                lm = _load_for(name, base, best_policy, header, low_bit, low_bit_threshold)
                 if lm is None:
                     res.status, res.note = "skipped", header.pop("skip_note")
                 else:
@@ -312,20 +312,19 @@ def _route_note(runs: list[dict]) -> str:
 
 
 def _describe(ref, header: dict) -> None:
+    """Resolve the model once per run; every configuration loads from ``header["path"]``."""
     from runtime.checkpoint import Checkpoint
     from runtime.model_spec import describe_model
     from runtime.resolve import resolve_model
 
-    if "spec" not in header:
-        resolved = resolve_model(ref)
-        header["path"] = resolved.path
-        header["model"] = resolved.label
-        header["spec"] = describe_model(Checkpoint(resolved.path))
+    resolved = resolve_model(ref)
+    header["path"] = resolved.path
+    header["model"] = resolved.label
+    header["spec"] = describe_model(Checkpoint(resolved.path))
 
 
-def _load_for(name: str, ref, base: LoadOptions, best_policy: str, header: dict, low_bit: str = "int2",
+def _load_for(name: str, base: LoadOptions, best_policy: str, header: dict, low_bit: str = "int2",
               low_bit_threshold: float = 0.3) -> LoadedModel | None:  # fmt: skip
-    _describe(ref, header)
     spec = header["spec"]
     opts = _promoe_options(name, base, best_policy, spec.total_experts, spec.top_k * len(spec.moe_layers), low_bit,
                            low_bit_threshold)  # fmt: skip
