@@ -18,8 +18,10 @@ writing (in flight), so the engines need no locks on slot data.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
+import queue
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -42,7 +44,7 @@ class Ticket:
     urgent: bool
     seq: int
     state: str = QUEUED
-    event: object = None  # threading.Event or torch.cuda.Event
+    event: object = None  # torch.cuda.Event (CudaStreamCopy) or the gate Lock (ThreadedLink)
     copy_s: float = 0.0  # wall-clock of the copy itself (CPU engines)
     meta: dict = field(default_factory=dict)
 
@@ -128,6 +130,11 @@ def _emulate(t0: float, nbytes: int, bandwidth: float | None, latency: float) ->
         time.sleep(remaining)
 
 
+# How long a waiting thread sleeps before it looks again without being woken. Wake-ups are
+# normally prompt; this bounds what one lost to a KeyboardInterrupt can cost (see below).
+_POLL_S = 0.05
+
+
 class ThreadedLink(TransferEngine):
     """A link played by one worker thread (CPU device, or any device without streams).
 
@@ -137,6 +144,15 @@ class ThreadedLink(TransferEngine):
     seconds of wall-clock (the copy itself, then a sleep for the rest), so a slow link
     can be emulated and overlap measured. Torch copies and sleeps release the GIL, so
     the worker overlaps with compute on the main thread.
+
+    Ctrl-C may raise KeyboardInterrupt in the main thread between any two bytecodes,
+    including inside ``threading.Condition``'s Python code, which can then leave its
+    lock held or released twice. So the main thread touches only primitives written in
+    C, whose calls an interrupt cannot split: ``with self._lock`` (a plain Lock) around
+    the queue and ticket states, a ``SimpleQueue`` doorbell to wake the worker, and a
+    per-ticket Lock (``gate``) held until the copy is done. Every wait has a timeout
+    and looks at the ticket's state again, so a wake-up lost to an interrupt costs at
+    most ``_POLL_S``, never a hang. The worker itself never sees KeyboardInterrupt.
     """
 
     name = "thread"
@@ -146,68 +162,90 @@ class ThreadedLink(TransferEngine):
         self.bandwidth = bandwidth
         self.latency = latency
         self._heap: list[tuple[int, int, Ticket]] = []
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._closed = False
+        self._running: Ticket | None = None  # popped from the heap, being copied
         self._worker = threading.Thread(target=self._run, name="promoe-link", daemon=True)
         self._worker.start()
 
     def submit(self, src, dst, slot, layer, urgent):
-        t = Ticket(src, dst, slot, layer, urgent, next(self._seq), event=threading.Event())
-        with self._cond:
+        gate = threading.Lock()
+        gate.acquire()  # released by the worker once the copy is done
+        t = Ticket(src, dst, slot, layer, urgent, next(self._seq), event=gate)
+        with self._lock:
             heapq.heappush(self._heap, (0 if urgent else 1, t.seq, t))
-            self._cond.notify()
+        self._bell.put(None)
         return t
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
+    def _next(self) -> Ticket | None:
+        with self._lock:
+            while self._heap:
                 _, _, t = heapq.heappop(self._heap)
-                if t.state != QUEUED:  # cancelled, or a stale entry of a promoted ticket
-                    continue
-                t.state = RUNNING
+                if t.state == QUEUED:  # else cancelled, or a stale entry of a promoted ticket
+                    t.state = RUNNING
+                    self._running = t
+                    return t
+        return None
+
+    def _run(self) -> None:
+        while not self._closed:
+            t = self._next()
+            if t is None:
+                with contextlib.suppress(queue.Empty):
+                    self._bell.get(timeout=_POLL_S)
+                continue
             t0 = time.perf_counter()
-            t.dst.copy_(t.src)
-            _emulate(t0, t.nbytes, self.bandwidth, self.latency)
+            try:
+                t.dst.copy_(t.src)
+                _emulate(t0, t.nbytes, self.bandwidth, self.latency)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiter, which raises it
+                t.meta["error"] = exc
             t.copy_s = time.perf_counter() - t0
-            t.state = DONE
-            t.event.set()
+            with self._lock:
+                t.state = DONE
+                self._running = None
+            t.event.release()
 
     def is_done(self, ticket):
         return ticket.state == DONE
 
+    def _wait_for(self, tickets: list[Ticket]) -> None:
+        self._bell.put(None)  # wakes a worker whose wake-up an interrupt swallowed
+        for t in tickets:
+            while t.state in (QUEUED, RUNNING):
+                t.event.acquire(timeout=_POLL_S)  # never released again: the state says DONE
+            if "error" in t.meta:
+                raise RuntimeError(f"copying an expert of layer {t.layer} failed") from t.meta["error"]
+
     def wait(self, ticket):
         if ticket.state == DONE:
             return 0.0
-        with self._cond:
+        with self._lock:
             if ticket.state == QUEUED and not ticket.urgent:
                 ticket.urgent = True  # re-queue ahead of the prefetches; the old entry is skipped
                 heapq.heappush(self._heap, (0, ticket.seq, ticket))
-                self._cond.notify()
         t0 = time.perf_counter()
-        ticket.event.wait()
+        self._wait_for([ticket])
         return time.perf_counter() - t0
 
     def cancel(self, ticket):
-        with self._cond:
+        with self._lock:
             if ticket.state == QUEUED:
                 ticket.state = CANCELLED
                 return True
         return False
 
     def synchronize(self) -> None:
-        with self._cond:
-            pending = [t for _, _, t in self._heap if t.state in (QUEUED, RUNNING)]
-        for t in pending:
-            t.event.wait()
+        with self._lock:
+            pending = [t for _, _, t in self._heap]
+            if self._running is not None:
+                pending.append(self._running)
+        self._wait_for(pending)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self._closed = True
+        self._bell.put(None)
         self._worker.join(timeout=5)
 
 

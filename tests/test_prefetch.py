@@ -116,3 +116,31 @@ def test_on_demand_load_jumps_the_prefetch_queue(tiny_model):
         cache.end(3)
     finally:
         lm.close()
+
+
+def test_link_survives_a_wake_up_lost_to_an_interrupt():
+    """Ctrl-C can land after a copy was queued but before the worker was woken: a later
+    wait or synchronize must still see the copy done, not sleep forever."""
+    import heapq
+    import threading
+
+    from runtime.transfer import Ticket
+
+    link = ThreadedLink()
+    try:
+        src, dst = torch.arange(8.0), torch.zeros(8)
+        link.wait(link.submit(src, dst, slot=0, layer=0, urgent=False))  # the worker is idle now
+        gate = threading.Lock()
+        gate.acquire()
+        lost = Ticket(src + 1, dst, slot=0, layer=0, urgent=False, seq=99, event=gate)
+        with link._lock:  # what submit does, minus the doorbell the interrupt swallowed
+            heapq.heappush(link._heap, (1, lost.seq, lost))
+        done = threading.Event()
+        waiter = threading.Thread(
+            target=lambda: (link.synchronize(), link.wait(lost), done.set()), daemon=True
+        )
+        waiter.start()
+        assert done.wait(timeout=10), "a queued copy whose wake-up was lost is never completed"
+        assert link.is_done(lost) and torch.equal(dst, src + 1)
+    finally:
+        link.close()
