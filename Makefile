@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make chat   - create .venv, install promoe, chat with the bundled model
 #   make test   - create .venv, install promoe with test tools, run the test suite
-# On a CUDA machine pick the torch build you want first, e.g.  make chat TORCH="torch==2.13.0"
+# On a CUDA machine pick the torch build you want, e.g.
+#   make chat TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +14,7 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

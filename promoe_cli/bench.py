@@ -22,6 +22,11 @@ EXAMPLES = (
 )
 
 
+# runtime.bench.ALL_CONFIGS, spelled out so --help does not import torch (a test keeps them equal)
+CONFIGS = ("resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "low-bit", "host-misses",
+           "transformers", "accelerate")  # fmt: skip
+
+
 def _split(values: list[str] | None) -> list[str]:
     out_: list[str] = []
     for v in values or []:
@@ -37,7 +42,7 @@ def bench(
             "--prompt-len",
             min=1,
             show_default=False,
-            help="Prompt tokens per run. [default: 512, shortened so prompt and answer fit the model's positions]",
+            help="Prompt tokens per run. \\[default: 512, shortened so prompt and answer fit the context]",
         ),
     ] = None,
     gen_len: Annotated[
@@ -47,8 +52,7 @@ def bench(
         list[str] | None,
         typer.Option(
             "--configs",
-            help="Comma-separated subset of: resident, on-demand, lru, lfu, arc, cross-layer, "
-            "learned, transformers, accelerate. \\[default: all]",
+            help="Comma-separated subset of: " + ", ".join(CONFIGS) + ". \\[default: all]",
         ),
     ] = None,  # fmt: skip
     repeats: Annotated[
@@ -143,16 +147,15 @@ def bench(
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy=policy, slot_split=slot_split, prefetch="none", link_bandwidth=bw,
                             link_latency=link_latency)  # fmt: skip
-        names = _split(configs) or None
+        names = _check_configs(configs)
         offline_environment()
         if quality:
             _quality(model, opts, quality_tokens, low_bit, low_bit_threshold, json_out)
             return
         import torch
 
-        from runtime.bench import ALL_CONFIGS, budget_for_fraction, calibrate_link, run_bench
+        from runtime.bench import budget_for_fraction, calibrate_link, run_bench
 
-        names = names or list(ALL_CONFIGS)
         if opts.vram is None and not profile and not (opts.device == "auto" and torch.cuda.is_available()):
             opts.vram = budget_for_fraction(model, opts, cache_fraction)
         on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
@@ -165,6 +168,13 @@ def bench(
             report = run_bench(model, opts, names, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                                progress=progress, trace_out=trace_out, low_bit=low_bit,
                                low_bit_threshold=low_bit_threshold)  # fmt: skip
+        if not any(r.status == "ok" for r in report.results):
+            from runtime.errors import UsageError
+
+            why = "; ".join(f"{r.name}: {r.note}" for r in report.results)
+            raise UsageError(
+                f"no configuration could run here ({why})", hint="add one that can, e.g. --configs lru"
+            )
         if json_out:
             out.print_json(json.dumps(report.to_json()))
         else:
@@ -178,20 +188,37 @@ def bench(
             err.print(f"[good]wrote[/] {plot}")
 
 
+def _check_configs(values: list[str] | None) -> list[str]:
+    """The configurations asked for, in the documented order; all of them when none was given."""
+    from runtime.errors import UnknownNameError, UsageError
+
+    if values is None:
+        return list(CONFIGS)
+    names = _split(values)
+    if not names:
+        raise UsageError("--configs is empty", hint=f"name one or more of: {', '.join(CONFIGS)}")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise UnknownNameError(
+            f"unknown bench configuration '{unknown[0]}'", hint=f"choose from: {', '.join(CONFIGS)}"
+        )
+    return [c for c in CONFIGS if c in names]
+
+
 def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out: bool) -> None:
     from transformers import AutoTokenizer
 
     from promoe_cli.loading import progress_display
     from runtime.bench import bench_prompts
     from runtime.checkpoint import Checkpoint
-    from runtime.errors import PromoeError
+    from runtime.errors import UsageError
     from runtime.quality import evaluate_quality
     from runtime.resolve import resolve_model
 
     resolved = resolve_model(model)
     limit = Checkpoint(resolved.path).config.get("max_position_embeddings")
     if limit and tokens > limit:
-        raise PromoeError(f"--quality-tokens {tokens} is longer than this model's {limit} positions",
+        raise UsageError(f"--quality-tokens {tokens} is longer than this model's {limit} positions",
                           hint=f"use --quality-tokens {limit} or less")  # fmt: skip
     ids = bench_prompts(AutoTokenizer.from_pretrained(resolved.path), tokens, 0)[0]
     with progress_display(not json_out) as progress:

@@ -31,7 +31,7 @@ def render_report(report) -> None:
     out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget}{cache} "
               f"· link {report.link}")  # fmt: skip
     table = Table(caption=f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) "
-                  f"of {report.repeats} runs; speedup: decode tok/s against on-demand in this run; hit rate, MB "
+                  f"of {report.repeats} run{'' if report.repeats == 1 else 's'}; speedup: decode tok/s against on-demand in this run; hit rate, MB "
                   "and stall per token: decode phase")  # fmt: skip
     for col in ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
                 "stall ms/tok", "device mem"):  # fmt: skip
@@ -91,4 +91,4 @@ def plot_report(report, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    err.print(f"[dim]chart: {len(ok)} configurations[/]")
+    err.print(f"[dim]chart: {len(ok)} configuration{'' if len(ok) == 1 else 's'}[/]")

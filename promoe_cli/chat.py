@@ -30,10 +30,14 @@ def chat(
         int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate per answer.")
     ] = 256,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", min=0.0, help="0 for greedy decoding.")
+        float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 for greedy decoding.")
     ] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible runs.")] = None,
+    top_p: Annotated[
+        float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, more than 0.")
+    ] = 0.95,
+    seed: Annotated[
+        int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed, for reproducible runs.")
+    ] = None,
     no_chat_template: Annotated[
         bool, typer.Option("--no-chat-template", help="Feed the text as is, no chat template.")
     ] = False,
@@ -62,6 +66,12 @@ def chat(
     """Chat with a Mixture-of-Experts model whose experts do not fit on the device."""
     with handle_errors():
         from promoe_cli.loading import banner, load, load_options, offline_environment
+        from runtime.errors import UsageError
+
+        if top_p <= 0:
+            raise UsageError(
+                "--top-p must be more than 0", hint="0.95 is usual; for greedy decoding use -t 0"
+            )
 
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy=policy, slot_split=slot_split, prefetch=prefetch, link_bandwidth=link_bandwidth,

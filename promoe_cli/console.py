@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.theme import Theme
 
@@ -16,5 +19,18 @@ THEME = Theme(
     }
 )
 
-out = Console(theme=THEME, highlight=False, soft_wrap=True)  # results: completions, tables, JSON
-err = Console(theme=THEME, highlight=False, stderr=True, soft_wrap=True)  # progress, banners, notices, errors
+
+def _width(stream) -> int | None:
+    """Rich's own choice on a terminal or with $COLUMNS; otherwise (a file, a pipe) wide, not 80 columns,
+    so tables written to a file keep whole headers and numbers."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return None if tty or os.environ.get("COLUMNS") else 160
+
+
+out = Console(
+    theme=THEME, highlight=False, soft_wrap=True, width=_width(sys.stdout)
+)  # results: completions, tables
+err = Console(theme=THEME, highlight=False, stderr=True, soft_wrap=True, width=_width(sys.stderr))  # the rest

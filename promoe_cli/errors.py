@@ -21,6 +21,7 @@ EXIT_CODES = {
     "UnsupportedArchitectureError": 3,
     "CheckpointError": 3,
     "InvalidSizeError": 2,
+    "UsageError": 2,
     "UnknownNameError": 2,
     "InsufficientMemoryError": 4,
     "ProfileError": 2,
@@ -60,6 +61,15 @@ def handle_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[warn]interrupted[/]")
         sys.exit(130)
+    except OSError as exc:  # a path that is a folder, a full disk, no permission...
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"[error]error:[/] {escape(exc.strerror or type(exc).__name__)}{escape(str(where))}")
+        err.print(
+            "[hint]hint:[/] check the paths given on the command line and PROMOE_HOME (where promoe keeps its cache)"
+        )
+        sys.exit(2)
     except (SystemExit, Exception) as exc:
         if isinstance(exc, SystemExit) or debug:
             raise

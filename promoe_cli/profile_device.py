@@ -111,7 +111,7 @@ def _render(r) -> None:
     table.add_row(f"matmul {n}x{n}", f"{r.matmul_flops / 1e12:.3f} TFLOPS", r.matmul_dtype)
     shape = "x".join(map(str, r.settings.dequant_shape))
     for fname, rate in r.dequant.items():
-        table.add_row(f"dequantize {fname}", f"{rate / 1e9:.2f} G weights/s",
+        table.add_row(f"dequantize {fname}", f"{rate / 1e9:.3g} G weights/s",
                       f"{r.settings.dequant_shape[0] * r.settings.dequant_shape[1] / rate * 1e3:.2f} ms per {shape}")  # fmt: skip
     out.print(table)
     for line in r.not_applicable:

@@ -64,14 +64,14 @@ def _parse_setting(name: str, value: str) -> tuple[str, object]:
         return v
 
     if key == "temperature":
-        return "temperature", number(float, lambda v: 0 <= v <= 100, "a number from 0 (greedy) up")
+        return "temperature", number(float, lambda v: 0 <= v <= 100, "a number from 0 (greedy) to 100")
     if key == "top-p":
         return "top_p", number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
     if key == "max-new-tokens":
         return "max_new_tokens", number(int, lambda v: v >= 1, "a whole number of at least 1")
     if key == "seed":
         return "seed", None if value.lower() == "none" else number(
-            int, lambda v: v >= 0, "a whole number or none"
+            int, lambda v: 0 <= v < 2**63, "a whole number (0 to 2^63-1) or none"
         )
     raise SettingError(f"no setting '{name}': temperature, top-p, max-new-tokens, seed")
 
@@ -87,13 +87,14 @@ class ChatSession:
 
     def __init__(self, lm, sampling, *, system=None, chat_template=True, trace=None, stats_json=None,
                  live=False) -> None:  # fmt: skip
-        from runtime.conversation import Conversation, context_limit, encoder
+        from runtime.conversation import Conversation, context_limit, encoder, model_positions
 
         self.lm = lm
         self.sampling = sampling
         self.conversation = Conversation(system)
         self.encode = encoder(lm.tokenizer, chat_template)
         self.limit = context_limit(lm)
+        self.model_max = model_positions(lm)
         self.trace = trace
         self.stats_json = stats_json
         self.live = live
@@ -197,7 +198,7 @@ class ChatSession:
         conv = self.conversation
         conv.ask(text)
         try:
-            fit = conv.prepare(self.encode, self.limit, self.sampling.max_new_tokens)
+            fit = conv.prepare(self.encode, self.limit, self.sampling.max_new_tokens, self.model_max)
         except PromoeError as exc:  # too long for the context, or refused by the chat template
             conv.retract()
             report(exc)

@@ -21,21 +21,26 @@ EXAMPLES = (
 )
 
 
+MIN_TOKENS = 64
+
+
 def read_prompts(path: Path | None) -> list[str]:
-    from runtime.errors import PromoeError
+    from runtime.errors import UsageError
 
     if path is None:
         root = Path(__file__).resolve().parents[1]
         return [p.read_text() for p in sorted((root / "runtime").glob("*.py"))]
     if not path.is_file():
-        raise PromoeError(
-            f"prompts file {path} not found", hint="pass a text file with one prompt per paragraph"
-        )
-    text = path.read_text()
+        what = "is a folder" if path.is_dir() else "not found"
+        raise UsageError(f"prompts file {path} {what}", hint="pass a text file with one prompt per paragraph")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompts file {path} is not UTF-8 text", hint="pass a plain text file") from None
     parts = [p.strip() for p in text.split("\n\n")] if "\n\n" in text else text.splitlines()
     prompts = [p for p in parts if p.strip()]
     if not prompts:
-        raise PromoeError(f"prompts file {path} is empty", hint="put at least a few prompts in it")
+        raise UsageError(f"prompts file {path} is empty", hint="put at least a few prompts in it")
     return prompts
 
 
@@ -63,6 +68,7 @@ def train_predictor(
     quant: o.Quant = "int4",
     vram: o.Vram = None,
     profile: o.Profile = None,
+    context: o.Context = None,
     device: o.Device = "auto",
     dtype: o.Dtype = None,
 ) -> None:
@@ -70,20 +76,30 @@ def train_predictor(
     with handle_errors():
         from promoe_cli.loading import load, load_options, offline_environment
 
-        opts = load_options(quant=quant, vram=vram, profile=profile, context=None, device=device, dtype=dtype,
+        opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy="lru", slot_split="uniform", prefetch="none", link_bandwidth=None,
                             link_latency=None)  # fmt: skip
         texts = read_prompts(prompts)
         offline_environment()
+        from runtime.conversation import context_limit
         from runtime.generate import encode_prompt
         from runtime.predictor import predictor_dir, record_routing, save_predictors, train_predictors
 
         lm = load(model, opts)
         try:
             chat = not no_chat_template and prompts is not None
-            ids = [encode_prompt(lm.tokenizer, t, chat_template=chat)[:max_prompt_tokens] for t in texts]
+            cut = max(
+                1, min(max_prompt_tokens, context_limit(lm) - new_tokens - 1)
+            )  # room for the new tokens
+            ids = [encode_prompt(lm.tokenizer, t, chat_template=chat)[:cut] for t in texts]
             with _progress() as progress:
                 data = record_routing(lm, ids, new_tokens=new_tokens, progress=progress)
+                if data.num_tokens < MIN_TOKENS:  # the saved predictor would replace a better one
+                    from runtime.errors import UsageError
+
+                    raise UsageError(f"only {data.num_tokens} tokens were recorded; a predictor needs at least "
+                                     f"{MIN_TOKENS} to learn from (and to hold some out)",
+                                     hint="give more or longer prompts, or more --new-tokens")  # fmt: skip
                 spec = lm.spec
                 nets, meta = train_predictors(data, spec.moe_layers, spec.num_experts, spec.top_k, lookahead=lookahead,
                                               width=width, epochs=epochs, progress=progress)  # fmt: skip

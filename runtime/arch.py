@@ -73,7 +73,10 @@ def get_arch(model_type: str | None) -> ArchSpec:
         return ARCHITECTURES[model_type or ""]
     except KeyError:
         supported = ", ".join(ARCHITECTURES)
+        what = (
+            f"model_type '{model_type}' is not supported" if model_type else "config.json has no model_type"
+        )
         raise UnsupportedArchitectureError(
-            f"model_type '{model_type}' is not supported",
+            what,
             hint=f"promoe runs these architectures (config.json model_type): {supported}",
         ) from None

@@ -33,8 +33,9 @@ import torch
 
 from runtime.baselines import bench_hf
 from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
-from runtime.errors import PromoeError
+from runtime.errors import PromoeError, UnknownNameError, UsageError
 from runtime.loader import LoadedModel, LoadOptions, load_model
+from runtime.memory_plan import default_context
 
 ALL_CONFIGS = (
     "resident",
@@ -75,11 +76,11 @@ def fit_prompt_len(limit: int | None, prompt_len: int | None, gen_len: int) -> i
     if prompt_len is None:
         prompt_len = min(DEFAULT_PROMPT_LEN, limit - gen_len) if limit else DEFAULT_PROMPT_LEN
         if prompt_len < 1:
-            raise PromoeError(f"--gen-len {gen_len} leaves no room for a prompt in this model's {limit} positions",
+            raise UsageError(f"--gen-len {gen_len} leaves no room for a prompt in a context of {limit} tokens",
                               hint=f"use --gen-len {limit // 4} or less")  # fmt: skip
     elif limit and prompt_len + gen_len > limit:
-        raise PromoeError(
-            f"--prompt-len {prompt_len} + --gen-len {gen_len} is longer than this model's {limit} positions",
+        raise UsageError(
+            f"--prompt-len {prompt_len} + --gen-len {gen_len} is longer than the context of {limit} tokens",
             hint=f"use --prompt-len {max(limit - gen_len, 1)} or a shorter --gen-len",
         )
     return prompt_len
@@ -219,7 +220,7 @@ def run_bench(
 ) -> BenchReport:
     unknown = [c for c in configs if c not in ALL_CONFIGS]
     if unknown:
-        raise PromoeError(
+        raise UnknownNameError(
             f"unknown bench configuration '{unknown[0]}'", hint=f"choose from: {', '.join(ALL_CONFIGS)}"
         )
     # keep the documented order, so on-demand and the reactive policies run before prefetch
@@ -229,7 +230,7 @@ def run_bench(
     prompts: list[list[int]] | None = None
     header: dict = {}
     _describe(ref, header)
-    limit = getattr(header["spec"].config, "max_position_embeddings", None)
+    limit = default_context(header["spec"].config, base.context)  # --context, at most the model's positions
     prompt_len = fit_prompt_len(limit, prompt_len, gen_len)
     for i, name in enumerate(configs):
         if progress:

@@ -66,7 +66,7 @@ class Checkpoint:
             )
         wm: dict[str, str] = {}
         for shard in shards:
-            with safe_open(shard, framework="pt") as f:
+            with _open_shard(shard) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     wm[key] = shard.name
         return wm
@@ -98,7 +98,7 @@ class Checkpoint:
             raise CheckpointError(f"tensor '{key}' is not in the checkpoint at {self.path}") from None
         h = self._handles.get(shard)
         if h is None:
-            h = self._handles[shard] = safe_open(self.path / shard, framework="pt")
+            h = self._handles[shard] = _open_shard(self.path / shard)
         return h
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -122,3 +122,14 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _open_shard(path: Path):
+    """``safe_open`` whose failures (a truncated download, a missing shard) are CheckpointErrors."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})",
+            hint="the download may be incomplete: fetch the model again",
+        ) from exc

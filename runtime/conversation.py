@@ -16,20 +16,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from runtime.errors import PromoeError
+from runtime.errors import PromoeError, UsageError
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 Encode = Callable[[Sequence[Message]], list[int]]
 
 
-class PromptTooLongError(PromoeError):
+class PromptTooLongError(UsageError):
     """The new message alone (with the system prompt) leaves no room for an answer."""
 
-    def __init__(self, prompt_tokens: int, limit: int) -> None:
-        super().__init__(
-            f"this message is {prompt_tokens} tokens with the system prompt; the context holds {limit}",
-            hint="send a shorter message, or start promoe with a larger --context (it costs KV-cache memory)",
-        )
+    def __init__(self, prompt_tokens: int, limit: int, model_max: int | None = None) -> None:
+        if model_max is not None and limit >= model_max:
+            hint = f"send a shorter message: {model_max} tokens is all this model can attend to"
+        else:
+            most = f", up to {model_max}" if model_max else ""
+            hint = f"send a shorter message, or start promoe with a larger --context{most} (it costs KV-cache memory)"
+        super().__init__(f"the prompt is {prompt_tokens} tokens; the context holds {limit}", hint=hint)
         self.prompt_tokens = prompt_tokens
         self.limit = limit
 
@@ -64,7 +66,9 @@ def answer_room(limit: int, max_new_tokens: int) -> int:
     return max(1, min(max_new_tokens, limit // 2))
 
 
-def fit_to_context(messages: Sequence[Message], encode: Encode, limit: int, max_new_tokens: int) -> Fit:
+def fit_to_context(
+    messages: Sequence[Message], encode: Encode, limit: int, max_new_tokens: int, model_max: int | None = None
+) -> Fit:
     """Drop the oldest turns until the prompt plus room for the answer fits in ``limit`` tokens.
 
     The system messages and the last turn (the message being answered) are never dropped;
@@ -97,7 +101,7 @@ def fit_to_context(messages: Sequence[Message], encode: Encode, limit: int, max_
         dropped = lo
     kept, ids = attempt(dropped)
     if len(ids) >= limit:
-        raise PromptTooLongError(len(ids), limit)
+        raise PromptTooLongError(len(ids), limit, model_max)
     return Fit(kept, ids, dropped, min(max_new_tokens, limit - len(ids)))
 
 
@@ -153,16 +157,21 @@ class Conversation:
     def num_turns(self) -> int:
         return len(split_turns(self.turns)[1])
 
-    def prepare(self, encode: Encode, limit: int, max_new_tokens: int) -> Fit:
+    def prepare(self, encode: Encode, limit: int, max_new_tokens: int, model_max: int | None = None) -> Fit:
         """Fit the conversation (last message included) to ``limit``, dropping old turns for good."""
-        fit = fit_to_context(self.messages(), encode, limit, max_new_tokens)
+        fit = fit_to_context(self.messages(), encode, limit, max_new_tokens, model_max)
         if fit.dropped_turns:
             self.drop_oldest(fit.dropped_turns)
         return fit
 
 
+def model_positions(lm) -> int | None:
+    """The most positions the model attends to (``max_position_embeddings``), if it says."""
+    return getattr(lm.spec.config, "max_position_embeddings", None)
+
+
 def context_limit(lm) -> int:
     """Tokens one turn may use: the plan's KV cache, and never more than the model's positions."""
     limit = lm.plan.context
-    max_pos = getattr(lm.spec.config, "max_position_embeddings", None)
+    max_pos = model_positions(lm)
     return min(limit, max_pos) if max_pos else limit

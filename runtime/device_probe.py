@@ -31,7 +31,6 @@ from datetime import date
 import torch
 
 from runtime.device_profile import DeviceProfile, Figure
-from runtime.errors import PromoeError
 
 MB = 10**6
 ProgressFn = Callable[[str, int, int], None]
@@ -218,10 +217,9 @@ def probe_device(device: str = "auto", settings: ProbeSettings | None = None,
     from quant import available_formats
 
     s = settings or ProbeSettings()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PromoeError("--device cuda was asked for, but this torch build sees no CUDA device",
-                          hint="use --device cpu (or auto), or install a CUDA build of torch")  # fmt: skip
+    from runtime.loader import pick_device
+
+    dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda"

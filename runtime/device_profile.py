@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import InvalidSizeError, ProfileError
-from runtime.sizes import parse_bandwidth, parse_duration, parse_size
+from runtime.sizes import format_bytes, parse_bandwidth, parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,6 +205,8 @@ def parse_profile(data: dict[str, Any], *, name: str, path: Path | None = None) 
     if not isinstance(description, str):
         raise bad("description", "must be a string")
     device_type = data.get("device_type")
+    if device_type is None:
+        raise bad("device_type", "is missing", f'add device_type = "cuda" or "cpu"; {README_HINT}')
     if device_type not in DEVICE_TYPES:
         raise bad("device_type", f"must be one of {', '.join(DEVICE_TYPES)} (got {device_type!r})")
     unified = data.get("unified")
@@ -217,8 +219,10 @@ def parse_profile(data: dict[str, Any], *, name: str, path: Path | None = None) 
                 raise bad(fname, "is missing", f"add [{fname}] with value and source; {README_HINT}")
             continue
         figures[fname] = _figure(data[fname], fname, kind, bad)
-    if figures["reserved_memory"].value >= figures["device_memory"].value:
-        raise bad("reserved_memory", "must be smaller than device_memory")
+    reserved, total = figures["reserved_memory"].value, figures["device_memory"].value
+    if reserved >= total:
+        raise bad("reserved_memory", f"({format_bytes(reserved)}) must be smaller than device_memory "
+                                     f"({format_bytes(total)})", "a bare number is bytes: write e.g. \"6GiB\"")  # fmt: skip
     dequant, dequant_source = _dequant(data.get("dequant", {}), bad)
     return DeviceProfile(name, description, device_type, unified, figures, dequant, dequant_source, path)
 

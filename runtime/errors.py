@@ -30,6 +30,10 @@ class CheckpointError(PromoeError):
     """The checkpoint is readable but unusable (missing tensors, a quantized format...)."""
 
 
+class UsageError(PromoeError, ValueError):
+    """An option's value cannot be used here (out of range for this model, a file that is not there)."""
+
+
 class InvalidSizeError(PromoeError, ValueError):
     """A size, bandwidth or duration string could not be parsed."""
 

@@ -72,7 +72,7 @@ class TokenEvent:
 class DoneEvent:
     text: str  # the whole completion
     token_ids: list[int]
-    finish_reason: str  # "stop", "length" or "interrupted"
+    finish_reason: str  # "stop", "length" (max_new_tokens), "context" (the context is full) or "interrupted"
     stats: GenerationStats
 
 
@@ -197,8 +197,13 @@ def stream_generate(
     """
     from transformers import DynamicCache
 
+    from runtime.conversation import PromptTooLongError, context_limit, model_positions
+
     if not prompt_ids:
         raise ValueError("empty prompt")
+    limit = context_limit(lm)  # the KV cache the plan made room for, at most the model's positions
+    if len(prompt_ids) >= limit:
+        raise PromptTooLongError(len(prompt_ids), limit, model_positions(lm))
     model, rt = lm.model, lm.runtime
     lm.cache.recover()
     stops = set() if cfg.ignore_eos else stop_token_ids(lm)
@@ -255,6 +260,9 @@ def stream_generate(
                     reason = "stop"
                     break
                 yield TokenEvent(piece, token, _snapshot(lm, before, len(prompt_ids), len(generated), times))
+                if len(prompt_ids) + len(generated) >= limit:
+                    reason = "context"
+                    break
                 if len(generated) >= cfg.max_new_tokens:
                     break
                 if should_stop is not None and should_stop():

@@ -22,7 +22,7 @@ import torch
 
 from quant import get_format
 from runtime.checkpoint import Checkpoint
-from runtime.errors import CheckpointError, PromoeError
+from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
 from runtime.memory_plan import MemoryPlan, default_context, device_budget, plan_memory
@@ -86,11 +86,17 @@ class LoadedModel:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise UnknownNameError(f"unknown device '{name}'", hint="use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PromoeError("--device cuda was asked for, but this torch build sees no CUDA device",
+        raise UsageError("--device cuda was asked for, but this torch build sees no CUDA device",
                           hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
     return dev
 
@@ -101,8 +107,8 @@ def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | 
             dt = getattr(torch, override)
         except AttributeError:
             dt = None
-        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise PromoeError(f"unknown dtype '{override}'", hint="use float32, bfloat16 or float16")
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UnknownNameError(f"unknown dtype '{override}'", hint="use float32, bfloat16 or float16")
         return dt
     if device.type == "cpu":
         return torch.float32  # bf16 matmuls are several times slower on CPUs without AMX
@@ -237,5 +243,6 @@ def _load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"could not load the tokenizer from {path} ({exc})",
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"could not load the tokenizer from {path} ({first})",
                               hint="the folder needs tokenizer.json or the tokenizer files of its model") from None  # fmt: skip

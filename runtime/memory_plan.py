@@ -39,7 +39,7 @@ import torch
 
 from quant import QuantFormat, available_formats, get_format
 from runtime.checkpoint import Checkpoint
-from runtime.errors import InsufficientMemoryError, PromoeError, UnknownNameError
+from runtime.errors import InsufficientMemoryError, UnknownNameError, UsageError
 from runtime.expert_layout import ExpertLayout
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.resolve import ResolvedModel, resolve_model
@@ -334,7 +334,7 @@ def default_context(config, context: int | None) -> int:
 
     limit = getattr(config, "max_position_embeddings", None)
     if context and limit and context > limit:
-        raise PromoeError(f"--context {context} is longer than this model's {limit} positions",
+        raise UsageError(f"--context {context} is longer than this model's {limit} positions",
                           hint=f"use --context {limit} or less")  # fmt: skip
     return context or min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 

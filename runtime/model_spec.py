@@ -112,6 +112,12 @@ def describe_model(ckpt: Checkpoint) -> ModelSpec:
     hidden, two_inter = (a, b) if transposed else (b, a)
     has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
     src_dtype = _expert_dtype(ckpt, arch, moe_layers[0])
+    top_k = int(config.num_experts_per_tok)
+    if not 1 <= top_k <= num_experts:
+        raise CheckpointError(
+            f"config.json routes each token to {top_k} experts, but the model has {num_experts}",
+            hint="num_experts_per_tok must be between 1 and the number of experts",
+        )
     spec = ModelSpec(
         path=ckpt.path,
         config=config,
@@ -119,7 +125,7 @@ def describe_model(ckpt: Checkpoint) -> ModelSpec:
         meta_model=meta,
         moe_layers=moe_layers,
         num_experts=num_experts,
-        top_k=int(config.num_experts_per_tok),
+        top_k=top_k,
         expert_shape=ExpertShape(hidden, two_inter // 2, has_bias, src_dtype),
         transposed=transposed,
         num_layers=len(layers),

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.errors import PromoeError
+from runtime.errors import StoreError, UsageError
 from runtime.prefetch import Predictor
 
 PREDICTOR_FILE = "predictor.safetensors"
@@ -238,18 +238,24 @@ def load_learned_predictor(
         or not (directory / PREDICTOR_FILE).is_file()
         or not (directory / PREDICTOR_META).is_file()
     ):
-        raise PromoeError(
+        raise UsageError(
             "no learned predictor has been trained for this model",
             hint="train one on your own prompts: promoe train-predictor MODEL --prompts FILE "
             "(or use --prefetch cross-layer, which needs no training)",
         )
-    meta = json.loads((directory / PREDICTOR_META).read_text())
-    tensors = load_file(directory / PREDICTOR_FILE)
-    nets: dict[int, LayerPredictor] = {}
-    for layer in meta["layers"]:
-        net = LayerPredictor(spec.expert_shape.hidden, spec.num_experts, meta["lookahead"], meta["width"])
-        net.load_state_dict(
-            {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
-        )
-        nets[layer] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    try:
+        meta = json.loads((directory / PREDICTOR_META).read_text())
+        tensors = load_file(directory / PREDICTOR_FILE)
+        nets: dict[int, LayerPredictor] = {}
+        for layer in meta["layers"]:
+            net = LayerPredictor(spec.expert_shape.hidden, spec.num_experts, meta["lookahead"], meta["width"])
+            net.load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
+            )
+            nets[layer] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    except Exception as exc:  # noqa: BLE001 - a truncated file, bad JSON, shapes of another model...
+        raise StoreError(
+            f"the learned predictor in {directory} is unreadable ({type(exc).__name__})",
+            hint="train it again: promoe train-predictor MODEL (or use --prefetch cross-layer)",
+        ) from exc
     return LearnedPredictor(nets, spec.moe_layers, spec.top_k, extra)

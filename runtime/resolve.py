@@ -70,7 +70,12 @@ def _hf_cache_dir() -> str:
 def default_model() -> ResolvedModel:
     env = os.environ.get("PROMOE_DEFAULT_MODEL")
     if env:
-        return resolve_model(env)
+        try:
+            return resolve_model(env)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(
+                f"PROMOE_DEFAULT_MODEL={env}: {exc}", hint=f"{exc.hint}; or unset PROMOE_DEFAULT_MODEL"
+            ) from None
     if (BUNDLED_MODEL / "config.json").is_file():
         return ResolvedModel(BUNDLED_MODEL, "bundled", "tiny-code-moe (bundled)")
     path = promoe_home() / "models" / FALLBACK_NAME

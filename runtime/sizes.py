@@ -32,17 +32,26 @@ def parse_size(text: str | int) -> int:
             f"'{text}' is not a size",
             hint="write a number and a unit, e.g. 6GB, 6GiB, 512MB (GB = 10^9 bytes, GiB = 2^30)",
         )
-    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+    value = float(m.group(1)) * _BYTE_UNITS[unit]
+    if unit in ("", "b") and value != int(value):
+        raise InvalidSizeError(
+            f"'{text}' is a fraction of a byte",
+            hint=f"add a unit: {m.group(1)}GB, {m.group(1)}GiB... (a bare number is bytes; e.g. 6GB)",
+        )
+    return int(value)
 
 
 def parse_bandwidth(text: str) -> float:
-    """``"8GB/s"`` -> 8e9 bytes per second."""
+    """``"8GB/s"`` -> 8e9 bytes per second (more than zero)."""
+    hint = "write bytes per second, e.g. 8GB/s or 500MB/s"
     m = re.fullmatch(r"(.+?)\s*/\s*s\s*", str(text))
-    if m is None:
-        raise InvalidSizeError(
-            f"'{text}' is not a bandwidth", hint="write bytes per second, e.g. 8GB/s or 500MB/s"
-        )
-    return float(parse_size(m.group(1)))
+    try:
+        value = float(parse_size(m.group(1))) if m else None
+    except InvalidSizeError:
+        value = None
+    if not value:
+        raise InvalidSizeError(f"'{text}' is not a bandwidth", hint=hint)
+    return value
 
 
 def parse_duration(text: str) -> float:

@@ -105,12 +105,25 @@ def test_prompt_length_fits_the_model():
     assert fit_prompt_len(512, None, 128) == 384  # the default shrinks to fit a short model
     assert fit_prompt_len(32768, None, 128) == 512 and fit_prompt_len(None, None, 128) == 512
     assert fit_prompt_len(512, 300, 128) == 300
-    with pytest.raises(PromoeError, match="512 positions"):
+    with pytest.raises(PromoeError, match="context of 512 tokens"):
         fit_prompt_len(512, 500, 128)
 
 
 def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--prompt-len", "250", "--gen-len", "10"])
-    assert r.exit_code == 1 and "256 positions" in r.stderr and "Traceback" not in r.output
+    assert r.exit_code == 2 and "context of 256 tokens" in r.stderr and "Traceback" not in r.output
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--quality", "--quality-tokens", "300"])
-    assert r.exit_code == 1 and "256 positions" in r.stderr and "Traceback" not in r.output
+    assert r.exit_code == 2 and "256 positions" in r.stderr and "Traceback" not in r.output
+
+
+def test_configs_are_checked_before_anything_runs(tiny_model):
+    from promoe_cli.bench import CONFIGS
+    from runtime.bench import ALL_CONFIGS
+
+    assert CONFIGS == ALL_CONFIGS  # the help and the checks list what bench can run
+    for bad, needle in (("warp", "unknown bench configuration 'warp'"), (",", "--configs is empty")):
+        r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", bad])
+        assert r.exit_code == 2 and r.stderr.startswith("error: " + needle), r.output
+        assert "emulated link" not in r.stderr  # refused before the link was calibrated
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", "learned", "--gen-len", "4"])
+    assert r.exit_code == 2 and "no configuration could run here (learned:" in r.stderr, r.output

@@ -109,5 +109,49 @@ def test_unknown_slot_split(tiny_model):
 
 def test_context_longer_than_the_model(tiny_model):
     one_line_error(
-        invoke("chat", tiny_model("mixtral"), "--context", "100000", "--prompt", "x"), 1, "256 positions"
+        invoke("chat", tiny_model("mixtral"), "--context", "100000", "--prompt", "x"), 2, "256 positions"
     )
+
+
+def test_one_shot_prompt_longer_than_the_context(tiny_model):
+    long = "x " * 400  # more tokens than the tiny model's 256 positions
+    one_line_error(
+        invoke("chat", tiny_model("mixtral"), "--prompt", long, "-n", 4), 2, "the context holds 256"
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [(("--device", "tpu"), "unknown device"), (("--device", "meta"), "unknown device"),
+     (("--dtype", "float64"), "unknown dtype"), (("--top-p", "0"), "--top-p"),
+     (("--link-bandwidth", "0GB/s"), "not a bandwidth"), (("--vram", ""), "is not a size")],
+)  # fmt: skip
+def test_bad_option_values_are_one_line(tiny_model, args, needle):
+    one_line_error(invoke("chat", tiny_model("mixtral"), *args, "--prompt", "x"), 2, needle)
+
+
+def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch):
+    one_line_error(
+        invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, "--trace-out", tmp_path), 2
+    )
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("PROMOE_HOME", str(afile))
+    one_line_error(invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2), 2, str(afile))
+
+
+def test_truncated_checkpoint_and_impossible_top_k(tiny_model, tmp_path):
+    import shutil
+
+    src = tiny_model("mixtral")
+    bad = tmp_path / "truncated"
+    shutil.copytree(src, bad)
+    shard = next(bad.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    one_line_error(invoke("plan", bad), 3, "not a readable safetensors file")
+    topk = tmp_path / "topk"
+    shutil.copytree(src, topk)
+    cfg = json.loads((topk / "config.json").read_text())
+    cfg["num_experts_per_tok"] = cfg["num_local_experts"] + 1
+    (topk / "config.json").write_text(json.dumps(cfg))
+    one_line_error(invoke("plan", topk), 3, "routes each token to")

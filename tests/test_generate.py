@@ -168,3 +168,19 @@ def test_interrupt_between_taking_a_slot_and_recording_it(tiny_model, monkeypatc
             assert len(part.entries) + len(part.free) == part.capacity
     finally:
         lm.close()
+
+
+def test_generation_stops_when_the_context_is_full(tiny_model, monkeypatch):
+    """Prompt plus answer never exceed the planned context; a prompt that fills it is refused."""
+    from runtime.conversation import PromptTooLongError
+
+    lm = load_small(tiny_model("mixtral"), quant="none", slots_per_layer=2)
+    try:
+        monkeypatch.setattr(lm.plan, "context", len(PROMPT) + 5)
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=50, temperature=0, ignore_eos=True))
+        assert done.finish_reason == "context" and len(done.token_ids) == 5
+        monkeypatch.setattr(lm.plan, "context", len(PROMPT))
+        with pytest.raises(PromptTooLongError, match=f"the prompt is {len(PROMPT)} tokens"):
+            generate(lm, PROMPT, SamplingConfig(max_new_tokens=5))
+    finally:
+        lm.close()

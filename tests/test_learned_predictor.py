@@ -62,12 +62,23 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
         assert done.token_ids == want  # prefetching never changes the output
         st = lm.cache.stats.total()
         assert st.prefetches > 0 and st.pred_tp > 0
-        assert (lm.store.path.parent / "predictor.safetensors").is_file()
+        saved = lm.store.path.parent / "predictor.safetensors"
+        assert saved.is_file()
     finally:
         lm.close()
+    good = saved.read_bytes()
+    try:  # a truncated predictor file: one line naming it and how to retrain, no traceback
+        saved.write_bytes(good[: len(good) // 2])
+        r = runner.invoke(
+            app, ["chat", str(path), "--quant", "none", "--prefetch", "learned", "--prompt", "x"]
+        )
+        assert r.exit_code == 5 and r.stderr.startswith("error: the learned predictor in"), r.output
+        assert "promoe train-predictor" in r.stderr and "Traceback" not in r.output
+    finally:
+        saved.write_bytes(good)
 
 
 def test_prefetch_learned_without_training_explains(tiny_model):
     r = runner.invoke(app, ["chat", str(tiny_model("phimoe")), "--prefetch", "learned", "--prompt", "x"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert r.stderr.startswith("error: no learned predictor") and "train-predictor" in r.stderr

@@ -205,7 +205,7 @@ def test_set_changes_sampling_and_bad_values_are_one_line(lm, calls, capsys):
     assert len(calls[0]["done"].token_ids) == 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: temperature must be a number from 0 (greedy) up, not 'hot'",
+        "error: temperature must be a number from 0 (greedy) to 100, not 'hot'",
         "error: top-p must be a number in (0, 1], not '2'",
         "error: no setting 'nope': temperature, top-p, max-new-tokens, seed",
         "error: usage: /set NAME VALUE, e.g. /set temperature 0.2",
@@ -245,7 +245,7 @@ def test_message_too_long_for_the_context(lm, calls, capsys, monkeypatch):
     monkeypatch.setattr(lm.plan, "context", 40)
     session = chat(lm, "word " * 40, "hi")
     err = capsys.readouterr().err
-    assert "error: this message is" in err and "hint:" in err
+    assert "error: the prompt is" in err and "hint:" in err
     assert [m["content"] for m in session.conversation.turns][0] == "hi"  # the long one was not kept
 
 
@@ -280,7 +280,7 @@ def test_fit_drops_oldest_turns_and_keeps_the_system_prompt():
     assert fit.dropped_turns == 2 and fit.messages == [conv[0], conv[-1]]
     fit = fit_to_context(conv, words, limit=7, max_new_tokens=100)  # the answer gets what is left
     assert fit.messages == [conv[0], conv[-1]] and fit.max_new_tokens == 2
-    with pytest.raises(PromptTooLongError, match="5 tokens .* holds 5"):
+    with pytest.raises(PromptTooLongError, match="5 tokens; the context holds 5"):
         fit_to_context(conv, words, limit=5, max_new_tokens=5)
 
 

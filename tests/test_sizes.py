@@ -15,7 +15,7 @@ def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["6XB", "", "GB", "six GB", "6 G B", "-1GB"])
+@pytest.mark.parametrize("text", ["6XB", "", "GB", "six GB", "6 G B", "-1GB", "1.5"])
 def test_bad_sizes_raise_with_a_hint(text):
     with pytest.raises(InvalidSizeError) as exc:
         parse_size(text)
@@ -27,8 +27,9 @@ def test_bandwidth_and_duration():
     assert parse_bandwidth("500 MB/s") == 5e8
     assert parse_duration("20us") == pytest.approx(20e-6)
     assert parse_duration("1.5ms") == pytest.approx(1.5e-3)
-    with pytest.raises(InvalidSizeError):
-        parse_bandwidth("8GB")
+    for bad in ("8GB", "0GB/s", "-5GB/s", "/s"):
+        with pytest.raises(InvalidSizeError, match=f"'{bad}' is not a bandwidth"):
+            parse_bandwidth(bad)
     with pytest.raises(InvalidSizeError):
         parse_duration("20 parsecs")
 
