@@ -132,9 +132,8 @@ class ChatSession:
         from promoe_cli.render import key_value_grid
 
         out.print(key_value_grid([(f"{k} {a}".strip(), d) for k, (a, d) in COMMANDS.items()]))
-        if self.live:
-            out.print()
-            out.print(key_value_grid(KEYS))
+        out.print()
+        out.print(key_value_grid(KEYS if self.live else [k for k in KEYS if k[0] == "//text"]))
         out.print()
         out.print(f"[dim]sampling: {settings_line(self.sampling)}\nWhile an answer is written, the status line "
                   "under it shows the expert-cache hit rate, decode tokens/s, prefetch accuracy and device "

@@ -190,7 +190,9 @@ def test_ctrl_c_while_rendering_and_at_the_prompt(lm, monkeypatch, capsys):
 
 def test_unknown_command_lists_the_commands(lm, calls, capsys):
     chat(lm, "/stast", "/help")
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "//text" in captured.out  # /help says how to send a message starting with /
     assert "unknown command /stast (did you mean /stats?)" in err
     for name in ("/help", "/stats", "/reset", "/system", "/set", "/quit"):
         assert name in err
