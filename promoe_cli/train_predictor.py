@@ -87,6 +87,12 @@ def train_predictor(
 
         lm = load(model, opts)
         try:
+            most = len(lm.spec.moe_layers) - 1
+            if lookahead > most:
+                from runtime.errors import UsageError
+
+                raise UsageError(f"--lookahead {lookahead} looks past the last layer: this model has "
+                                 f"{most + 1} MoE layers", hint=f"use --lookahead {max(most, 1)} or less")  # fmt: skip
             chat = not no_chat_template and prompts is not None
             cut = max(
                 1, min(max_prompt_tokens, context_limit(lm) - new_tokens - 1)

@@ -263,7 +263,7 @@ def run_bench(
                     finally:
                         lm.close()
         except PromoeError as exc:
-            res.status, res.note = "skipped", f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
+            res.status, res.note = "skipped", f"{exc}" + (f"; {exc.hint}" if exc.hint else "")
         results.append(res)
         if on_result:
             on_result(res)

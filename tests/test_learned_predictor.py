@@ -82,3 +82,17 @@ def test_prefetch_learned_without_training_explains(tiny_model):
     r = runner.invoke(app, ["chat", str(tiny_model("phimoe")), "--prefetch", "learned", "--prompt", "x"])
     assert r.exit_code == 2
     assert r.stderr.startswith("error: no learned predictor") and "train-predictor" in r.stderr
+
+
+def test_train_predictor_refuses_what_it_cannot_learn_from(tiny_model, tmp_path):
+    path = str(tiny_model("mixtral"))  # 4 MoE layers
+    r = runner.invoke(app, ["train-predictor", path, "--quant", "none", "--lookahead", "4", "--epochs", "1"])
+    assert r.exit_code == 2 and "--lookahead 4 looks past the last layer" in r.stderr, r.output
+    one = tmp_path / "one.txt"
+    one.write_text("hi\n")
+    r = runner.invoke(
+        app, ["train-predictor", path, "--quant", "none", "--prompts", str(one), "--new-tokens", "2"]
+    )
+    assert r.exit_code == 2 and "a predictor needs at least 64" in r.stderr, r.output
+    r = runner.invoke(app, ["train-predictor", path, "--prompts", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder" in r.stderr, r.output
