@@ -75,7 +75,7 @@ def summary_text(done) -> str:
     s = done.stats
     notes = {
         "length": f" · [warn]stopped at {s.generated_tokens} tokens[/] (/set max-new-tokens N)",
-        "context": f" · [warn]the context is full at {s.prompt_tokens + s.generated_tokens} tokens[/] (/reset)",
+        "context": f" · [warn]the context is full at {s.prompt_tokens + s.generated_tokens} tokens[/]",
         "interrupted": " · [warn]interrupted[/]",
     }
     parts = [

@@ -391,3 +391,11 @@ def test_status_line(lm):
     line = status_text(done.stats, prompt_tokens=5, elapsed=1.0, budget=lm.plan.budget).plain
     assert "6 tokens" in line and "tok/s" in line and "hit rate" in line and "memory" in line
     assert "reading 5 prompt tokens" in status_text(None, prompt_tokens=5, elapsed=1.0, budget=None).plain
+
+
+def test_an_answer_that_fills_the_context_says_so(lm, calls, capsys, monkeypatch):
+    monkeypatch.setattr(lm.plan, "context", 40)
+    chat(lm, "hi", sampling=SamplingConfig(max_new_tokens=500, temperature=0, ignore_eos=True))
+    done = calls[0]["done"]
+    assert done.finish_reason == "context" and len(calls[0]["ids"]) + len(done.token_ids) == 40
+    assert "the context is full at 40 tokens" in capsys.readouterr().err
