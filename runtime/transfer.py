@@ -166,6 +166,7 @@ class ThreadedLink(TransferEngine):
         self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._closed = False
         self._running: Ticket | None = None  # popped from the heap, being copied
+        self._started = itertools.count()  # order in which copies start (ticket.meta["started"])
         self._worker = threading.Thread(target=self._run, name="promoe-link", daemon=True)
         self._worker.start()
 
@@ -184,6 +185,7 @@ class ThreadedLink(TransferEngine):
                 _, _, t = heapq.heappop(self._heap)
                 if t.state == QUEUED:  # else cancelled, or a stale entry of a promoted ticket
                     t.state = RUNNING
+                    t.meta["started"] = next(self._started)
                     self._running = t
                     return t
         return None
