@@ -160,7 +160,16 @@ def bench(
             opts.vram = budget_for_fraction(model, opts, cache_fraction)
         on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
         if on_cpu and (auto_link or (link_bandwidth is None and opts.link_bandwidth is None)):
-            opts.link_bandwidth, compute = calibrate_link(model, opts)
+            import warnings
+
+            from runtime.bench import BusyMachineWarning
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", BusyMachineWarning)
+                opts.link_bandwidth, compute = calibrate_link(model, opts)
+            for w in caught:
+                if issubclass(w.category, BusyMachineWarning):
+                    err.print(f"[warn]{w.message}[/]")
             opts.link_latency = opts.link_latency or 20e-6
             err.print(f"[dim]emulated link: one expert's decode compute takes {compute * 1e3:.2f} ms; "
                       "the link is set so that its copy takes 4x that[/]")  # fmt: skip

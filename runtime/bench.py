@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,7 +202,18 @@ def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tu
             if i >= 10:
                 times.append(time.perf_counter() - t0)
     compute = statistics.median(times)
+    if compute > 2 * min(times):
+        warnings.warn(
+            f"the machine looks busy: one expert's compute took {min(times) * 1e3:.2f} to "
+            f"{max(times) * 1e3:.2f} ms (median {compute * 1e3:.2f}); timings will be noisy",
+            BusyMachineWarning,
+            stacklevel=2,
+        )
     return layout.nbytes / (ratio * compute), compute
+
+
+class BusyMachineWarning(UserWarning):
+    """Calibration timings varied so much that something else is using the machine."""
 
 
 def run_bench(

@@ -127,3 +127,27 @@ def test_configs_are_checked_before_anything_runs(tiny_model):
         assert "emulated link" not in r.stderr  # refused before the link was calibrated
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", "learned", "--gen-len", "4"])
     assert r.exit_code == 2 and "no configuration could run here (learned:" in r.stderr, r.output
+
+
+def test_link_calibration_warns_on_a_busy_machine(tiny_model, monkeypatch):
+    import itertools
+    import time
+
+    import runtime.offload
+    from runtime.bench import BusyMachineWarning, calibrate_link
+    from runtime.loader import LoadOptions
+
+    real = runtime.offload.expert_mlp
+    slow = itertools.cycle([False, True, True])  # two thirds of the runs are held up by "another process"
+
+    def contended(*args, **kw):
+        if next(slow):
+            time.sleep(0.01)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runtime.offload, "expert_mlp", contended)
+    with pytest.warns(BusyMachineWarning, match="the machine looks busy"):
+        bandwidth, compute = calibrate_link(
+            str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu")
+        )
+    assert compute >= 0.01 and bandwidth > 0
