@@ -28,6 +28,7 @@ Slot rules, enforced here on the main thread (stream rules are in the engines):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -294,13 +295,17 @@ class ExpertCache:
         """Make the bookkeeping whole after an interrupted invocation (Ctrl-C can land anywhere).
 
         Waits for every copy issued (so none can land in a slot about to be reused), drops
-        entries whose copy was cancelled, rebuilds each free list from the entries, and
+        entries whose copy was cancelled or failed, rebuilds each free list from the entries, and
         clears pins. Cheap when nothing is in flight; generation calls it before each run.
         """
-        self.transfer.synchronize()
+        # synchronize waits for every copy, then raises if one failed: that copy's entry is
+        # dropped below, and the expert is loaded again when it is used
+        with contextlib.suppress(RuntimeError):
+            self.transfer.synchronize()
         for part in self._parts.values():
             for e, entry in list(part.entries.items()):
-                if entry.ticket is not None and entry.ticket.state == CANCELLED:
+                t = entry.ticket
+                if t is not None and (t.state == CANCELLED or "error" in t.meta):
                     del part.entries[e]
                     part.policy.on_evict(e)
                 elif entry.ticket is not None and self.transfer.is_done(entry.ticket):

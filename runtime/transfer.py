@@ -171,6 +171,8 @@ class ThreadedLink(TransferEngine):
         self._worker.start()
 
     def submit(self, src, dst, slot, layer, urgent):
+        if self._closed:
+            raise RuntimeError("the link is closed")
         gate = threading.Lock()
         gate.acquire()  # released by the worker once the copy is done
         t = Ticket(src, dst, slot, layer, urgent, next(self._seq), event=gate)
@@ -210,18 +212,25 @@ class ThreadedLink(TransferEngine):
             t.event.release()
 
     def is_done(self, ticket):
-        return ticket.state == DONE
+        """Copied, and copied well: a failed copy is never done (``wait`` raises its error)."""
+        return ticket.state == DONE and "error" not in ticket.meta
 
     def _wait_for(self, tickets: list[Ticket]) -> None:
+        """Wait for every ticket to end; then raise the first failed copy's error, if any."""
         self._bell.put(None)  # wakes a worker whose wake-up an interrupt swallowed
         for t in tickets:
             while t.state in (QUEUED, RUNNING):
+                if not self._worker.is_alive():
+                    raise RuntimeError("the link's worker has stopped (was the link closed?)")
                 t.event.acquire(timeout=_POLL_S)  # never released again: the state says DONE
-            if "error" in t.meta:
-                raise RuntimeError(f"copying an expert of layer {t.layer} failed") from t.meta["error"]
+        failed = next((t for t in tickets if "error" in t.meta), None)
+        if failed is not None:
+            raise RuntimeError(f"copying an expert of layer {failed.layer} failed") from failed.meta["error"]
 
     def wait(self, ticket):
-        if ticket.state == DONE:
+        if ticket.state == CANCELLED:
+            raise RuntimeError("waited on a cancelled copy: its slot was never written")
+        if self.is_done(ticket):
             return 0.0
         with self._lock:
             if ticket.state == QUEUED and not ticket.urgent:
@@ -294,10 +303,11 @@ class CudaStreamCopy(TransferEngine):
         while self._inflight and self._inflight[0].event.query():
             self._inflight.popleft().state = DONE
         while self._pending and len(self._inflight) < self.window:
-            t = self._pending.popleft()
+            t = self._pending[0]  # issued before it leaves the queue: an interrupt never strands it
             if t.state == QUEUED:
                 self._issue(t)
                 self._inflight.append(t)
+            self._pending.popleft()
 
     def submit(self, src, dst, slot, layer, urgent):
         t = Ticket(
@@ -316,10 +326,12 @@ class CudaStreamCopy(TransferEngine):
         return ticket.state == DONE
 
     def wait(self, ticket):
-        if ticket.state == QUEUED:  # promote: straight onto the stream
-            self._pending.remove(ticket)
+        if ticket.state == CANCELLED:
+            raise RuntimeError("waited on a cancelled copy: its slot was never written")
+        if ticket.state == QUEUED:  # promote: straight onto the stream, then out of the queue
             ticket.urgent = True
             self._issue(ticket)
+            self._discard(ticket)
         if not self.is_done(ticket):
             compute = torch.cuda.current_stream(self.device)
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -333,9 +345,13 @@ class CudaStreamCopy(TransferEngine):
     def cancel(self, ticket):
         if ticket.state == QUEUED:
             ticket.state = CANCELLED
-            self._pending.remove(ticket)
+            self._discard(ticket)
             return True
         return False
+
+    def _discard(self, ticket: Ticket) -> None:
+        with contextlib.suppress(ValueError):  # already out (an interrupted earlier removal)
+            self._pending.remove(ticket)
 
     def slot_released(self, slot: int) -> None:
         self._free[slot].record(torch.cuda.current_stream(self.device))

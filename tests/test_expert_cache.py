@@ -148,3 +148,44 @@ def test_prefetch_hit_and_wasted_accounting():
         cache.acquire(0, e)
         cache.end(0)
     assert st.prefetch_wasted == 1 and st.wasted_bytes == 10
+
+
+def test_a_failed_copy_is_never_served_and_recover_forgets_it():
+    """A prefetch whose copy raised in the link's worker: using it raises (no stale slot is
+    read as the expert), and recover() drops the entry so the next use loads it afresh."""
+    import torch
+
+    from runtime.transfer import ThreadedLink
+
+    class Layout:
+        nbytes = 16
+
+        def views(self, row):
+            return row
+
+    class Store:
+        layout = Layout()
+        rows = {(0, e): torch.full((16,), e + 1, dtype=torch.uint8) for e in range(4)}
+
+        def row(self, layer, e):
+            return self.rows[(layer, e)]
+
+    store = Store()
+    good = store.rows[(0, 3)]
+    store.rows[(0, 3)] = torch.ones(3, dtype=torch.uint8)  # a copy of it will raise
+    link = ThreadedLink()
+    cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), store=store, transfer=link)
+    try:
+        cache.prefetch(0, 3)
+        cache.begin(0, [3])
+        with pytest.raises(RuntimeError, match="copying an expert of layer 0 failed"):
+            cache.acquire(0, 3)
+        cache.recover()
+        assert 3 not in cache.resident(0)
+        store.rows[(0, 3)] = good
+        cache.begin(0, [3])
+        assert torch.equal(cache.acquire(0, 3), good)
+        cache.release(0, 3)
+        cache.end(0)
+    finally:
+        link.close()

@@ -149,3 +149,32 @@ def test_link_survives_a_wake_up_lost_to_an_interrupt():
         assert link.is_done(lost) and torch.equal(dst, src + 1)
     finally:
         link.close()
+
+
+def test_link_never_passes_off_a_failed_cancelled_or_orphaned_copy():
+    """A copy that failed is not done and its wait raises; waiting on a cancelled copy raises;
+    after close, waits raise instead of spinning and submits are refused."""
+    link = ThreadedLink()
+    try:
+        bad = link.submit(torch.zeros(8), torch.zeros(4), slot=0, layer=3, urgent=True)  # shapes differ
+        with pytest.raises(RuntimeError, match="layer 3 failed"):
+            link.wait(bad)
+        assert not link.is_done(bad)
+        with pytest.raises(RuntimeError, match="layer 3 failed"):
+            link.wait(bad)  # and again: never 'done' later
+    finally:
+        link.close()
+
+    link = ThreadedLink(bandwidth=4e5)  # 40 KB: 0.1 s per copy
+    src, dst = torch.zeros(10_000), torch.zeros(10_000)
+    link.submit(src, dst, slot=0, layer=0, urgent=False)  # the worker takes this one
+    queued = link.submit(src, dst.clone(), slot=1, layer=0, urgent=False)
+    later = link.submit(src, dst.clone(), slot=2, layer=0, urgent=False)
+    assert link.cancel(later)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        link.wait(later)
+    link.close()  # the worker finishes the copy it is on, and stops
+    with pytest.raises(RuntimeError, match="worker has stopped"):
+        link.wait(queued)  # never started: the worker stopped first
+    with pytest.raises(RuntimeError, match="closed"):
+        link.submit(src, dst, slot=0, layer=0, urgent=True)
