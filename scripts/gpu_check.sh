@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The checks of quant/kernels that need a GPU: the CUDA tests, then the benchmark.
+# Everything that needs a GPU, in one go: the CUDA tests (kernels, NF4, the offloaded model
+# with CudaStreamCopy), the kernel benchmark, `promoe profile-device` (its profile saved
+# for docs/), and `promoe bench` on the bundled model. Each writes its log under $OUT.
 #
 #   scripts/gpu_check.sh              on a machine with a CUDA GPU and a CUDA build of torch
 #                                     (triton comes with it on Linux)
@@ -31,7 +33,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/promoe-site"
 fi
 
-TESTS=(tests/test_kernels.py tests/test_nf4.py tests/test_clip_search.py tests/test_quant.py)
+TESTS=(tests/test_cuda.py tests/test_kernels.py tests/test_nf4.py tests/test_clip_search.py tests/test_quant.py)
 
 if [ "$MODE" = "--interpret" ]; then
     if ! "$PY" -c "import triton" 2>/dev/null; then
@@ -80,5 +82,16 @@ BENCH_ARGS=(--json "$LOGS/bench.json")
 bench_status=0
 "$PY" -m quant.kernels.bench "${BENCH_ARGS[@]}" 2>&1 | tee "$LOGS/bench.txt" || bench_status=$?
 
-echo "== tests exit $status, benchmark exit $bench_status; logs in $LOGS/"
-[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "== promoe profile-device (saved as profile gpu-measured; copied to $LOGS/)"
+export PROMOE_HOME=${PROMOE_HOME:-$LOGS/home}
+profile_status=0
+"$PY" -m promoe_cli.main profile-device --write gpu-measured 2>&1 | tee "$LOGS/profile.txt" || profile_status=$?
+cp "$PROMOE_HOME/profiles/gpu-measured.toml" "$LOGS/" 2>/dev/null || true
+
+echo "== promoe bench on the bundled model (real copies, no emulated link)"
+promoe_status=0
+"$PY" -m promoe_cli.main bench --cache-fraction 0.5 2>&1 | tee "$LOGS/promoe_bench.txt" || promoe_status=$?
+
+echo "== tests exit $status, kernel benchmark exit $bench_status, profile exit $profile_status, " \
+     "promoe bench exit $promoe_status; logs in $LOGS/"
+[ "$status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$profile_status" -eq 0 ] && [ "$promoe_status" -eq 0 ]
