@@ -11,6 +11,7 @@ import typer
 from promoe_cli import options as o
 from promoe_cli.console import err, out
 from promoe_cli.errors import handle_errors
+from runtime.bench_configs import ALL_CONFIGS, select_configs
 
 EXAMPLES = (
     "[bold]Examples[/]\n\n"
@@ -20,11 +21,6 @@ EXAMPLES = (
     "[cyan]promoe bench --trace ../shared/traces/mixtral-8x7b-humaneval.jsonl --policy lfu --slots-per-layer 4[/]  "
     "replay a routing trace through the cache"
 )
-
-
-# runtime.bench.ALL_CONFIGS, spelled out so --help does not import torch (a test keeps them equal)
-CONFIGS = ("resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "low-bit", "host-misses",
-           "transformers", "accelerate")  # fmt: skip
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -52,7 +48,7 @@ def bench(
         list[str] | None,
         typer.Option(
             "--configs",
-            help="Comma-separated subset of: " + ", ".join(CONFIGS) + ". \\[default: all]",
+            help="Comma-separated subset of: " + ", ".join(ALL_CONFIGS) + ". \\[default: all]",
         ),
     ] = None,  # fmt: skip
     repeats: Annotated[
@@ -147,7 +143,7 @@ def bench(
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy=policy, slot_split=slot_split, prefetch="none", link_bandwidth=bw,
                             link_latency=link_latency)  # fmt: skip
-        names = _check_configs(configs)
+        names = select_configs(None if configs is None else _split(configs))  # refused before any work
         offline_environment()
         if quality:
             _quality(model, opts, quality_tokens, low_bit, low_bit_threshold, json_out)
@@ -195,23 +191,6 @@ def bench(
 
             plot_report(report, plot)
             err.print(f"[good]wrote[/] {plot}")
-
-
-def _check_configs(values: list[str] | None) -> list[str]:
-    """The configurations asked for, in the documented order; all of them when none was given."""
-    from runtime.errors import UnknownNameError, UsageError
-
-    if values is None:
-        return list(CONFIGS)
-    names = _split(values)
-    if not names:
-        raise UsageError("--configs is empty", hint=f"name one or more of: {', '.join(CONFIGS)}")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise UnknownNameError(
-            f"unknown bench configuration '{unknown[0]}'", hint=f"choose from: {', '.join(CONFIGS)}"
-        )
-    return [c for c in CONFIGS if c in names]
 
 
 def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out: bool) -> None:

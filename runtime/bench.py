@@ -33,26 +33,12 @@ from pathlib import Path
 import torch
 
 from runtime.baselines import bench_hf
+from runtime.bench_configs import PREFETCHING, REACTIVE, select_configs
 from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
-from runtime.errors import PromoeError, UnknownNameError, UsageError
+from runtime.errors import PromoeError, UsageError
 from runtime.loader import LoadedModel, LoadOptions, load_model
 from runtime.memory_plan import default_context
 
-ALL_CONFIGS = (
-    "resident",
-    "on-demand",
-    "lru",
-    "lfu",
-    "arc",
-    "cross-layer",
-    "learned",
-    "low-bit",
-    "host-misses",
-    "transformers",
-    "accelerate",
-)
-REACTIVE = ("lru", "lfu", "arc")
-PREFETCHING = ("cross-layer", "learned", "low-bit", "host-misses")
 DEFAULT_PROMPT_LEN = 512
 # -- prompts ----------------------------------------------------------------------------------
 
@@ -230,13 +216,7 @@ def run_bench(
     low_bit: str = "int2",
     low_bit_threshold: float = 0.3,
 ) -> BenchReport:
-    unknown = [c for c in configs if c not in ALL_CONFIGS]
-    if unknown:
-        raise UnknownNameError(
-            f"unknown bench configuration '{unknown[0]}'", hint=f"choose from: {', '.join(ALL_CONFIGS)}"
-        )
-    # keep the documented order, so on-demand and the reactive policies run before prefetch
-    configs = [c for c in ALL_CONFIGS if c in configs]
+    configs = select_configs(configs)
     results: list[ConfigResult] = []
     best_policy = base.policy
     prompts: list[list[int]] | None = None

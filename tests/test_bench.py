@@ -117,10 +117,10 @@ def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
 
 
 def test_configs_are_checked_before_anything_runs(tiny_model):
-    from promoe_cli.bench import CONFIGS
-    from runtime.bench import ALL_CONFIGS
+    from runtime.bench_configs import ALL_CONFIGS
 
-    assert CONFIGS == ALL_CONFIGS  # the help and the checks list what bench can run
+    r = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert all(name in r.stdout for name in ALL_CONFIGS)  # the help lists what bench can run
     for bad, needle in (("warp", "unknown bench configuration 'warp'"), (",", "--configs is empty")):
         r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", bad])
         assert r.exit_code == 2 and r.stderr.startswith("error: " + needle), r.output
