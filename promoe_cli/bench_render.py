@@ -30,8 +30,9 @@ def render_report(report) -> None:
     cache = f" (cache {report.cache_experts} experts)" if report.cache_experts else ""
     out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget}{cache} "
               f"· link {report.link}")  # fmt: skip
+    runs = f"{report.repeats} run{'' if report.repeats == 1 else 's'}"
     table = Table(caption=f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) "
-                  f"of {report.repeats} run{'' if report.repeats == 1 else 's'}; speedup: decode tok/s against on-demand in this run; hit rate, MB "
+                  f"of {runs}; speedup: decode tok/s against on-demand in this run; hit rate, MB "
                   "and stall per token: decode phase")  # fmt: skip
     for col in ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
                 "stall ms/tok", "device mem"):  # fmt: skip

@@ -30,7 +30,6 @@ def _width(stream) -> int | None:
     return None if tty or os.environ.get("COLUMNS") else 160
 
 
-out = Console(
-    theme=THEME, highlight=False, soft_wrap=True, width=_width(sys.stdout)
-)  # results: completions, tables
-err = Console(theme=THEME, highlight=False, stderr=True, soft_wrap=True, width=_width(sys.stderr))  # the rest
+# results (completions, tables, JSON) on stdout; progress, banners, notices and errors on stderr
+out = Console(theme=THEME, highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(theme=THEME, highlight=False, stderr=True, soft_wrap=True, width=_width(sys.stderr))

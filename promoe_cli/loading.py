@@ -53,33 +53,15 @@ def load_options(
     A ``--profile`` is applied first, then the explicit flags, so flags win over the
     profile (see runtime.device_profile); an explicit ``--vram`` is the whole budget.
     """
-    from runtime.loader import LoadOptions, pick_device, pick_dtype
+    from runtime.loader import LoadOptions, check_low_bit, parse_dtype, pick_device
     from runtime.sizes import parse_bandwidth, parse_duration, parse_size
 
-    pick_device(device)  # an unknown device or dtype fails here, before anything is read
+    # what the loader would refuse anyway, refused here before anything is read or converted
+    pick_device(device)
     if dtype:
-        pick_dtype(pick_device("cpu"), None, dtype)
+        parse_dtype(dtype)
     if extra.get("low_bit"):
-        import torch
-
-        from quant import get_format
-        from runtime.errors import UsageError
-
-        low, main = (
-            get_format(extra["low_bit"]),
-            get_format(quant),
-        )  # an unknown name fails here, with the list
-        shape = (4096, 4096)  # bits per weight barely depend on the shape; this one is typical
-        low_bits, main_bits = (
-            low.bits_per_weight(shape, torch.bfloat16),
-            main.bits_per_weight(shape, torch.bfloat16),
-        )
-        if low_bits >= main_bits:
-            raise UsageError(
-                f"--low-bit {extra['low_bit']} ({low_bits:.2g} bits per weight) is no smaller than the "
-                f"experts themselves (--quant {quant}, {main_bits:.2g} bits)",
-                hint="pick a format with fewer bits, e.g. --low-bit int2",
-            )
+        check_low_bit(extra["low_bit"], quant)
     opts = LoadOptions(quant=quant, context=context, device=device, dtype=dtype, policy=policy, split=slot_split,
                        predictor=prefetch, trace=trace, **extra)  # fmt: skip
     if profile:

@@ -82,6 +82,7 @@ def train_predictor(
         texts = read_prompts(prompts)
         offline_environment()
         from runtime.conversation import context_limit
+        from runtime.errors import UsageError
         from runtime.generate import encode_prompt
         from runtime.predictor import predictor_dir, record_routing, save_predictors, train_predictors
 
@@ -89,20 +90,15 @@ def train_predictor(
         try:
             most = len(lm.spec.moe_layers) - 1
             if lookahead > most:
-                from runtime.errors import UsageError
-
                 raise UsageError(f"--lookahead {lookahead} looks past the last layer: this model has "
                                  f"{most + 1} MoE layers", hint=f"use --lookahead {max(most, 1)} or less")  # fmt: skip
             chat = not no_chat_template and prompts is not None
-            cut = max(
-                1, min(max_prompt_tokens, context_limit(lm) - new_tokens - 1)
-            )  # room for the new tokens
+            room = context_limit(lm) - new_tokens - 1  # prompt tokens that leave room for the new ones
+            cut = max(1, min(max_prompt_tokens, room))
             ids = [encode_prompt(lm.tokenizer, t, chat_template=chat)[:cut] for t in texts]
             with _progress() as progress:
                 data = record_routing(lm, ids, new_tokens=new_tokens, progress=progress)
                 if data.num_tokens < MIN_TOKENS:  # the saved predictor would replace a better one
-                    from runtime.errors import UsageError
-
                     raise UsageError(f"only {data.num_tokens} tokens were recorded; a predictor needs at least "
                                      f"{MIN_TOKENS} to learn from (and to hold some out)",
                                      hint="give more or longer prompts, or more --new-tokens")  # fmt: skip

@@ -149,11 +149,16 @@ def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> 
     return fixed + slots * p.expert_bytes
 
 
+class BusyMachineWarning(UserWarning):
+    """Calibration timings varied so much that something else is using the machine."""
+
+
 def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tuple[float, float]:
     """An emulated link on which one expert copy takes ``ratio`` times one expert's decode compute.
 
     Times one expert (random weights of the model's expert shape, in the run's format) on
-    one token, median of 50 after warm-up. Returns (bytes per second, compute seconds).
+    one token, median of 50 after warm-up. Returns (bytes per second, compute seconds);
+    warns (BusyMachineWarning) when the median is over twice the fastest run.
     """
     from quant import get_format
     from runtime.expert_layout import ExpertLayout
@@ -196,10 +201,6 @@ def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tu
             stacklevel=2,
         )
     return layout.nbytes / (ratio * compute), compute
-
-
-class BusyMachineWarning(UserWarning):
-    """Calibration timings varied so much that something else is using the machine."""
 
 
 def run_bench(

@@ -101,15 +101,31 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def parse_dtype(name: str) -> torch.dtype:
+    """``--dtype``: float32, bfloat16 or float16."""
+    dt = getattr(torch, name, None)
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnknownNameError(f"unknown dtype '{name}'", hint="use float32, bfloat16 or float16")
+    return dt
+
+
+def check_low_bit(low_bit: str, quant: str) -> None:
+    """A low-bit copy must be smaller than the expert it stands in for (and both formats known)."""
+    low, main = get_format(low_bit), get_format(quant)  # an unknown name fails here, with the list
+    shape = (4096, 4096)  # bits per weight barely depend on the shape; this one is typical
+    low_bits = low.bits_per_weight(shape, torch.bfloat16)
+    main_bits = main.bits_per_weight(shape, torch.bfloat16)
+    if low_bits >= main_bits:
+        raise UsageError(
+            f"--low-bit {low_bit} ({low_bits:.2g} bits per weight) is no smaller than the experts "
+            f"themselves (--quant {quant}, {main_bits:.2g} bits)",
+            hint="pick a format with fewer bits, e.g. --low-bit int2",
+        )
+
+
 def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | None) -> torch.dtype:
     if override:
-        try:
-            dt = getattr(torch, override)
-        except AttributeError:
-            dt = None
-        if dt not in (torch.float32, torch.bfloat16, torch.float16):
-            raise UnknownNameError(f"unknown dtype '{override}'", hint="use float32, bfloat16 or float16")
-        return dt
+        return parse_dtype(override)
     if device.type == "cpu":
         return torch.float32  # bf16 matmuls are several times slower on CPUs without AMX
     return torch.float16 if expert_dtype == torch.float16 else torch.bfloat16
@@ -178,6 +194,7 @@ def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, mode
 
     low_store = low_fmt = None
     if opts.low_bit is not None:
+        check_low_bit(opts.low_bit, opts.quant)
         low_fmt = get_format(opts.low_bit)
         low_store, _ = open_store(ckpt, spec, low_fmt, home=home, pin=device.type == "cuda",
                                   quantize_device=device if device.type == "cuda" else None,
