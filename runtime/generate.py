@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from runtime.conversation import PromptTooLongError, context_limit, model_positions
 from runtime.loader import LoadedModel
 from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
 from runtime.stats import ExpertStats
@@ -196,8 +197,6 @@ def stream_generate(
     ends the stream the same way, and the cache is made whole again on the next run.
     """
     from transformers import DynamicCache
-
-    from runtime.conversation import PromptTooLongError, context_limit, model_positions
 
     if not prompt_ids:
         raise ValueError("empty prompt")

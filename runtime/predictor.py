@@ -243,19 +243,22 @@ def load_learned_predictor(
             hint="train one on your own prompts: promoe train-predictor MODEL --prompts FILE "
             "(or use --prefetch cross-layer, which needs no training)",
         )
-    try:
+    nets: dict[int, LayerPredictor] = {}
+    try:  # reading only: a failure here is the files, not the device
         meta = json.loads((directory / PREDICTOR_META).read_text())
         tensors = load_file(directory / PREDICTOR_FILE)
-        nets: dict[int, LayerPredictor] = {}
         for layer in meta["layers"]:
             net = LayerPredictor(spec.expert_shape.hidden, spec.num_experts, meta["lookahead"], meta["width"])
             net.load_state_dict(
                 {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(layer)}
             )
-            nets[layer] = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            nets[layer] = net
     except Exception as exc:  # noqa: BLE001 - a truncated file, bad JSON, shapes of another model...
         raise StoreError(
             f"the learned predictor in {directory} is unreadable ({type(exc).__name__})",
             hint="train it again: promoe train-predictor MODEL (or use --prefetch cross-layer)",
         ) from exc
+    nets = {
+        layer: net.to(device=device, dtype=dtype).eval().requires_grad_(False) for layer, net in nets.items()
+    }
     return LearnedPredictor(nets, spec.moe_layers, spec.top_k, extra)
