@@ -152,7 +152,7 @@ def bench(
 
         from runtime.bench import budget_for_fraction, calibrate_link, run_bench
 
-        if opts.vram is None and not profile and not (opts.device == "auto" and torch.cuda.is_available()):
+        if opts.vram is None and not profile:
             opts.vram = budget_for_fraction(model, opts, cache_fraction)
         on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
         if on_cpu and (auto_link or (link_bandwidth is None and opts.link_bandwidth is None)):

@@ -139,14 +139,16 @@ def _promoe_options(
 
 
 def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> int:
-    """The budget whose expert cache holds ``fraction`` of all experts (beside everything else)."""
+    """The budget whose expert cache holds ``fraction`` of all experts (beside everything else),
+    at most what the device has (on CUDA, its free memory; the CPU has no such limit)."""
     from runtime.memory_plan import plan_load
 
     lp = plan_load(ref, dataclasses.replace(base, vram=None, max_slots=None))
     p = lp.plan
     fixed = p.reserved + p.non_expert + p.kv_cache + p.workspace
     slots = max(round(fraction * p.total_experts), len(lp.spec.moe_layers))
-    return fixed + slots * p.expert_bytes
+    wanted = fixed + slots * p.expert_bytes
+    return wanted if p.budget is None else min(wanted, p.budget)
 
 
 class BusyMachineWarning(UserWarning):

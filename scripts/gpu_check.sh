@@ -88,7 +88,7 @@ profile_status=0
 "$PY" -m promoe_cli.main profile-device --write gpu-measured 2>&1 | tee "$LOGS/profile.txt" || profile_status=$?
 cp "$PROMOE_HOME/profiles/gpu-measured.toml" "$LOGS/" 2>/dev/null || true
 
-echo "== promoe bench on the bundled model (real copies, no emulated link)"
+echo "== promoe bench on the bundled model (half the experts cached, real copies, no emulated link)"
 promoe_status=0
 "$PY" -m promoe_cli.main bench --cache-fraction 0.5 2>&1 | tee "$LOGS/promoe_bench.txt" || promoe_status=$?
 

@@ -151,3 +151,17 @@ def test_link_calibration_warns_on_a_busy_machine(tiny_model, monkeypatch):
             str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu")
         )
     assert compute >= 0.01 and bandwidth > 0
+
+
+def test_cache_fraction_budget_never_exceeds_the_device(tiny_model, monkeypatch):
+    import runtime.memory_plan as mp
+    from runtime.bench import budget_for_fraction
+    from runtime.loader import LoadOptions
+
+    path, opts = str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu")
+    half = budget_for_fraction(path, opts, 0.5)  # the CPU sets no limit
+    assert budget_for_fraction(path, opts, 1.0) > half
+    monkeypatch.setattr(
+        mp, "device_budget", lambda device, vram: half if vram is None else vram
+    )  # a small GPU
+    assert budget_for_fraction(path, opts, 1.0) == half
