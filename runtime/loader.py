@@ -31,7 +31,7 @@ from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
 from runtime.prefetch import Prefetcher, make_predictor
 from runtime.resolve import ResolvedModel, promoe_home, resolve_model
-from runtime.transfer import CudaStreamCopy, InlineCopy, ThreadedLink, TransferEngine
+from runtime.transfer import CudaStreamCopy, EmulatedLink, InlineCopy, TransferEngine
 
 DEFAULT_CONTEXT = 4096
 
@@ -134,9 +134,9 @@ def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | 
 def make_transfer(device: torch.device, num_slots: int, opts: LoadOptions) -> TransferEngine:
     if device.type == "cuda":
         return CudaStreamCopy(device, num_slots)
-    if opts.predictor != "none":
-        return ThreadedLink(opts.link_bandwidth, opts.link_latency)
-    return InlineCopy(opts.link_bandwidth, opts.link_latency)
+    if opts.link_bandwidth or opts.link_latency:
+        return EmulatedLink(opts.link_bandwidth, opts.link_latency)
+    return InlineCopy()
 
 
 def load_model(
@@ -202,9 +202,8 @@ def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, mode
     link = (opts.link_bandwidth, opts.link_latency)
     gate_fn = model.model.layers[spec.moe_layers[0]].mlp.experts._gate_fn
     cost = calibrate(store, fmt, device, link, gate_fn)
-    emulate = link if device.type == "cpu" and (opts.link_bandwidth or opts.link_latency) else None
     return MissHandler(cache, store, fmt, cost, host=opts.host_misses, low_store=low_store, low_fmt=low_fmt,
-                       threshold=opts.low_bit_threshold, emulate=emulate)  # fmt: skip
+                       threshold=opts.low_bit_threshold)  # fmt: skip
 
 
 def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,

@@ -29,7 +29,6 @@ from quant import QuantFormat
 from runtime.expert_cache import ExpertCache
 from runtime.expert_layout import ExpertLayout
 from runtime.expert_store import ExpertStore
-from runtime.transfer import _emulate
 
 ROUTES = ("copy", "low-bit", "host")
 
@@ -62,12 +61,10 @@ class MissHandler:
         low_store: ExpertStore | None = None,
         low_fmt: QuantFormat | None = None,
         threshold: float = 0.3,
-        emulate: tuple[float | None, float] | None = None,
     ) -> None:
         self.cache, self.store, self.fmt, self.cost = cache, store, fmt, cost
         self.host = host
         self.low_store, self.low_fmt, self.threshold = low_store, low_fmt, threshold
-        self.emulate = emulate  # (bandwidth, latency) of an emulated link, for low-bit copies
         self._scratch: torch.Tensor | None = None
         if low_store is not None:
             self._scratch = torch.empty(low_store.layout.nbytes, dtype=torch.uint8, device=cache.device)
@@ -90,12 +87,8 @@ class MissHandler:
             y = expert_mlp(xh, w, self.fmt, self.store.layout, gate_fn).to(x.device, x.dtype)
             self.cache.record_bypass(layer, expert, "host", nbytes=0, stall_s=0.0)
             return y
-        t0 = time.perf_counter()
         row = self.low_store.row(layer, expert)
-        self._scratch.copy_(row, non_blocking=True)  # same stream as compute: ordered after earlier reads
-        if self.emulate is not None:
-            _emulate(t0, row.numel(), *self.emulate)
-        stall = time.perf_counter() - t0 if x.device.type == "cpu" else 0.0
+        stall = self.cache.transfer.copy_now(row, self._scratch, layer)
         self.cache.record_bypass(layer, expert, "low-bit", nbytes=row.numel(), stall_s=stall)
         w = self.low_store.layout.views(self._scratch)
         return expert_mlp(x, w, self.low_fmt, self.low_store.layout, gate_fn)

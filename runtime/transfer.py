@@ -2,12 +2,13 @@
 
 Three engines share one interface (:class:`TransferEngine`):
 
-* :class:`InlineCopy` copies in the caller's thread, at once. The simplest link, used
-  on the CPU when nothing is prefetched and no link is emulated.
-* :class:`ThreadedLink` is a link played by one worker thread: copies run one at a time,
-  on-demand (urgent) copies ahead of queued prefetches, and an optional emulated link
-  makes each copy take ``latency + bytes / bandwidth`` of wall-clock, so the overlap of
-  copies with compute can be measured on any machine.
+* :class:`InlineCopy` copies in the caller's thread, at once: the CPU with no link to
+  model.
+* :class:`EmulatedLink` models a host-to-device link of a given bandwidth and per-copy
+  latency on the CPU, as a timeline on the wall clock (no thread): copies run one at a
+  time, on-demand (urgent) copies ahead of queued prefetches, each lasting
+  ``latency + bytes / bandwidth``, while compute goes on, so the overlap of copies with
+  compute can be measured on any machine.
 * :class:`CudaStreamCopy` issues copies from pinned host memory on a dedicated CUDA
   stream, with events so compute waits on the GPU only for the slots it uses.
 
@@ -19,12 +20,10 @@ writing (in flight), so the engines need no locks on slot data.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
-import queue
-import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -44,8 +43,8 @@ class Ticket:
     urgent: bool
     seq: int
     state: str = QUEUED
-    event: object = None  # torch.cuda.Event (CudaStreamCopy) or the gate Lock (ThreadedLink)
-    copy_s: float = 0.0  # wall-clock of the copy itself (CPU engines)
+    event: object = None  # torch.cuda.Event (CudaStreamCopy)
+    copy_s: float = 0.0  # how long the copy took on the link (EmulatedLink)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -85,26 +84,25 @@ class TransferEngine(ABC):
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
 
+    def copy_now(self, src: torch.Tensor, dst: torch.Tensor, layer: int) -> float:
+        """Copy into a buffer outside the slots (a low-bit copy on a miss), ready for the
+        compute issued next; returns host stall seconds. Compute reads ``dst`` in order
+        after this, and earlier reads of ``dst`` come before the copy."""
+        dst.copy_(src, non_blocking=True)  # on the compute stream: ordered with its reads
+        return 0.0
+
     def close(self) -> None:
         pass
 
 
 class InlineCopy(TransferEngine):
-    """Copy at submit time, in the caller's thread (optionally sleeping to emulate a link)."""
+    """Copy at submit time, in the caller's thread: no link to model (the CPU, nothing emulated)."""
 
     name = "inline"
 
-    def __init__(self, bandwidth: float | None = None, latency: float = 0.0) -> None:
-        super().__init__()
-        self.bandwidth = bandwidth
-        self.latency = latency
-
     def submit(self, src, dst, slot, layer, urgent):
         t = Ticket(src, dst, slot, layer, urgent, next(self._seq))
-        t0 = time.perf_counter()
         dst.copy_(src)
-        _emulate(t0, t.nbytes, self.bandwidth, self.latency)
-        t.copy_s = time.perf_counter() - t0
         t.state = DONE
         return t
 
@@ -112,117 +110,109 @@ class InlineCopy(TransferEngine):
         return True
 
     def wait(self, ticket):
-        """The copy already ran inside ``submit``, on the compute path: that time was the stall."""
-        stall, ticket.copy_s = ticket.copy_s, 0.0  # reported once
-        return stall
+        return 0.0
 
     def cancel(self, ticket):
         return False
 
 
-def _emulate(t0: float, nbytes: int, bandwidth: float | None, latency: float) -> None:
-    """Sleep until ``latency + nbytes / bandwidth`` has passed since ``t0``."""
-    if bandwidth is None and latency <= 0:
-        return
-    target = latency + (nbytes / bandwidth if bandwidth else 0.0)
-    remaining = target - (time.perf_counter() - t0)
-    if remaining > 0:
-        time.sleep(remaining)
+class EmulatedLink(TransferEngine):
+    """A host-to-device link of a given bandwidth and per-copy latency, kept as a timeline.
 
+    A GPU's copy engine moves bytes while the compute units work and costs them nothing.
+    This engine plays one with no thread at all: it keeps the link's timeline on the
+    wall clock. Copies run one at a time, like one PCIe link; when the link is free it
+    takes the next copy, urgent (on-demand) ones first, then in submission order, and
+    that copy lasts ``latency + nbytes / bandwidth``. The timeline is brought up to the
+    present whenever the engine is asked anything (:meth:`_advance`); a copy's bytes are
+    written into its slot when its end is first seen, before anyone may read them (the
+    cache reads a slot only after ``is_done`` or ``wait``). ``wait`` sleeps until the
+    copy ends: that sleep is the stall. A queued copy can be cancelled, or promoted to
+    urgent by waiting on it.
 
-# How long a waiting thread sleeps before it looks again without being woken. Wake-ups are
-# normally prompt; this bounds what one lost to a KeyboardInterrupt can cost (see below).
-_POLL_S = 0.05
+    An earlier version played the link with a worker thread. On a machine with few cores
+    that thread's wake-ups preempted torch's compute threads, which then waited for each
+    other: about 7 ms per token on the bundled model on 2 cores, more than prefetch saved.
+    A copy engine costs compute nothing, and neither does this one, except the memory copy
+    itself (about 10 us for one bundled-model expert).
 
-
-class ThreadedLink(TransferEngine):
-    """A link played by one worker thread (CPU device, or any device without streams).
-
-    Rules: one copy at a time, like one PCIe link; urgent tickets first, then FIFO; a
-    queued ticket can be cancelled or promoted to urgent (``wait`` promotes). With
-    ``bandwidth``/``latency`` set, each copy lasts ``latency + nbytes / bandwidth``
-    seconds of wall-clock (the copy itself, then a sleep for the rest), so a slow link
-    can be emulated and overlap measured. Torch copies and sleeps release the GIL, so
-    the worker overlaps with compute on the main thread.
-
-    Ctrl-C may raise KeyboardInterrupt in the main thread between any two bytecodes,
-    including inside ``threading.Condition``'s Python code, which can then leave its
-    lock held or released twice. So the main thread touches only primitives written in
-    C, whose calls an interrupt cannot split: ``with self._lock`` (a plain Lock) around
-    the queue and ticket states, a ``SimpleQueue`` doorbell to wake the worker, and a
-    per-ticket Lock (``gate``) held until the copy is done. Every wait has a timeout
-    and looks at the ticket's state again, so a wake-up lost to an interrupt costs at
-    most ``_POLL_S``, never a hang. The worker itself never sees KeyboardInterrupt.
+    Ctrl-C can land between any two bytecodes. Every change of state here is one
+    assignment made after what it depends on (a copy's start and end are set before it is
+    marked running, its bytes are written before it is marked done), and every step can
+    be repeated, so an interrupted step is redone at the next call. Nothing can hang.
     """
 
-    name = "thread"
+    name = "emulated"
 
-    def __init__(self, bandwidth: float | None = None, latency: float = 0.0) -> None:
+    def __init__(self, bandwidth: float | None = None, latency: float = 0.0, *,
+                 clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
         super().__init__()
         self.bandwidth = bandwidth
         self.latency = latency
-        self._heap: list[tuple[int, int, Ticket]] = []
-        self._lock = threading.Lock()
-        self._bell: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._closed = False
-        self._running: Ticket | None = None  # popped from the heap, being copied
+        self._clock, self._sleep = clock, sleep  # tests drive a fake clock
+        self._open: list[Ticket] = []  # queued or running, in submission order
+        self._free_at = 0.0  # when the link ended its last copy
         self._started = itertools.count()  # order in which copies start (ticket.meta["started"])
-        self._worker = threading.Thread(target=self._run, name="promoe-link", daemon=True)
-        self._worker.start()
+        self._closed = False
+
+    def duration(self, nbytes: int) -> float:
+        return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
 
     def submit(self, src, dst, slot, layer, urgent):
         if self._closed:
             raise RuntimeError("the link is closed")
-        gate = threading.Lock()
-        gate.acquire()  # released by the worker once the copy is done
-        t = Ticket(src, dst, slot, layer, urgent, next(self._seq), event=gate)
-        with self._lock:
-            heapq.heappush(self._heap, (0 if urgent else 1, t.seq, t))
-        self._bell.put(None)
+        now = self._clock()
+        self._advance(now)
+        t = Ticket(src, dst, slot, layer, urgent, next(self._seq))
+        t.meta["submitted"] = now
+        self._open = [*self._open, t]
+        self._advance(now)
         return t
 
-    def _next(self) -> Ticket | None:
-        with self._lock:
-            while self._heap:
-                _, _, t = heapq.heappop(self._heap)
-                if t.state == QUEUED:  # else cancelled, or a stale entry of a promoted ticket
-                    t.state = RUNNING
-                    t.meta["started"] = next(self._started)
-                    self._running = t
-                    return t
-        return None
-
-    def _run(self) -> None:
-        while not self._closed:
-            t = self._next()
-            if t is None:
-                with contextlib.suppress(queue.Empty):
-                    self._bell.get(timeout=_POLL_S)
+    def _advance(self, now: float) -> None:
+        """Bring the timeline up to ``now``: end the copies due, start the next ones."""
+        while True:
+            running = next((t for t in self._open if t.state == RUNNING), None)
+            if running is not None:
+                if running.meta["end"] > now:
+                    return
+                try:
+                    running.dst.copy_(running.src)
+                except Exception as exc:  # noqa: BLE001 - handed to the waiter, which raises it
+                    running.meta["error"] = exc
+                running.copy_s = running.meta["end"] - running.meta["start"]
+                self._free_at = running.meta["end"]
+                running.state = DONE
                 continue
-            t0 = time.perf_counter()
-            try:
-                t.dst.copy_(t.src)
-                _emulate(t0, t.nbytes, self.bandwidth, self.latency)
-            except Exception as exc:  # noqa: BLE001 - handed to the waiter, which raises it
-                t.meta["error"] = exc
-            t.copy_s = time.perf_counter() - t0
-            with self._lock:
-                t.state = DONE
-                self._running = None
-            t.event.release()
+            queued = [t for t in self._open if t.state == QUEUED]
+            self._open = queued  # done and cancelled copies leave
+            if not queued:
+                return
+            # every queued copy was submitted before the link freed (each submit advances
+            # first), so the link picks among all of them: urgent first, then in order
+            nxt = min(queued, key=lambda t: (not t.urgent, t.seq))
+            start = max(self._free_at, nxt.meta["submitted"])
+            nxt.meta["start"] = start
+            nxt.meta["end"] = start + self.duration(nxt.nbytes)
+            nxt.meta["started"] = next(self._started)
+            nxt.state = RUNNING
 
     def is_done(self, ticket):
         """Copied, and copied well: a failed copy is never done (``wait`` raises its error)."""
+        if ticket.state in (QUEUED, RUNNING):
+            self._advance(self._clock())
         return ticket.state == DONE and "error" not in ticket.meta
 
-    def _wait_for(self, tickets: list[Ticket]) -> None:
-        """Wait for every ticket to end; then raise the first failed copy's error, if any."""
-        self._bell.put(None)  # wakes a worker whose wake-up an interrupt swallowed
-        for t in tickets:
-            while t.state in (QUEUED, RUNNING):
-                if not self._worker.is_alive():
-                    raise RuntimeError("the link's worker has stopped (was the link closed?)")
-                t.event.acquire(timeout=_POLL_S)  # never released again: the state says DONE
+    def _sleep_until_done(self, tickets: list[Ticket]) -> None:
+        while True:
+            now = self._clock()
+            self._advance(now)
+            if all(t.state not in (QUEUED, RUNNING) for t in tickets):
+                break
+            running = next((t for t in self._open if t.state == RUNNING), None)
+            if running is not None:  # else an interrupted step left nothing running: advance redoes it
+                self._sleep(max(running.meta["end"] - now, 0.0))
         failed = next((t for t in tickets if "error" in t.meta), None)
         if failed is not None:
             raise RuntimeError(f"copying an expert of layer {failed.layer} failed") from failed.meta["error"]
@@ -230,34 +220,29 @@ class ThreadedLink(TransferEngine):
     def wait(self, ticket):
         if ticket.state == CANCELLED:
             raise RuntimeError("waited on a cancelled copy: its slot was never written")
-        if self.is_done(ticket):
-            return 0.0
-        with self._lock:
-            if ticket.state == QUEUED and not ticket.urgent:
-                ticket.urgent = True  # re-queue ahead of the prefetches; the old entry is skipped
-                heapq.heappush(self._heap, (0, ticket.seq, ticket))
-        t0 = time.perf_counter()
-        self._wait_for([ticket])
-        return time.perf_counter() - t0
+        t0 = self._clock()
+        if ticket.state == QUEUED:
+            ticket.urgent = True  # the link takes it next
+        self._sleep_until_done([ticket])
+        return self._clock() - t0
 
     def cancel(self, ticket):
-        with self._lock:
+        if ticket.state == QUEUED:
+            self._advance(self._clock())  # it may have started by now
             if ticket.state == QUEUED:
                 ticket.state = CANCELLED
                 return True
         return False
 
     def synchronize(self) -> None:
-        with self._lock:
-            pending = [t for _, _, t in self._heap]
-            if self._running is not None:
-                pending.append(self._running)
-        self._wait_for(pending)
+        self._sleep_until_done(list(self._open))
+
+    def copy_now(self, src, dst, layer):
+        """Over the link like any on-demand copy: after the copy in progress, ahead of prefetches."""
+        return self.wait(self.submit(src, dst, slot=-1, layer=layer, urgent=True))
 
     def close(self) -> None:
         self._closed = True
-        self._bell.put(None)
-        self._worker.join(timeout=5)
 
 
 class CudaStreamCopy(TransferEngine):

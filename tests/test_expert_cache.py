@@ -155,7 +155,7 @@ def test_a_failed_copy_is_never_served_and_recover_forgets_it():
     read as the expert), and recover() drops the entry so the next use loads it afresh."""
     import torch
 
-    from runtime.transfer import ThreadedLink
+    from runtime.transfer import EmulatedLink
 
     class Layout:
         nbytes = 16
@@ -173,7 +173,7 @@ def test_a_failed_copy_is_never_served_and_recover_forgets_it():
     store = Store()
     good = store.rows[(0, 3)]
     store.rows[(0, 3)] = torch.ones(3, dtype=torch.uint8)  # a copy of it will raise
-    link = ThreadedLink()
+    link = EmulatedLink()
     cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), store=store, transfer=link)
     try:
         cache.prefetch(0, 3)
