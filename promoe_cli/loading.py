@@ -147,9 +147,10 @@ def banner(lm, profile: str | None = None) -> None:
         f"({format_bytes(plan.expert_bytes)} each)",
         soft_wrap=False,
     )
-    err.print(
-        f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
-        f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}",
-        soft_wrap=False,
-    )
+    if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
+        cache = f"all {total} experts read in place from host memory · {where}, {budget}"
+    else:
+        cache = (f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
+                 f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip
+    err.print(cache, soft_wrap=False)
     err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)

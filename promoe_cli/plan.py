@@ -117,7 +117,10 @@ def _render(lp, opts, profile: str | None) -> None:
         out.print(f"emulated link: {link}")
     for note in p.notes:
         out.print(f"note: {note}")
-    if p.budget is None:
+    if p.in_place:
+        err.print("[dim]no budget given: the CPU reads every expert in place from the host store; "
+                  "use --profile or --vram to plan a device's cache[/]")  # fmt: skip
+    elif p.budget is None:
         err.print("[dim]no budget given: every expert resident; use --profile or --vram to size the cache[/]")
     elif lp.device.type == "cpu" and opts.link_bandwidth is not None and str(lp.dtype) == "torch.float32":
         err.print(f"[dim]planned in {str(lp.dtype).removeprefix('torch.')}, as the CPU computes; "

@@ -77,6 +77,7 @@ class ExpertCache:
         stats: ExpertStats | None = None,
         retain: bool = True,
         expert_bytes: int | None = None,
+        in_place: bool = False,
     ) -> None:
         if any(n < 1 for n in slots_per_layer.values()):
             raise ValueError("every MoE layer needs at least one slot")
@@ -95,7 +96,22 @@ class ExpertCache:
         self.num_slots = start
         self.slots: torch.Tensor | None = None
         self._views: list[ExpertWeights] = []
-        if self.layout is not None:
+        # in place: the device is the host and every expert fits, so compute reads the store's
+        # own rows and nothing is ever copied (a copy would double the experts' memory)
+        self.in_place: dict[int, list[ExpertWeights]] | None = None
+        if in_place:
+            if store is None or self.device.type != "cpu":
+                raise ValueError("in-place experts need a host store and the CPU as the device")
+            self.in_place = {}
+            for layer, part in self._parts.items():
+                n = store.rows(layer).shape[0]
+                if part.capacity < n:
+                    raise ValueError(f"in-place experts need a slot for each of layer {layer}'s {n} experts")
+                self.in_place[layer] = [self.layout.views(store.row(layer, e)) for e in range(n)]
+                for e in range(n):
+                    part.entries[e] = _Entry(e, part.free.pop(), None, prefetched=False)
+                    part.policy.on_insert(e)
+        elif self.layout is not None:
             # T = slots, B = bytes per expert row
             self.slots = torch.empty(
                 (start, self.layout.nbytes), dtype=torch.uint8, device=self.device
@@ -105,7 +121,8 @@ class ExpertCache:
     # -- queries ----------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        return self.num_slots * self.expert_bytes
+        """Device bytes of the slots (none when the experts are read in place)."""
+        return 0 if self.in_place is not None else self.num_slots * self.expert_bytes
 
     def capacity(self, layer: int) -> int:
         return self._parts[layer].capacity
@@ -177,6 +194,8 @@ class ExpertCache:
             entry.prefetched = False
         part.policy.on_access(expert, hit)
         part.pinned.add(expert)
+        if self.in_place is not None:
+            return self.in_place[layer][expert]
         return self._views[entry.slot] if self._views else None
 
     def record_bypass(self, layer: int, expert: int, route: str, nbytes: int, stall_s: float) -> None:
@@ -235,7 +254,8 @@ class ExpertCache:
         if self.slots is not None:
             src = self.store.row(part.layer, expert)
             ticket = self.transfer.submit(src, self.slots[slot], slot, part.layer, urgent=not prefetch)
-        self.stats.layer(part.layer).bytes_moved += self.expert_bytes
+        if self.in_place is None:
+            self.stats.layer(part.layer).bytes_moved += self.expert_bytes
         entry = part.entries[expert] = _Entry(expert, slot, ticket, prefetched=prefetch)
         part.policy.on_insert(expert)
         return entry

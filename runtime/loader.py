@@ -25,7 +25,7 @@ from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
-from runtime.memory_plan import MemoryPlan, default_context, device_budget, plan_memory
+from runtime.memory_plan import MemoryPlan, default_context, device_budget, experts_in_place, plan_memory
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
@@ -155,7 +155,8 @@ def load_model(
     context = default_context(spec.config, opts.context)
     budget = device_budget(device, opts.vram)
     plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=opts.reserved,
-                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots)  # fmt: skip
+                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots,
+                       in_place=experts_in_place(device, opts))  # fmt: skip
     timings["resolve_s"] = time.perf_counter() - t_start
 
     home = opts.home or promoe_home()
@@ -167,7 +168,7 @@ def load_model(
     t0 = time.perf_counter()
     transfer = make_transfer(device, plan.slots, opts)
     cache = ExpertCache(plan.slots_per_layer, lambda layer, cap: policy_cls(cap), store=store, device=device,
-                        transfer=transfer, retain=opts.retain)  # fmt: skip
+                        transfer=transfer, retain=opts.retain, in_place=plan.in_place)  # fmt: skip
     rt = OffloadRuntime(cache, store.layout, fmt, tracer=RoutingTracer() if opts.trace else None)
     model = spec.meta_model
     for layer in spec.moe_layers:
@@ -176,8 +177,10 @@ def load_model(
     _materialize(model, spec, ckpt, device, dtype, progress)
     rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
     ckpt.close()
-    predictor = make_predictor(opts.predictor, model=model, spec=spec, extra=opts.predictor_extra,
-                               lookahead=opts.lookahead, learned_path=store.path)  # fmt: skip
+    # in place, every expert is always resident: nothing to predict or copy
+    predictor = None if plan.in_place else make_predictor(
+        opts.predictor, model=model, spec=spec, extra=opts.predictor_extra, lookahead=opts.lookahead,
+        learned_path=store.path)  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
     tokenizer = _load_tokenizer(resolved.path)

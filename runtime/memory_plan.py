@@ -19,6 +19,10 @@ expert store is also subtracted from the budget. Slots are then split over the M
 layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
 get more), never more than a layer has experts.
 
+With no budget on the CPU (and no link emulated) the experts are read *in place*: the
+host store is the device's copy, every expert is resident and nothing is copied, since a
+cache of slots would only hold the same bytes twice.
+
 What is planned is what is allocated: the non-expert, expert-cache and KV-cache figures
 equal the loaded model's bytes exactly for every tiny architecture
 (``tests/test_memory_plan.py``); the workspace is an estimate of transient activations.
@@ -63,6 +67,7 @@ class MemoryPlan:
     context: int
     unified: bool = False
     notes: list[str] = field(default_factory=list)
+    in_place: bool = False  # the CPU reads every expert from the host store: no slots
 
     @property
     def slots(self) -> int:
@@ -70,13 +75,13 @@ class MemoryPlan:
 
     @property
     def cache_bytes(self) -> int:
-        return self.slots * self.expert_bytes
+        return 0 if self.in_place else self.slots * self.expert_bytes
 
     @property
     def device_total(self) -> int:
         """Everything planned on the device (with the shared store on a unified device)."""
         total = self.reserved + self.non_expert + self.kv_cache + self.workspace + self.cache_bytes
-        return total + (self.store_bytes if self.unified else 0)
+        return total + (self.store_bytes if self.unified or self.in_place else 0)
 
     @property
     def resident_fraction(self) -> float:
@@ -89,10 +94,14 @@ class MemoryPlan:
             ("non-expert weights", self.non_expert, "attention, embeddings, norms, routers, shared experts"),
             ("KV cache", self.kv_cache, f"{self.context} tokens"),
             ("workspace", self.workspace, "activations, logits, one dequantized expert"),
-            ("expert cache", self.cache_bytes,
-             f"{self.slots} of {self.total_experts} experts ({100 * self.resident_fraction:.0f}%), "
-             f"{format_bytes(self.expert_bytes)} each"),
-        ]  # fmt: skip
+        ]
+        if self.in_place:
+            rows.append(("host expert store, read in place", self.store_bytes,
+                         f"all {self.total_experts} experts, {format_bytes(self.expert_bytes)} each; nothing copied"))  # fmt: skip
+            return rows
+        rows.append(("expert cache", self.cache_bytes,
+                     f"{self.slots} of {self.total_experts} experts ({100 * self.resident_fraction:.0f}%), "
+                     f"{format_bytes(self.expert_bytes)} each"))  # fmt: skip
         if self.unified:
             rows.append(("host expert store (shared pool)", self.store_bytes, "unified memory"))
         return rows
@@ -110,6 +119,7 @@ class MemoryPlan:
             "store_bytes": self.store_bytes,
             "device_total": self.device_total,
             "unified": self.unified,
+            "in_place": self.in_place,
             "context": self.context,
             "slots": self.slots,
             "total_experts": self.total_experts,
@@ -240,6 +250,7 @@ def plan_memory(
     split: str = "uniform",
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_slots: int | None = None,
+    in_place: bool = False,
 ) -> MemoryPlan:
     """Plan the device memory (see module doc). Raises InsufficientMemoryError with the numbers."""
     fx = _fixed(spec, fmt, dtype, context, reserved, unified, prefill_chunk)
@@ -267,8 +278,9 @@ def plan_memory(
     notes = []
     if budget is not None and sum(per_layer.values()) == spec.total_experts:
         notes.append("every expert fits: the cache holds the whole model")
+    in_place = in_place and budget is None and sum(per_layer.values()) == spec.total_experts
     return MemoryPlan(budget, reserved, fx.non_expert, fx.kv, fx.workspace, fx.expert_bytes, fx.store_bytes,
-                      spec.total_experts, per_layer, context, unified, notes)  # fmt: skip
+                      spec.total_experts, per_layer, context, unified, notes, in_place)  # fmt: skip
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -339,6 +351,11 @@ def default_context(config, context: int | None) -> int:
     return context or min(limit or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
+def experts_in_place(device: torch.device, opts) -> bool:
+    """Read the experts where they lie (see module doc): the CPU, no budget, no link emulated."""
+    return device.type == "cpu" and opts.vram is None and not (opts.link_bandwidth or opts.link_latency)
+
+
 def device_budget(device: torch.device, vram: int | None) -> int | None:
     """``--vram`` (or a profile's), else what CUDA can give, else None (unlimited on the CPU)."""
     if vram is not None or device.type != "cuda":
@@ -365,5 +382,6 @@ def plan_load(ref: str | None, opts) -> LoadPlan:
     dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
     plan = plan_memory(spec, get_format(opts.quant), budget=device_budget(device, opts.vram), dtype=dtype,
                        context=default_context(spec.config, opts.context), reserved=opts.reserved,
-                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots)  # fmt: skip
+                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots,
+                       in_place=experts_in_place(device, opts))  # fmt: skip
     return LoadPlan(resolved, spec, device, dtype, plan)

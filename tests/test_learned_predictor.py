@@ -70,8 +70,20 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
     try:  # a truncated predictor file: one line naming it and how to retrain, no traceback
         saved.write_bytes(good[: len(good) // 2])
         r = runner.invoke(
-            app, ["chat", str(path), "--quant", "none", "--prefetch", "learned", "--prompt", "x"]
-        )
+            app,
+            [
+                "chat",
+                str(path),
+                "--quant",
+                "none",
+                "--prefetch",
+                "learned",
+                "--link-bandwidth",
+                "1GB/s",
+                "--prompt",
+                "x",
+            ],
+        )  # a link: with no budget and no link, the CPU reads experts in place and predicts nothing
         assert r.exit_code == 5 and r.stderr.startswith("error: the learned predictor in"), r.output
         assert "promoe train-predictor" in r.stderr and "Traceback" not in r.output
     finally:
@@ -79,7 +91,8 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
 
 
 def test_prefetch_learned_without_training_explains(tiny_model):
-    r = runner.invoke(app, ["chat", str(tiny_model("phimoe")), "--prefetch", "learned", "--prompt", "x"])
+    r = runner.invoke(app, ["chat", str(tiny_model("phimoe")), "--prefetch", "learned", "--link-bandwidth", "1GB/s",
+                            "--prompt", "x"])  # fmt: skip
     assert r.exit_code == 2
     assert r.stderr.startswith("error: no learned predictor") and "train-predictor" in r.stderr
 

@@ -190,6 +190,23 @@ def test_plan_command_predicts_the_loaded_plan(tiny_model, home):
     assert r.exit_code == 0 and "expert cache" in r.stdout and "emulated link" in r.stdout
 
 
+def test_plan_on_the_cpu_without_a_budget_reads_experts_in_place(tiny_model, home):
+    """No budget on the CPU: the plan counts the host store once, read in place (no slots);
+    a budget, or an emulated link, plans a cache of slots as on a device."""
+    path = tiny_model("mixtral")
+    r = invoke("plan", path, "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["in_place"] and data["cache_bytes"] == 0
+    fixed = data["non_expert"] + data["kv_cache"] + data["workspace"] + data["reserved"]
+    assert data["device_total"] == fixed + data["store_bytes"]
+    r = invoke("plan", path, "--device", "cpu")
+    assert "read in place" in r.stdout and "expert cache" not in r.stdout
+    for extra in (["--vram", data["device_total"]], ["--link-bandwidth", "1GB/s"]):
+        data = json.loads(invoke("plan", path, "--device", "cpu", "--json", *extra).stdout)
+        assert not data["in_place"] and data["cache_bytes"] == data["slots"] * data["expert_bytes"]
+
+
 def test_plan_that_cannot_fit_via_plan_and_chat(tiny_model, home):
     path = tiny_model("mixtral")
     _small_profile(home, "too-small", "300KB")

@@ -71,3 +71,33 @@ def test_int4_error_is_bounded(tiny_model):
         assert 0 < rel < 0.3, rel
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_cpu_without_a_budget_reads_experts_in_place(arch, tiny_model):
+    """The CPU with no --vram: compute reads the host store's own rows, so no expert is
+    copied (a cache of slots would hold every expert twice), and the output is still the
+    reference's."""
+    from runtime.loader import LoadOptions, load_model
+
+    path = tiny_model(arch)
+    ref = reference_model(path)
+    lm = load_model(str(path), LoadOptions(quant="none", device="cpu"))
+    try:
+        assert lm.plan.in_place and lm.plan.cache_bytes == 0 and lm.cache.slots is None
+        assert lm.runtime.prefetcher is None  # nothing to predict: every expert is resident
+        layer = lm.spec.moe_layers[0]
+        row = lm.store.row(layer, 1)
+        lm.cache.begin(layer, [1])
+        w = lm.cache.acquire(layer, 1)
+        lm.cache.release(layer, 1)
+        lm.cache.end(layer)
+        start, end = row.data_ptr(), row.data_ptr() + row.numel()
+        for part in (*w.gate_up.values(), *w.down.values()):  # views of the store's row, not copies
+            assert start <= part.data_ptr() < end
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=16, temperature=0, ignore_eos=True))
+        assert done.token_ids == greedy_ids(ref, PROMPT, 16)
+        st = lm.cache.stats.total()
+        assert st.uses > 0 and st.hits == st.uses and st.bytes_moved == 0
+    finally:
+        lm.close()
