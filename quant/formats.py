@@ -30,7 +30,7 @@ from quant import kernels
 from quant.base import Part, QuantFormat
 from quant.clip_search import search_clip_range
 from quant.nf4 import NF4
-from quant.packing import pack, packed_len, unpack
+from quant.packing import pack, packed_len, unpack_float
 from quant.registry import register_format
 
 
@@ -118,8 +118,8 @@ class GroupwiseInt(QuantFormat):
             q = parts["q"].float().reshape(out, n_pad // g, g)
             w = q * scale
         else:
-            q = unpack(parts["q"], self.bits, n_pad).float().reshape(out, n_pad // g, g)
-            w = q * scale + parts["zero"].float().unsqueeze(-1)
+            q = unpack_float(parts["q"], self.bits, n_pad).reshape(out, n_pad // g, g)
+            w = q.mul_(scale).add_(parts["zero"].float().unsqueeze(-1))  # q is ours to overwrite
         return w.reshape(out, n_pad)[:, :n_in].to(dtype)
 
     def linear(self, x, parts, shape, bias=None):

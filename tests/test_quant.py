@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quant import available_formats, get_format
-from quant.packing import pack, unpack
+from quant.packing import pack, unpack, unpack_float
 from runtime.errors import UnknownNameError
 
 # relative Frobenius error bounds on N(0, 1) weights, any seed (measured on [256, 512]: int8 0.6%,
@@ -47,6 +47,25 @@ def test_pack_round_trip(bits):
     p = pack(q, bits)
     assert p.shape == (7, 64 * bits // 8)
     assert torch.equal(unpack(p, bits, 64), q)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_float_equals_unpack(bits):
+    """The word-at-a-time unpacking gives unpack's values exactly: on rows of several widths,
+    in two dtypes, and on a row that starts off a 4-byte boundary (the plain path)."""
+    gen = torch.Generator().manual_seed(bits)
+    for shape in [(3, 64), (5, 32), (2, 3, 128)]:
+        q = torch.randint(0, 2**bits, shape, generator=gen, dtype=torch.uint8)
+        p = pack(q, bits)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = unpack_float(p, bits, shape[-1], dtype)
+            assert got.dtype == dtype and torch.equal(got, q.to(dtype))
+    q = torch.randint(0, 2**bits, (4, 64), generator=gen, dtype=torch.uint8)
+    p = pack(q, bits)
+    buf = torch.zeros(p.numel() + 1, dtype=torch.uint8)
+    buf[1:] = p.reshape(-1)
+    shifted = buf[1:].view(p.shape)  # storage offset 1
+    assert torch.equal(unpack_float(shifted, bits, 64), q.float())
 
 
 def test_linear_matches_dequantized_matmul():
