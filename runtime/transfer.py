@@ -116,19 +116,40 @@ class InlineCopy(TransferEngine):
         return False
 
 
+# Prefetch copies are split into this many pieces (ProMoE's chunked prefetch): an on-demand
+# copy then waits behind at most one piece of a prefetch, not a whole expert.
+PREFETCH_CHUNKS = 4
+_CHUNK_ALIGN = 4096
+
+
+def chunk_bounds(nbytes: int, chunks: int) -> list[int]:
+    """Byte offsets ``[0, ..., nbytes]`` splitting a row into at most ``chunks`` pieces
+    (4 KiB-aligned, none empty)."""
+    bounds = [0]
+    for i in range(1, chunks):
+        b = -(-(i * nbytes // chunks) // _CHUNK_ALIGN) * _CHUNK_ALIGN
+        if bounds[-1] < b < nbytes:
+            bounds.append(b)
+    bounds.append(nbytes)
+    return bounds
+
+
 class EmulatedLink(TransferEngine):
     """A host-to-device link of a given bandwidth and per-copy latency, kept as a timeline.
 
     A GPU's copy engine moves bytes while the compute units work and costs them nothing.
     This engine plays one with no thread at all: it keeps the link's timeline on the
-    wall clock. Copies run one at a time, like one PCIe link; when the link is free it
-    takes the next copy, urgent (on-demand) ones first, then in submission order, and
-    that copy lasts ``latency + nbytes / bandwidth``. The timeline is brought up to the
-    present whenever the engine is asked anything (:meth:`_advance`); a copy's bytes are
-    written into its slot when its end is first seen, before anyone may read them (the
-    cache reads a slot only after ``is_done`` or ``wait``). ``wait`` sleeps until the
-    copy ends: that sleep is the stall. A queued copy can be cancelled, or promoted to
-    urgent by waiting on it.
+    wall clock, brought up to the present whenever the engine is asked anything
+    (:meth:`_advance`). The link moves one piece at a time, like one PCIe link. An
+    on-demand (urgent) copy is one piece; a prefetch is ``chunks`` pieces (ProMoE's
+    chunked prefetch), so an on-demand copy that arrives while a prefetch is moving waits
+    for that piece only. When the link is free it takes the next piece: urgent copies
+    first, then prefetches in submission order (a prefetch begun is finished first). A
+    piece lasts ``latency + its bytes / bandwidth``. A copy's bytes are written into its
+    slot when its last piece ends, before anyone may read them (the cache reads a slot
+    only after ``is_done`` or ``wait``). ``wait`` promotes the copy to urgent (its pieces
+    left then go in one run) and sleeps until it ends: that sleep is the stall. A copy
+    no piece of which has moved can be cancelled.
 
     An earlier version played the link with a worker thread. On a machine with few cores
     that thread's wake-ups preempted torch's compute threads, which then waited for each
@@ -136,27 +157,30 @@ class EmulatedLink(TransferEngine):
     A copy engine costs compute nothing, and neither does this one, except the memory copy
     itself (about 10 us for one bundled-model expert).
 
-    Ctrl-C can land between any two bytecodes. Every change of state here is one
-    assignment made after what it depends on (a copy's start and end are set before it is
-    marked running, its bytes are written before it is marked done), and every step can
-    be repeated, so an interrupted step is redone at the next call. Nothing can hang.
+    Ctrl-C can land between any two bytecodes. A copy's progress is one tuple, replaced
+    in one assignment after what it depends on (the bytes are written before the last
+    piece is counted, the link's free time before a piece's end is forgotten), and every
+    step can be repeated, so an interrupted step is redone at the next call. Nothing can
+    hang.
     """
 
     name = "emulated"
 
-    def __init__(self, bandwidth: float | None = None, latency: float = 0.0, *,
+    def __init__(self, bandwidth: float | None = None, latency: float = 0.0, *, chunks: int = PREFETCH_CHUNKS,
                  clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
         super().__init__()
         self.bandwidth = bandwidth
         self.latency = latency
+        self.chunks = max(int(chunks), 1)
         self._clock, self._sleep = clock, sleep  # tests drive a fake clock
-        self._open: list[Ticket] = []  # queued or running, in submission order
-        self._free_at = 0.0  # when the link ended its last copy
+        self._open: list[Ticket] = []  # not yet done or cancelled, in submission order
+        self._free_at = 0.0  # when the link ended its last piece
         self._started = itertools.count()  # order in which copies start (ticket.meta["started"])
         self._closed = False
 
     def duration(self, nbytes: int) -> float:
+        """One piece of ``nbytes`` on the link."""
         return self.latency + (nbytes / self.bandwidth if self.bandwidth else 0.0)
 
     def submit(self, src, dst, slot, layer, urgent):
@@ -166,37 +190,49 @@ class EmulatedLink(TransferEngine):
         self._advance(now)
         t = Ticket(src, dst, slot, layer, urgent, next(self._seq))
         t.meta["submitted"] = now
+        t.meta["bounds"] = chunk_bounds(t.nbytes, 1 if urgent else self.chunks)
+        t.meta["progress"] = (0, None)  # (pieces moved, (pieces, end) of the run on the link)
         self._open = [*self._open, t]
         self._advance(now)
         return t
 
     def _advance(self, now: float) -> None:
-        """Bring the timeline up to ``now``: end the copies due, start the next ones."""
+        """Bring the timeline up to ``now``: end the pieces due, start the next ones."""
         while True:
-            running = next((t for t in self._open if t.state == RUNNING), None)
-            if running is not None:
-                if running.meta["end"] > now:
+            on_link = next((t for t in self._open if t.meta["progress"][1] is not None), None)
+            if on_link is not None:
+                moved, (n, end) = on_link.meta["progress"]
+                if end > now:
                     return
-                try:
-                    running.dst.copy_(running.src)
-                except Exception as exc:  # noqa: BLE001 - handed to the waiter, which raises it
-                    running.meta["error"] = exc
-                running.copy_s = running.meta["end"] - running.meta["start"]
-                self._free_at = running.meta["end"]
-                running.state = DONE
+                if moved + n == len(on_link.meta["bounds"]) - 1:
+                    try:
+                        on_link.dst.copy_(on_link.src)
+                    except Exception as exc:  # noqa: BLE001 - handed to the waiter, which raises it
+                        on_link.meta["error"] = exc
+                self._free_at = end
+                on_link.meta["progress"] = (moved + n, None)
                 continue
-            queued = [t for t in self._open if t.state == QUEUED]
-            self._open = queued  # done and cancelled copies leave
-            if not queued:
+            for t in self._open:  # every piece moved: done (redone if an interrupt cut this short)
+                if t.state == RUNNING and t.meta["progress"][0] == len(t.meta["bounds"]) - 1:
+                    t.copy_s = self._free_at - t.meta["start"]
+                    t.state = DONE
+            waiting = [t for t in self._open if t.state in (QUEUED, RUNNING)]
+            self._open = waiting  # done and cancelled copies leave
+            if not waiting:
                 return
-            # every queued copy was submitted before the link freed (each submit advances
+            # every waiting copy was submitted before the link freed (each submit advances
             # first), so the link picks among all of them: urgent first, then in order
-            nxt = min(queued, key=lambda t: (not t.urgent, t.seq))
+            nxt = min(waiting, key=lambda t: (not t.urgent, t.seq))
+            moved = nxt.meta["progress"][0]
             start = max(self._free_at, nxt.meta["submitted"])
-            nxt.meta["start"] = start
-            nxt.meta["end"] = start + self.duration(nxt.nbytes)
-            nxt.meta["started"] = next(self._started)
-            nxt.state = RUNNING
+            if nxt.state == QUEUED:
+                nxt.meta["start"] = start
+                nxt.meta["started"] = next(self._started)
+                nxt.state = RUNNING
+            bounds = nxt.meta["bounds"]
+            n = len(bounds) - 1 - moved if nxt.urgent else 1  # urgent: the pieces left in one run
+            end = start + sum(self.duration(bounds[i + 1] - bounds[i]) for i in range(moved, moved + n))
+            nxt.meta["progress"] = (moved, (n, end))
 
     def is_done(self, ticket):
         """Copied, and copied well: a failed copy is never done (``wait`` raises its error)."""
@@ -210,9 +246,9 @@ class EmulatedLink(TransferEngine):
             self._advance(now)
             if all(t.state not in (QUEUED, RUNNING) for t in tickets):
                 break
-            running = next((t for t in self._open if t.state == RUNNING), None)
-            if running is not None:  # else an interrupted step left nothing running: advance redoes it
-                self._sleep(max(running.meta["end"] - now, 0.0))
+            on_link = next((t for t in self._open if t.meta["progress"][1] is not None), None)
+            if on_link is not None:  # else an interrupted step left nothing moving: advance redoes it
+                self._sleep(max(on_link.meta["progress"][1][1] - now, 0.0))
         failed = next((t for t in tickets if "error" in t.meta), None)
         if failed is not None:
             raise RuntimeError(f"copying an expert of layer {failed.layer} failed") from failed.meta["error"]
@@ -221,8 +257,9 @@ class EmulatedLink(TransferEngine):
         if ticket.state == CANCELLED:
             raise RuntimeError("waited on a cancelled copy: its slot was never written")
         t0 = self._clock()
-        if ticket.state == QUEUED:
-            ticket.urgent = True  # the link takes it next
+        if ticket.state in (QUEUED, RUNNING):
+            self._advance(t0)
+            ticket.urgent = True  # the link takes it next, and its pieces left in one run
         self._sleep_until_done([ticket])
         return self._clock() - t0
 
@@ -238,7 +275,7 @@ class EmulatedLink(TransferEngine):
         self._sleep_until_done(list(self._open))
 
     def copy_now(self, src, dst, layer):
-        """Over the link like any on-demand copy: after the copy in progress, ahead of prefetches."""
+        """Over the link like any on-demand copy: after the piece in progress, ahead of prefetches."""
         return self.wait(self.submit(src, dst, slot=-1, layer=layer, urgent=True))
 
     def close(self) -> None:

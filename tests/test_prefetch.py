@@ -171,6 +171,35 @@ def test_emulated_link_keeps_a_timeline_of_one_copy_at_a_time():
         link.wait(d)
 
 
+@pytest.mark.parametrize("chunks", [4, 1])
+def test_an_on_demand_copy_waits_for_one_piece_of_a_prefetch(chunks):
+    """Chunked prefetch (ProMoE): a prefetch moves in pieces, so an on-demand copy arriving
+    while it moves waits for the piece in progress only, then the prefetch resumes; a
+    prefetch waited on has its pieces left moved in one run. Unchunked, the on-demand
+    copy waits for the whole prefetch."""
+    clock = FakeClock()
+    link = EmulatedLink(4096.0, 0.0, chunks=chunks, clock=clock, sleep=clock.sleep)  # 1 s per 4 KiB
+    big = [torch.full((4096,), float(i + 1)) for i in range(2)]  # 16 KiB: 4 pieces of 4 KiB
+    dst = [torch.zeros(4096) for _ in range(2)]
+    a = link.submit(big[0], dst[0], slot=0, layer=0, urgent=False)
+    b = link.submit(big[1], dst[1], slot=1, layer=0, urgent=False)
+    clock.now = 1.5
+    u = link.submit(torch.ones(1024), torch.zeros(1024), slot=2, layer=1, urgent=True)  # 4 KiB: 1 s
+    if chunks == 1:
+        assert link.wait(u) == pytest.approx(3.5)  # behind all of a (0 - 4), then 4 - 5
+        return
+    assert link.wait(u) == pytest.approx(1.5)  # a's piece 1 - 2 ends, then u runs 2 - 3
+    assert not link.is_done(a) and not dst[0].any()
+    assert link.wait(a) == pytest.approx(2.0)  # a's two pieces left, in one run: 3 - 5
+    assert torch.equal(dst[0], big[0]) and b.state == "running"  # b took the link at 5
+    clock.now = 5.5
+    assert not link.cancel(b)  # a piece of it has moved: it can no longer be cancelled
+    v = link.submit(torch.ones(1024), torch.zeros(1024), slot=3, layer=1, urgent=True)
+    assert link.wait(v) == pytest.approx(1.5)  # b's first piece ends at 6, v runs 6 - 7
+    link.synchronize()
+    assert clock.now == pytest.approx(10.0) and torch.equal(dst[1], big[1])  # b: 5 - 6, 7 - 10
+
+
 def test_emulated_link_idle_time_is_not_carried_over():
     """A copy submitted to an idle link starts when it is submitted, not when the last one ended;
     a wait on a copy already over costs nothing."""
@@ -205,8 +234,8 @@ def test_emulated_link_survives_an_interrupt_at_every_line():
         n += 1
         clock = FakeClock()
         link = fake_link(clock, bandwidth=1e4, latency=0.1)
-        srcs = [torch.full((100,), float(i + 1)) for i in range(4)]
-        dsts = [torch.zeros(100) for _ in range(4)]
+        srcs = [torch.full((4096,), float(i + 1)) for i in range(4)]  # 16 KiB: prefetches in 4 pieces
+        dsts = [torch.zeros(4096) for _ in range(4)]
         held = []
         count = {"lines": 0}
 
