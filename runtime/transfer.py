@@ -295,46 +295,73 @@ class CudaStreamCopy(TransferEngine):
     3. After a copy, its ticket's event is recorded on the copy stream; compute waits on
        that event on the GPU (:meth:`wait`, ``current_stream().wait_event``), only for
        the slots it uses. The host does not block.
-    4. At most ``window`` prefetch copies sit on the stream at once; the rest wait in a
-       host queue, so an on-demand copy enters the stream behind at most ``window``
-       prefetches (jumps the queue) and queued prefetches can still be cancelled.
+    4. A prefetch is copied in ``chunks`` pieces (ProMoE's chunked prefetch), and at most
+       ``window`` prefetch pieces sit on the stream at once; the rest wait in a host
+       queue. So an on-demand copy enters the stream behind at most ``window`` pieces
+       (it jumps the queue), and a prefetch none of whose pieces is on the stream can
+       still be cancelled. A prefetch waited on has its pieces left issued at once.
     5. Stall time is measured with a pair of events around each GPU-side wait and
        collected later (:meth:`deferred_stall`), so measuring it adds no host sync.
+
+    A piece issued twice (an interrupt between issuing it and counting it) copies the
+    same bytes again: harmless.
     """
 
     name = "cuda-stream"
 
-    def __init__(self, device: torch.device, num_slots: int, window: int = 2) -> None:
+    def __init__(
+        self, device: torch.device, num_slots: int, window: int = 2, chunks: int = PREFETCH_CHUNKS
+    ) -> None:
         super().__init__()
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.window = window
+        self.chunks = max(int(chunks), 1)
         self._free = [torch.cuda.Event() for _ in range(num_slots)]
-        self._pending: deque[Ticket] = deque()  # prefetches not yet on the stream
-        self._inflight: deque[Ticket] = deque()  # prefetches on the stream
+        self._pending: deque[Ticket] = deque()  # prefetches with pieces not yet on the stream
+        self._inflight: deque = deque()  # an event per prefetch piece on the stream
         self._stall_pairs: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def _issue(self, t: Ticket) -> None:
+    @staticmethod
+    def _pieces_left(t: Ticket) -> int:
+        return len(t.meta["bounds"]) - 1 - t.meta["next"]
+
+    def _issue(self, t: Ticket, pieces: int | None = None):
+        """Put the next ``pieces`` of ``t`` (all left by default) on the copy stream; returns
+        the event recorded after the last of them."""
+        bounds, first = t.meta["bounds"], t.meta["next"]
+        stop = len(bounds) - 1 if pieces is None else min(first + pieces, len(bounds) - 1)
+        event = None
         with torch.cuda.stream(self.stream):
-            self.stream.wait_event(self._free[t.slot])  # rule 2
-            t.dst.copy_(t.src, non_blocking=True)
-            t.event.record(self.stream)  # rule 3
-        t.state = RUNNING
+            for i in range(first, stop):
+                if i == 0:
+                    self.stream.wait_event(self._free[t.slot])  # rule 2
+                a, b = bounds[i], bounds[i + 1]
+                t.dst[a:b].copy_(t.src[a:b], non_blocking=True)
+                event = (
+                    t.event if i == len(bounds) - 2 else torch.cuda.Event()
+                )  # rule 3: after the last piece
+                event.record(self.stream)
+                t.state = RUNNING
+                t.meta["next"] = i + 1
+        return event
 
     def _pump(self) -> None:
-        while self._inflight and self._inflight[0].event.query():
-            self._inflight.popleft().state = DONE
+        while self._inflight and self._inflight[0].query():
+            self._inflight.popleft()
         while self._pending and len(self._inflight) < self.window:
             t = self._pending[0]  # issued before it leaves the queue: an interrupt never strands it
-            if t.state == QUEUED:
-                self._issue(t)
-                self._inflight.append(t)
-            self._pending.popleft()
+            if t.state != CANCELLED and self._pieces_left(t):
+                self._inflight.append(self._issue(t, 1))
+            if t.state == CANCELLED or not self._pieces_left(t):
+                self._pending.popleft()
 
     def submit(self, src, dst, slot, layer, urgent):
         t = Ticket(
             src, dst, slot, layer, urgent, next(self._seq), event=torch.cuda.Event(enable_timing=False)
         )
+        t.meta["bounds"] = chunk_bounds(t.nbytes, 1 if urgent else self.chunks)
+        t.meta["next"] = 0  # pieces on the stream
         if urgent:
             self._issue(t)
         else:
@@ -343,14 +370,14 @@ class CudaStreamCopy(TransferEngine):
         return t
 
     def is_done(self, ticket):
-        if ticket.state == RUNNING and ticket.event.query():
+        if ticket.state == RUNNING and not self._pieces_left(ticket) and ticket.event.query():
             ticket.state = DONE
         return ticket.state == DONE
 
     def wait(self, ticket):
         if ticket.state == CANCELLED:
             raise RuntimeError("waited on a cancelled copy: its slot was never written")
-        if ticket.state == QUEUED:  # promote: straight onto the stream, then out of the queue
+        if self._pieces_left(ticket):  # promote: the pieces left straight onto the stream
             ticket.urgent = True
             self._issue(ticket)
             self._discard(ticket)
