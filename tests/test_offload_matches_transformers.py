@@ -101,3 +101,19 @@ def test_cpu_without_a_budget_reads_experts_in_place(arch, tiny_model):
         assert st.uses > 0 and st.hits == st.uses and st.bytes_moved == 0
     finally:
         lm.close()
+
+
+def test_on_demand_mode_is_never_in_place(tiny_model):
+    """retain=False (on-demand: nothing kept between invocations) with no budget on the CPU
+    keeps real slots, so its misses are real misses and none is served from a low-bit copy
+    of an expert already in memory."""
+    from runtime.loader import LoadOptions, load_model
+
+    lm = load_model(str(tiny_model("mixtral")), LoadOptions(quant="int4", device="cpu", retain=False))
+    try:
+        assert not lm.plan.in_place and lm.cache.slots is not None
+        generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0, ignore_eos=True))
+        st = lm.cache.stats.total()
+        assert st.misses == st.uses and st.bytes_moved == st.misses * lm.cache.expert_bytes
+    finally:
+        lm.close()
