@@ -5,10 +5,10 @@ Three engines share one interface (:class:`TransferEngine`):
 * :class:`InlineCopy` copies in the caller's thread, at once: the CPU with no link to
   model.
 * :class:`EmulatedLink` models a host-to-device link of a given bandwidth and per-copy
-  latency on the CPU, as a timeline on the wall clock (no thread): copies run one at a
-  time, on-demand (urgent) copies ahead of queued prefetches, each lasting
-  ``latency + bytes / bandwidth``, while compute goes on, so the overlap of copies with
-  compute can be measured on any machine.
+  latency on the CPU, as a timeline on the wall clock (no thread): one piece at a time
+  (a prefetch is several pieces), on-demand (urgent) copies ahead of queued prefetches,
+  each piece lasting ``latency + bytes / bandwidth``, while compute goes on, so the
+  overlap of copies with compute can be measured on any machine.
 * :class:`CudaStreamCopy` issues copies from pinned host memory on a dedicated CUDA
   stream, with events so compute waits on the GPU only for the slots it uses.
 
@@ -44,7 +44,6 @@ class Ticket:
     seq: int
     state: str = QUEUED
     event: object = None  # torch.cuda.Event (CudaStreamCopy)
-    copy_s: float = 0.0  # how long the copy took on the link (EmulatedLink)
     meta: dict = field(default_factory=dict)
 
     @property
@@ -196,10 +195,14 @@ class EmulatedLink(TransferEngine):
         self._advance(now)
         return t
 
+    def _on_link(self) -> Ticket | None:
+        """The copy whose piece(s) the link is moving, if any."""
+        return next((t for t in self._open if t.meta["progress"][1] is not None), None)
+
     def _advance(self, now: float) -> None:
         """Bring the timeline up to ``now``: end the pieces due, start the next ones."""
         while True:
-            on_link = next((t for t in self._open if t.meta["progress"][1] is not None), None)
+            on_link = self._on_link()
             if on_link is not None:
                 moved, (n, end) = on_link.meta["progress"]
                 if end > now:
@@ -214,7 +217,6 @@ class EmulatedLink(TransferEngine):
                 continue
             for t in self._open:  # every piece moved: done (redone if an interrupt cut this short)
                 if t.state == RUNNING and t.meta["progress"][0] == len(t.meta["bounds"]) - 1:
-                    t.copy_s = self._free_at - t.meta["start"]
                     t.state = DONE
             waiting = [t for t in self._open if t.state in (QUEUED, RUNNING)]
             self._open = waiting  # done and cancelled copies leave
@@ -226,7 +228,6 @@ class EmulatedLink(TransferEngine):
             moved = nxt.meta["progress"][0]
             start = max(self._free_at, nxt.meta["submitted"])
             if nxt.state == QUEUED:
-                nxt.meta["start"] = start
                 nxt.meta["started"] = next(self._started)
                 nxt.state = RUNNING
             bounds = nxt.meta["bounds"]
@@ -246,7 +247,7 @@ class EmulatedLink(TransferEngine):
             self._advance(now)
             if all(t.state not in (QUEUED, RUNNING) for t in tickets):
                 break
-            on_link = next((t for t in self._open if t.meta["progress"][1] is not None), None)
+            on_link = self._on_link()
             if on_link is not None:  # else an interrupted step left nothing moving: advance redoes it
                 self._sleep(max(on_link.meta["progress"][1][1] - now, 0.0))
         failed = next((t for t in tickets if "error" in t.meta), None)
