@@ -60,6 +60,11 @@ class LoadOptions:
     home: Path | None = None
     trace: bool = False
 
+    @property
+    def emulates_link(self) -> bool:
+        """A host-to-device link is modelled (on the CPU): copies take time on a timeline."""
+        return bool(self.link_bandwidth or self.link_latency)
+
 
 @dataclass
 class LoadedModel:
@@ -134,7 +139,7 @@ def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | 
 def make_transfer(device: torch.device, num_slots: int, opts: LoadOptions) -> TransferEngine:
     if device.type == "cuda":
         return CudaStreamCopy(device, num_slots)
-    if opts.link_bandwidth or opts.link_latency:
+    if opts.emulates_link:
         return EmulatedLink(opts.link_bandwidth, opts.link_latency)
     return InlineCopy()
 
@@ -175,7 +180,8 @@ def load_model(
         mlp = model.model.layers[layer].mlp
         mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
     _materialize(model, spec, ckpt, device, dtype, progress)
-    rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
+    if not plan.in_place:  # in place nothing ever misses: no low-bit store, no calibration
+        rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
     ckpt.close()
     # in place, every expert is always resident: nothing to predict or copy
     predictor = None if plan.in_place else make_predictor(

@@ -354,8 +354,7 @@ def default_context(config, context: int | None) -> int:
 def experts_in_place(device: torch.device, opts) -> bool:
     """Read the experts where they lie (see module doc): the CPU, no budget, no link emulated,
     and experts kept between invocations (on-demand mode forgets them by design)."""
-    emulated = opts.link_bandwidth or opts.link_latency
-    return device.type == "cpu" and opts.vram is None and not emulated and opts.retain
+    return device.type == "cpu" and opts.vram is None and not opts.emulates_link and opts.retain
 
 
 def device_budget(device: torch.device, vram: int | None) -> int | None:

@@ -117,3 +117,16 @@ def test_on_demand_mode_is_never_in_place(tiny_model):
         assert st.misses == st.uses and st.bytes_moved == st.misses * lm.cache.expert_bytes
     finally:
         lm.close()
+
+
+def test_in_place_has_no_miss_handler(tiny_model):
+    """In place nothing ever misses: --low-bit/--host-misses build no low-bit store and time nothing."""
+    from runtime.loader import LoadOptions, load_model
+
+    lm = load_model(str(tiny_model("mixtral")), LoadOptions(quant="int4", device="cpu", low_bit="int2",
+                                                           host_misses=True))  # fmt: skip
+    try:
+        assert lm.plan.in_place and lm.runtime.miss_handler is None
+        assert not (lm.store.path.parent / "int2").exists()  # no low-bit store was converted
+    finally:
+        lm.close()
