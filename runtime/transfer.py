@@ -284,103 +284,118 @@ class EmulatedLink(TransferEngine):
 
 
 class CudaStreamCopy(TransferEngine):
-    """Pinned host rows -> device slots on one dedicated CUDA copy stream.
+    """Pinned host rows -> device slots on two dedicated CUDA copy streams.
 
     Stream rules, all enforced here:
 
-    1. Every expert copy runs on ``self.stream``, never on the compute stream.
-    2. Before a copy writes slot ``s``, the copy stream waits on ``free[s]``, an event the
+    1. Expert copies never run on the compute stream. Prefetches go on ``self.stream``;
+       on-demand copies, and prefetches waited on before any of their bytes were issued,
+       go on ``self.urgent``, a higher-priority stream, so an on-demand copy never queues
+       behind prefetches (ProMoE's early preemption). Where both streams share one copy
+       engine it waits at most for the prefetch piece being copied: a prefetch moves in
+       ``chunks`` pieces (ProMoE's chunked prefetch).
+    2. Before a copy writes slot ``s``, its stream waits on ``free[s]``, an event the
        compute stream records right after the last kernel that read slot ``s``
-       (:meth:`slot_released`): a slot is reused only after the compute that read it
-       has finished.
-    3. After a copy, its ticket's event is recorded on the copy stream; compute waits on
-       that event on the GPU (:meth:`wait`, ``current_stream().wait_event``), only for
-       the slots it uses. The host does not block.
-    4. A prefetch is copied in ``chunks`` pieces (ProMoE's chunked prefetch), and at most
-       ``window`` prefetch pieces sit on the stream at once; the rest wait in a host
-       queue. So an on-demand copy enters the stream behind at most ``window`` pieces
-       (it jumps the queue), and a prefetch none of whose pieces is on the stream can
-       still be cancelled. A prefetch waited on has its pieces left issued at once.
+       (:meth:`slot_released`), and on the event after the last copy into ``s`` (which
+       may have run on the other stream): a slot is reused only after the compute that
+       read it, and the copies that wrote it, have finished.
+    3. After a copy, its ticket's event is recorded on its stream; compute waits on that
+       event on the GPU (:meth:`wait`, ``current_stream().wait_event``), only for the
+       slots it uses. The host does not block.
+    4. At most ``window`` prefetches (more while they total under ``window_bytes``) are on
+       the prefetch stream at once; the rest wait in a host queue, where a stale one can
+       still be cancelled. Every call into the engine refills the stream from the queue
+       (:meth:`_pump`); the runtime makes several per layer (each expert's
+       :meth:`is_done` and :meth:`slot_released`), so the copy engine does not sit idle
+       while work is queued. A prefetch leaves the queue whole: once its first piece is
+       issued it can no longer be cancelled.
     5. Stall time is measured with a pair of events around each GPU-side wait and
        collected later (:meth:`deferred_stall`), so measuring it adds no host sync.
 
-    A piece issued twice (an interrupt between issuing it and counting it) copies the
-    same bytes again: harmless.
+    Ctrl-C can land anywhere. A ticket is marked running before its first piece is issued
+    (so it is never cancelled with bytes on the way) and counted as issued only after its
+    event is recorded (an event never recorded reads as complete); a copy issued again
+    after an interrupt writes the same bytes again, which is harmless.
     """
 
     name = "cuda-stream"
 
     def __init__(
-        self, device: torch.device, num_slots: int, window: int = 2, chunks: int = PREFETCH_CHUNKS
+        self,
+        device: torch.device,
+        num_slots: int,
+        window: int = 2,
+        window_bytes: int = 64 << 20,
+        chunks: int = PREFETCH_CHUNKS,
     ) -> None:
         super().__init__()
         self.device = device
-        self.stream = torch.cuda.Stream(device=device)
-        self.window = window
+        self.stream = torch.cuda.Stream(device=device)  # prefetches
+        self.urgent = torch.cuda.Stream(device=device, priority=-1)  # on-demand copies
+        self.window = max(int(window), 1)
+        self.window_bytes = window_bytes
         self.chunks = max(int(chunks), 1)
         self._free = [torch.cuda.Event() for _ in range(num_slots)]
-        self._pending: deque[Ticket] = deque()  # prefetches with pieces not yet on the stream
-        self._inflight: deque = deque()  # an event per prefetch piece on the stream
+        self._written: list = [None] * num_slots  # event after the last copy into each slot
+        self._pending: deque[Ticket] = deque()  # prefetches not yet on the stream
+        self._inflight: deque[Ticket] = deque()  # prefetches on the stream, oldest first
         self._stall_pairs: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    @staticmethod
-    def _pieces_left(t: Ticket) -> int:
-        return len(t.meta["bounds"]) - 1 - t.meta["next"]
-
-    def _issue(self, t: Ticket, pieces: int | None = None):
-        """Put the next ``pieces`` of ``t`` (all left by default) on the copy stream; returns
-        the event recorded after the last of them."""
-        bounds, first = t.meta["bounds"], t.meta["next"]
-        stop = len(bounds) - 1 if pieces is None else min(first + pieces, len(bounds) - 1)
-        event = None
-        with torch.cuda.stream(self.stream):
-            for i in range(first, stop):
-                if i == 0:
-                    self.stream.wait_event(self._free[t.slot])  # rule 2
-                a, b = bounds[i], bounds[i + 1]
+    def _issue(self, t: Ticket, stream) -> None:
+        """Put every piece of ``t`` on ``stream`` (rules 2 and 3)."""
+        t.state = RUNNING  # before the first piece: never cancelled with bytes on the way
+        bounds = t.meta["bounds"]
+        with torch.cuda.stream(stream):
+            stream.wait_event(self._free[t.slot])
+            last = self._written[t.slot]
+            if last is not None and last is not t.event:
+                stream.wait_event(last)
+            for a, b in itertools.pairwise(bounds):
                 t.dst[a:b].copy_(t.src[a:b], non_blocking=True)
-                event = (
-                    t.event if i == len(bounds) - 2 else torch.cuda.Event()
-                )  # rule 3: after the last piece
-                event.record(self.stream)
-                t.state = RUNNING
-                t.meta["next"] = i + 1
-        return event
+            t.event.record(stream)
+        self._written[t.slot] = t.event
+        t.meta["issued"] = True
 
     def _pump(self) -> None:
-        while self._inflight and self._inflight[0].query():
+        """Retire finished prefetches and move queued ones onto the prefetch stream (rule 4)."""
+        while self._inflight and self._inflight[0].event.query():
             self._inflight.popleft()
-        while self._pending and len(self._inflight) < self.window:
-            t = self._pending[0]  # issued before it leaves the queue: an interrupt never strands it
-            if t.state != CANCELLED and self._pieces_left(t):
-                self._inflight.append(self._issue(t, 1))
-            if t.state == CANCELLED or not self._pieces_left(t):
-                self._pending.popleft()
+        while self._pending:
+            t = self._pending[0]  # leaves the queue only once issued: an interrupt never strands it
+            if t.state != CANCELLED and not t.meta["issued"]:
+                if len(self._inflight) >= self.window and (
+                    sum(x.nbytes for x in self._inflight) >= self.window_bytes
+                ):
+                    return
+                self._issue(t, self.stream)
+                self._inflight.append(t)
+            self._pending.popleft()
 
     def submit(self, src, dst, slot, layer, urgent):
         t = Ticket(
             src, dst, slot, layer, urgent, next(self._seq), event=torch.cuda.Event(enable_timing=False)
         )
         t.meta["bounds"] = chunk_bounds(t.nbytes, 1 if urgent else self.chunks)
-        t.meta["next"] = 0  # pieces on the stream
+        t.meta["issued"] = False
         if urgent:
-            self._issue(t)
+            self._issue(t, self.urgent)
         else:
             self._pending.append(t)
         self._pump()
         return t
 
     def is_done(self, ticket):
-        if ticket.state == RUNNING and not self._pieces_left(ticket) and ticket.event.query():
+        self._pump()
+        if ticket.state == RUNNING and ticket.meta["issued"] and ticket.event.query():
             ticket.state = DONE
         return ticket.state == DONE
 
     def wait(self, ticket):
         if ticket.state == CANCELLED:
             raise RuntimeError("waited on a cancelled copy: its slot was never written")
-        if self._pieces_left(ticket):  # promote: the pieces left straight onto the stream
+        if not ticket.meta["issued"]:  # still queued: promoted onto the urgent stream
             ticket.urgent = True
-            self._issue(ticket)
+            self._issue(ticket, self.urgent)
             self._discard(ticket)
         if not self.is_done(ticket):
             compute = torch.cuda.current_stream(self.device)
@@ -389,7 +404,6 @@ class CudaStreamCopy(TransferEngine):
             compute.wait_event(ticket.event)
             after.record(compute)
             self._stall_pairs.append((ticket.layer, before, after))
-        self._pump()
         return 0.0
 
     def cancel(self, ticket):
@@ -405,8 +419,10 @@ class CudaStreamCopy(TransferEngine):
 
     def slot_released(self, slot: int) -> None:
         self._free[slot].record(torch.cuda.current_stream(self.device))
+        self._pump()
 
     def deferred_stall(self) -> dict[int, float]:
+        self._pump()
         out: dict[int, float] = {}
         keep = []
         for layer, before, after in self._stall_pairs:
@@ -422,4 +438,5 @@ class CudaStreamCopy(TransferEngine):
             self._pump()
             self.stream.synchronize()
         self.stream.synchronize()
+        self.urgent.synchronize()
         self._pump()
