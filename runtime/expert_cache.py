@@ -226,7 +226,14 @@ class ExpertCache:
         for entry in part.entries.values():
             entry.protected = False
         if not self.retain:
-            for e in list(part.entries):
+            for e, entry in list(part.entries.items()):
+                if entry.ticket is not None and not self._ready(entry):
+                    # a copy still on its way would land in the slot after its next owner's
+                    if self.transfer.cancel(entry.ticket):
+                        part.free.append(self._drop(part, e, cancelled=True))
+                        continue
+                    self.stats.layer(layer).stall_s += self.transfer.wait(entry.ticket)
+                    entry.ticket = None
                 part.free.append(self._drop(part, e))
         for layer_, stall in self.transfer.deferred_stall().items():
             self.stats.layer(layer_).stall_s += stall
@@ -318,16 +325,20 @@ class ExpertCache:
         entries whose copy was cancelled or failed, rebuilds each free list from the entries, and
         clears pins. Cheap when nothing is in flight; generation calls it before each run.
         """
-        # synchronize waits for every copy, then raises if one failed: that copy's entry is
-        # dropped below, and the expert is loaded again when it is used
+        # queued prefetches are stale now: cancelled, not copied (their entries are dropped
+        # below); synchronize waits for every copy issued, then raises if one failed: that
+        # copy's entry is dropped below, and the expert is loaded again when it is used
+        for part in self._parts.values():
+            for entry in part.entries.values():
+                if entry.ticket is not None and entry.prefetched:
+                    self.transfer.cancel(entry.ticket)
         with contextlib.suppress(RuntimeError):
             self.transfer.synchronize()
         for part in self._parts.values():
             for e, entry in list(part.entries.items()):
                 t = entry.ticket
                 if t is not None and (t.state == CANCELLED or "error" in t.meta):
-                    del part.entries[e]
-                    part.policy.on_evict(e)
+                    self._drop(part, e, cancelled=t.state == CANCELLED)
                 elif entry.ticket is not None and self.transfer.is_done(entry.ticket):
                     entry.ticket = None
                 entry.protected = False

@@ -189,3 +189,73 @@ def test_a_failed_copy_is_never_served_and_recover_forgets_it():
         cache.end(0)
     finally:
         link.close()
+
+
+def test_on_demand_mode_never_frees_a_slot_a_copy_is_still_writing():
+    """With retain=False every entry is dropped at end(). A prefetch still on the link must
+    be cancelled or finished first: else its bytes land in the slot after the next
+    expert's, and that expert computes with the wrong weights."""
+    import torch
+
+    from tests.test_prefetch import FakeClock, fake_link
+
+    class Layout:
+        nbytes = 16384  # four pieces of 4 KiB
+
+        def views(self, row):
+            return row
+
+    class Store:
+        layout = Layout()
+
+        def row(self, layer, e):
+            return torch.full((16384,), e + 1, dtype=torch.uint8)
+
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=16384, latency=0.0)  # one piece: 0.25 s
+    cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), store=Store(), transfer=link, retain=False)
+    cache.begin(0, [2])
+    cache.acquire(0, 2)
+    cache.release(0, 2)
+    assert cache.prefetch(0, 1)
+    clock.now += 0.3  # its first piece has moved: it can no longer be cancelled
+    cache.end(0)
+    assert cache.resident(0) == []
+    cache.begin(0, [3])
+    w = cache.acquire(0, 3)
+    cache.release(0, 3)
+    cache.end(0)
+    link.synchronize()
+    assert torch.equal(w, Store().row(0, 3))  # nothing landed in its slot afterwards
+
+
+def test_recover_cancels_queued_prefetches_instead_of_copying_them():
+    """After Ctrl-C the predictions in the queue are stale: recover() drops them unmoved and
+    waits only for the copy already on the link."""
+    import torch
+
+    from tests.test_prefetch import FakeClock, fake_link
+
+    class Layout:
+        nbytes = 4096  # one piece
+
+        def views(self, row):
+            return row
+
+    class Store:
+        layout = Layout()
+
+        def row(self, layer, e):
+            return torch.full((4096,), e + 1, dtype=torch.uint8)
+
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=4096, latency=0.0)  # one expert: 1 s
+    cache = ExpertCache({0: 4}, lambda layer, cap: LRU(cap), store=Store(), transfer=link)
+    for e in (1, 2, 3):
+        assert cache.prefetch(0, e)
+    clock.now += 0.5  # expert 1 is on the link, 2 and 3 are queued
+    cache.recover()
+    assert cache.resident(0) == [1]
+    assert clock.now == pytest.approx(1.0)  # waited for expert 1 only
+    st = cache.stats.layer(0)
+    assert st.prefetch_cancelled == 2 and st.bytes_moved == 4096
