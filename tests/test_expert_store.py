@@ -10,6 +10,7 @@ import torch
 
 from quant import get_format
 from runtime.checkpoint import Checkpoint
+from runtime.errors import InsufficientMemoryError
 from runtime.expert_store import MANIFEST, open_store, read_expert, store_dir
 from runtime.model_spec import describe_model
 
@@ -115,3 +116,54 @@ def test_leftover_temporaries_of_dead_processes_are_removed(tiny_model, home):
     (stale / "layer-000.safetensors").write_bytes(b"half")
     _open(path, home)
     assert not stale.exists()
+
+
+class FakeCudart:
+    """Stands in for ``torch.cuda.cudart()``: records what is page-locked."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.registered: dict[int, int] = {}
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
+        if self.fail:
+            return 2  # cudaErrorMemoryAllocation
+        self.registered[ptr] = size
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        del self.registered[ptr]
+        return 0
+
+
+def test_the_pinned_store_locks_exactly_its_own_bytes(tiny_model, home, monkeypatch):
+    """On CUDA the store is page-locked by registering a plain allocation of exactly its
+    size (the caching host allocator would round each layer up to a power of two), and the
+    registration ends with the memory."""
+    import gc
+
+    from runtime import expert_store
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    path = tiny_model("mixtral")
+    ckpt = Checkpoint(path)
+    spec = describe_model(ckpt)
+    plain, _ = open_store(ckpt, spec, get_format("int4"), home=home)
+    store, _ = open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
+    sizes = {store.rows(layer).data_ptr(): store.rows(layer).numel() for layer in store.layers}
+    assert cudart.registered == sizes
+    for layer in store.layers:
+        assert torch.equal(store.rows(layer), plain.rows(layer))
+    del store
+    gc.collect()
+    assert cudart.registered == {}
+
+    monkeypatch.setattr(expert_store, "_available_host", lambda: 10 << 20)
+    with pytest.raises(InsufficientMemoryError, match="needs .* of page-locked host memory") as exc:
+        open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
+    assert exc.value.needed > exc.value.available
+    monkeypatch.setattr(expert_store, "_available_host", lambda: 1 << 50)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    with pytest.raises(InsufficientMemoryError, match="could not page-lock"):
+        open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
