@@ -25,7 +25,7 @@ from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
-from runtime.memory_plan import MemoryPlan, default_context, device_budget, experts_in_place, plan_memory
+from runtime.memory_plan import MemoryPlan, budget_inputs, default_context, experts_in_place, plan_memory
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
@@ -133,7 +133,9 @@ def pick_dtype(device: torch.device, expert_dtype: torch.dtype, override: str | 
         return parse_dtype(override)
     if device.type == "cpu":
         return torch.float32  # bf16 matmuls are several times slower on CPUs without AMX
-    return torch.float16 if expert_dtype == torch.float16 else torch.bfloat16
+    if expert_dtype == torch.float16 or not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16  # GPUs before Ampere (a T4, Jetson Xavier) emulate bf16 slowly
+    return torch.bfloat16
 
 
 def make_transfer(device: torch.device, num_slots: int, opts: LoadOptions) -> TransferEngine:
@@ -158,9 +160,9 @@ def load_model(
     fmt = get_format(opts.quant)
     policy_cls = policy_class(opts.policy)
     context = default_context(spec.config, opts.context)
-    budget = device_budget(device, opts.vram)
-    plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=opts.reserved,
-                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots,
+    budget, reserved, unified = budget_inputs(device, opts)
+    plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=reserved,
+                       unified=unified, split=opts.split, max_slots=opts.max_slots,
                        in_place=experts_in_place(device, opts))  # fmt: skip
     timings["resolve_s"] = time.perf_counter() - t_start
 

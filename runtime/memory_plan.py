@@ -365,6 +365,25 @@ def device_budget(device: torch.device, vram: int | None) -> int | None:
     return free + torch.cuda.memory_reserved(device)
 
 
+#: kept back when the budget is all of the GPU's free memory (no --vram, no profile): the
+#: caching allocator's fragmentation, cuBLAS workspaces and kernel modules are not planned
+CUDA_HEADROOM_MIN = 256 << 20
+CUDA_HEADROOM_FRACTION = 0.05
+
+
+def budget_inputs(device: torch.device, opts) -> tuple[int | None, int, bool]:
+    """``(budget, reserved, unified)`` for :func:`plan_memory`, the same for the loader and
+    ``promoe plan``. A budget measured from free CUDA memory keeps some headroom back, and
+    an integrated GPU (Jetson) is unified memory even without a profile that says so."""
+    budget = device_budget(device, opts.vram)
+    reserved, unified = opts.reserved, opts.unified
+    if device.type == "cuda":
+        unified = unified or bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False))
+        if opts.vram is None and not reserved and budget is not None:
+            reserved = max(CUDA_HEADROOM_MIN, int(budget * CUDA_HEADROOM_FRACTION))
+    return budget, reserved, unified
+
+
 def plan_load(ref: str | None, opts) -> LoadPlan:
     """The plan ``runtime.loader.load_model(ref, opts)`` makes, without reading a weight.
 
@@ -381,8 +400,9 @@ def plan_load(ref: str | None, opts) -> LoadPlan:
         ckpt.close()
     device = pick_device(opts.device)
     dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
-    plan = plan_memory(spec, get_format(opts.quant), budget=device_budget(device, opts.vram), dtype=dtype,
-                       context=default_context(spec.config, opts.context), reserved=opts.reserved,
-                       unified=opts.unified, split=opts.split, max_slots=opts.max_slots,
+    budget, reserved, unified = budget_inputs(device, opts)
+    plan = plan_memory(spec, get_format(opts.quant), budget=budget, dtype=dtype,
+                       context=default_context(spec.config, opts.context), reserved=reserved,
+                       unified=unified, split=opts.split, max_slots=opts.max_slots,
                        in_place=experts_in_place(device, opts))  # fmt: skip
     return LoadPlan(resolved, spec, device, dtype, plan)

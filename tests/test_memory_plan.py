@@ -215,3 +215,42 @@ def test_plan_that_cannot_fit_via_plan_and_chat(tiny_model, home):
         one_line_error(r, 4, "needs at least", "non-expert weights", "device with at least")
     r = invoke("plan", path, "--vram", "300KB")
     one_line_error(r, 4, "300.0 KB is not enough")
+
+
+def test_a_cuda_budget_from_free_memory_keeps_headroom_and_an_integrated_gpu_is_unified(monkeypatch):
+    """On CUDA with no --vram the budget is the free memory, and the plan keeps some of it
+    back for what it does not model (allocator fragmentation, cuBLAS workspaces); an
+    integrated GPU (Jetson) shares the host's memory even when no profile says so."""
+    from types import SimpleNamespace
+
+    from runtime.memory_plan import CUDA_HEADROOM_MIN, budget_inputs
+
+    gib = 1 << 30
+    props = SimpleNamespace(is_integrated=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 24 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert budget_inputs(cuda, LoadOptions()) == (20 * gib, gib, False)  # 5% of 20 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 6 * gib))
+    assert budget_inputs(cuda, LoadOptions()) == (2 * gib, CUDA_HEADROOM_MIN, False)
+    assert budget_inputs(cuda, LoadOptions(vram=4 * gib)) == (4 * gib, 0, False)  # the user's budget
+    assert budget_inputs(cuda, LoadOptions(vram=4 * gib, reserved=gib)) == (4 * gib, gib, False)
+    props.is_integrated = True
+    assert budget_inputs(cuda, LoadOptions(vram=4 * gib))[2] is True
+    assert budget_inputs(cpu, LoadOptions()) == (None, 0, False)
+
+
+def test_compute_dtype_defaults(monkeypatch):
+    """fp32 on the CPU; on CUDA the checkpoint's half type, fp16 where bf16 is not native."""
+    from runtime.loader import pick_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pick_dtype(cpu, torch.bfloat16, None) == torch.float32
+    assert pick_dtype(cpu, torch.bfloat16, "bfloat16") == torch.bfloat16
+    native = {"bf16": True}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["bf16"])
+    assert pick_dtype(cuda, torch.bfloat16, None) == torch.bfloat16
+    assert pick_dtype(cuda, torch.float16, None) == torch.float16
+    native["bf16"] = False  # a T4 or a Jetson Xavier
+    assert pick_dtype(cuda, torch.bfloat16, None) == torch.float16
