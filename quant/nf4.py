@@ -84,17 +84,19 @@ class NF4(QuantFormat):
     def linear(self, x, parts, shape, bias=None):
         if not x.is_cuda or os.environ.get("PROMOE_KERNELS", "1") == "0":
             return super().linear(x, parts, shape, bias)
+        lead = x.shape[:-1]
+        return self.bnb_linear(x.reshape(-1, shape[1]), parts, shape, bias).reshape(*lead, shape[0])
+
+    def bnb_linear(self, x2, parts, shape, bias=None):
+        """``x2 [T, K]`` through bitsandbytes' kernels (the CUDA path; its CPU backend runs it too)."""
         import bitsandbytes as bnb
 
-        state = self.quant_state(parts, shape, x.dtype)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, shape[1])  # [T, K]
+        state = self.quant_state(parts, shape, x2.dtype)
         if x2.shape[0] <= DECODE_MAX_TOKENS:
-            y = bnb.matmul_4bit(x2, parts["q"], state, bias=bias)  # [T, N]
-        else:
-            w = bnb.functional.dequantize_4bit(parts["q"], state)  # [N, K] in x.dtype
-            y = F.linear(x2, w, bias)
-        return y.reshape(*lead, shape[0])
+            # as Linear4bit calls it (weight.t()): the form every bitsandbytes >= 0.45 accepts
+            return bnb.matmul_4bit(x2, parts["q"].t(), state, bias=bias)  # [T, N]
+        w = bnb.functional.dequantize_4bit(parts["q"], state)  # [N, K] in x's dtype
+        return F.linear(x2, w, bias)
 
     @staticmethod
     def quant_state(parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype):

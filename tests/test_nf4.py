@@ -47,16 +47,16 @@ def test_code_book_is_bitsandbytes_nf4():
     assert len(NF4_CODE) == 16
 
 
-def test_matmul_4bit_reads_our_parts():
-    """The call the CUDA path makes, here on bitsandbytes' CPU backend: same result as the reference."""
-    import bitsandbytes as bnb
-
+@pytest.mark.parametrize("tokens", [1, 3, 8, 12])
+def test_bitsandbytes_kernels_read_our_parts(tokens):
+    """The calls the CUDA path makes (matmul_4bit up to 8 tokens, dequantize_4bit + GEMM
+    beyond), here on bitsandbytes' CPU backend: same result as the reference."""
     fmt = get_format("nf4")
-    shape = (96, 200)
+    shape = (96, 200)  # 200 is no multiple of the block: blocks span rows
     parts = fmt.quantize(_w(shape, seed=2))
-    x, bias = _w((3, 200), seed=3), _w((96,), seed=4)
+    x, bias = _w((tokens, 200), seed=3), _w((96,), seed=4)
     want = F.linear(x, fmt.dequantize(parts, shape, torch.float32), bias)
-    got = bnb.matmul_4bit(x, parts["q"], fmt.quant_state(parts, shape, torch.float32), bias=bias)
+    got = fmt.bnb_linear(x, parts, shape, bias)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
