@@ -123,7 +123,7 @@ class GroupwiseInt(QuantFormat):
         return w.reshape(out, n_pad)[:, :n_in].to(dtype)
 
     def linear(self, x, parts, shape, bias=None):
-        if kernels.groupwise_supported(self.bits, self.group_size) and kernels.use_kernels(x):
+        if kernels.groupwise_supported(self.bits, self.group_size, self.symmetric) and kernels.use_kernels(x):
             from quant.kernels.groupwise import groupwise_linear
 
             return groupwise_linear(x, parts, shape, bias, bits=self.bits, group_size=self.group_size)

@@ -74,12 +74,35 @@ def test_cpu_dispatch_is_the_reference(name, T):
     torch.testing.assert_close(y3, ref.reshape(1, T, 40), rtol=0, atol=0)
 
 
-def test_kernels_can_be_turned_off(monkeypatch):
-    x = SimpleNamespace(is_cuda=True)  # stands in for a CUDA tensor
+def test_kernels_can_be_turned_off_and_skip_old_gpus(monkeypatch):
+    from quant import kernels
+
+    x = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))  # stands in for a CUDA tensor
     monkeypatch.setattr("quant.kernels.triton_available", lambda: True)
+    capability = {"now": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability["now"])
+    kernels._capable.cache_clear()
     assert use_kernels(x)
     monkeypatch.setenv("PROMOE_KERNELS", "0")
     assert not use_kernels(x)
+    monkeypatch.delenv("PROMOE_KERNELS")
+    capability["now"] = (7, 2)  # Jetson Xavier (Volta): older than the kernels are built for
+    kernels._capable.cache_clear()
+    assert not use_kernels(x)
+    kernels._capable.cache_clear()
+
+
+def test_kernels_are_only_claimed_for_the_codes_they_decode():
+    """The kernels decode symmetric int8 and asymmetric int4 (scale and zero); any other
+    combination must run the reference, or it would be decoded wrong."""
+    from quant.kernels import groupwise_supported
+
+    assert groupwise_supported(8, 64, symmetric=True) and groupwise_supported(4, 64, symmetric=False)
+    assert not groupwise_supported(8, 64, symmetric=False) and not groupwise_supported(4, 64, symmetric=True)
+    assert not groupwise_supported(3, 64, symmetric=False) and not groupwise_supported(4, 48, symmetric=False)
+    for name in ("int8", "int4"):
+        fmt = get_format(name)
+        assert groupwise_supported(fmt.bits, fmt.group_size, fmt.symmetric)
 
 
 def test_import_quant_loads_neither_triton_nor_bitsandbytes():

@@ -34,11 +34,28 @@ def triton_available() -> bool:
     return True
 
 
-def groupwise_supported(bits: int, group_size: int) -> bool:
-    """Whether :mod:`quant.kernels.groupwise` has kernels for these codes (power-of-two groups)."""
-    return bits in (4, 8) and group_size >= 16 and group_size & (group_size - 1) == 0
+def groupwise_supported(bits: int, group_size: int, symmetric: bool) -> bool:
+    """Whether :mod:`quant.kernels.groupwise` has kernels for these codes: symmetric int8 and
+    asymmetric int4 (scale and zero), in power-of-two groups."""
+    pow2 = group_size >= 16 and group_size & (group_size - 1) == 0
+    return pow2 and (bits, symmetric) in ((8, True), (4, False))
+
+
+#: the oldest GPUs the kernels are built and checked for (Turing); older ones run the reference
+MIN_CAPABILITY = (7, 5)
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    """True when ``x`` lives on a CUDA device, triton imports, and kernels are not disabled."""
-    return x.is_cuda and os.environ.get("PROMOE_KERNELS", "1") != "0" and triton_available()
+    """True when ``x`` lives on a CUDA device of compute capability 7.5 or newer, triton
+    imports, and kernels are not disabled."""
+    return (
+        x.is_cuda
+        and os.environ.get("PROMOE_KERNELS", "1") != "0"
+        and triton_available()
+        and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    )
