@@ -1,12 +1,15 @@
 """Measure this machine for a device profile: memory, the host-to-device link, compute, dequantization.
 
-Rules every measurement follows (gpt-fast's): warm up first, synchronize the device
-before each clock read (``torch.cuda.synchronize``; a no-op on the CPU), repeat, and
-keep the median. Conventions:
+Rules every measurement follows: warm up first, repeat, and keep the median. On the CPU,
+and for pageable copies (they block the host), the host clock is read around each call.
+On CUDA, asynchronous work is timed by events on its stream, several calls in a row a
+sample (:func:`gpu_seconds`): host-clock timing around a synchronize would add the launch
+and sync overhead to work that takes microseconds. Conventions:
 
 * link bandwidth: bytes copied host -> device per second, for pinned and pageable host
   buffers at expert-like sizes (1, 4, 16, 64, 256 MB); the profile keeps the largest;
-* per-copy latency: the median time of one 4 KiB copy (what a copy costs beyond its bytes);
+* per-copy latency: the time of one 4 KiB copy (what a copy costs beyond its bytes); on
+  CUDA each of 20 copies issued back to back, as a stream of expert pieces pays it;
 * device bandwidth: memory traffic of a device-to-device copy, read + write, so it is
   comparable to a datasheet's peak;
 * compute: a square matmul in the dtype promoe computes in (bf16 on CUDA, fp32 on CPU);
@@ -101,7 +104,7 @@ class ProbeResult:
             "host_memory": Figure(self.host_memory, f"{src}; total"),
             "link_bandwidth": Figure(link, f"{src}; {'pinned host-to-device' if cuda else 'host memory'} copy of "
                                            f"{max(c.size for c in self.copies) // MB} MB"),
-            "link_latency": Figure(self.latency, f"{src}; median of 4 KiB copies"),
+            "link_latency": Figure(self.latency, f"{src}; 4 KiB copies{' back to back' if cuda else ''}"),
             "device_bandwidth": Figure(self.device_bandwidth, f"{src}; device-to-device copy, read + write"),
             "compute": Figure(self.matmul_flops, f"{src}; {self.settings.matmul_n}^2 matmul in {self.matmul_dtype}"),
         }  # fmt: skip
@@ -125,6 +128,33 @@ def median_seconds(fn: Callable[[], object], sync: Callable[[], None], warmup: i
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def gpu_seconds(fn: Callable[[], object], warmup: int, repeats: int, inner: int = 1) -> float:
+    """Median GPU time of ``fn`` on the current CUDA stream, from events around ``inner`` calls
+    in a row (divided by ``inner``). Host-clock timing around a synchronize would add the
+    launch and sync overhead (several microseconds) to work that takes tens of them: a small
+    matmul or copy on a fast GPU would read several times too slow."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def _timer(dev: torch.device, sync, s: ProbeSettings, inner: int = 1, repeats: int | None = None):
+    """``time(fn)``: GPU events on CUDA (``inner`` calls a sample), the host clock on the CPU."""
+    n = repeats or s.repeats
+    if dev.type == "cuda":
+        return lambda fn: gpu_seconds(fn, s.warmup, n, inner)
+    return lambda fn: median_seconds(fn, sync, s.warmup, n)
 
 
 def _sync_fn(device: torch.device) -> Callable[[], None]:
@@ -166,9 +196,12 @@ def _copies(dev: torch.device, s: ProbeSettings, sync, step) -> list[CopyResult]
         dst = torch.empty(size, dtype=torch.uint8, device=dev)
         for pinned in kinds:
             src = torch.ones(size, dtype=torch.uint8, pin_memory=pinned)
-            t = median_seconds(
-                lambda d=dst, x=src, p=pinned: d.copy_(x, non_blocking=p), sync, s.warmup, s.repeats
-            )
+            if pinned:  # asynchronous: GPU events, several copies a sample for the small sizes
+                t = _timer(dev, sync, s, inner=max(1, 64 * MB // size))(
+                    lambda d=dst, x=src: d.copy_(x, non_blocking=True)
+                )
+            else:  # a pageable copy blocks the host: its host-clock time is what a user waits
+                t = median_seconds(lambda d=dst, x=src: d.copy_(x), sync, s.warmup, s.repeats)
             results.append(CopyResult(size, pinned, t))
             step()
     return results
@@ -178,7 +211,11 @@ def _latency(dev: torch.device, s: ProbeSettings, sync) -> float:
     cuda = dev.type == "cuda"
     src = torch.ones(4096, dtype=torch.uint8, pin_memory=cuda)
     dst = torch.empty(4096, dtype=torch.uint8, device=dev)
-    return median_seconds(lambda: dst.copy_(src, non_blocking=cuda), sync, s.warmup, s.latency_repeats)
+    if cuda:  # each of 20 small copies back to back, as a stream of expert pieces pays it
+        return gpu_seconds(
+            lambda: dst.copy_(src, non_blocking=True), s.warmup, max(5, s.latency_repeats // 10), 20
+        )
+    return median_seconds(lambda: dst.copy_(src), sync, s.warmup, s.latency_repeats)
 
 
 def _device_bandwidth(dev: torch.device, s: ProbeSettings, sync) -> float:
@@ -186,26 +223,33 @@ def _device_bandwidth(dev: torch.device, s: ProbeSettings, sync) -> float:
     size = max(s.sizes)
     a = torch.ones(size, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    return 2 * size / median_seconds(lambda: b.copy_(a), sync, s.warmup, s.repeats)
+    return 2 * size / _timer(dev, sync, s)(lambda: b.copy_(a))
 
 
 def _matmul(dev: torch.device, dtype: torch.dtype, s: ProbeSettings, sync) -> float:
     n = s.matmul_n
     x = torch.randn(n, n, device=dev, dtype=dtype)
     y = torch.randn(n, n, device=dev, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: x @ y, sync, s.warmup, s.repeats)
+    return 2 * n**3 / _timer(dev, sync, s, inner=10)(lambda: x @ y)
 
 
-def _dequant(dev: torch.device, dtype: torch.dtype, formats: list[str], s: ProbeSettings, sync, step) -> dict:
-    """Weights per second each format's reference dequantizer produces on an expert-shaped weight."""
+def _dequant(dev: torch.device, dtype: torch.dtype, formats: list[str], s: ProbeSettings, sync, step,
+             na: list[str]) -> dict:  # fmt: skip
+    """Weights per second each format's reference dequantizer produces on an expert-shaped
+    weight. A format whose library is missing (nf4 without bitsandbytes) is noted in ``na``."""
     from quant import get_format
 
     w = torch.randn(*s.dequant_shape, device=dev)
     rates = {}
     for name in formats:
         fmt = get_format(name)
-        parts = fmt.quantize(w)
-        t = median_seconds(lambda f=fmt, p=parts: f.dequantize(p, w.shape, dtype), sync, s.warmup, s.repeats)
+        try:
+            parts = fmt.quantize(w)
+        except ImportError as exc:
+            na.append(f"dequantize {name}: {exc.name or exc} is not installed")
+            step()
+            continue
+        t = _timer(dev, sync, s, inner=5)(lambda f=fmt, p=parts: f.dequantize(p, w.shape, dtype))
         rates[name] = w.numel() / t
         step()
     return rates
@@ -252,6 +296,6 @@ def probe_device(device: str = "auto", settings: ProbeSettings | None = None,
     step()
     flops = _matmul(dev, dtype, s, sync)
     step()
-    dequant = _dequant(dev, dtype, formats, s, sync, step)
+    dequant = _dequant(dev, dtype, formats, s, sync, step, na)
     return ProbeResult(str(dev), name, unified, total, free, host_total, host_avail, copies, latency, device_bw,
                        flops, str(dtype).removeprefix("torch."), dequant, s, na)  # fmt: skip

@@ -193,3 +193,50 @@ def test_profile_device_json_and_bad_name():
     sizes = {c["bytes"] for c in data["copies"]}
     assert sizes == {1_000_000, 4_000_000, 16_000_000} and data["matmul_flops"] > 0
     one_line_error(invoke("profile-device", "--quick", "--write", "../evil"), 2, "not a usable profile name")
+
+
+def test_profile_device_without_bitsandbytes_skips_nf4_and_says_so(monkeypatch):
+    """A format whose library is missing is left out of the measurements and listed as not
+    applicable; the other formats are still measured (the GPU machines have no bitsandbytes)."""
+    from quant.nf4 import NF4
+
+    def missing(self, w):
+        raise ImportError("No module named 'bitsandbytes'", name="bitsandbytes")
+
+    monkeypatch.setattr(NF4, "quantize", missing)
+    r = invoke("profile-device", "--quick", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert "nf4" not in data["dequant_weights_per_s"] and "int4" in data["dequant_weights_per_s"]
+    assert any("nf4" in line and "bitsandbytes" in line for line in data["not_applicable"])
+
+
+def test_gpu_timings_come_from_events_around_several_calls(monkeypatch):
+    """On CUDA the probe times with events on the stream, ``inner`` calls a sample, and
+    reports one call's share (stand-in events: each elapsed_time is the next of a list)."""
+    import torch
+
+    from runtime import device_probe
+
+    elapsed_ms = iter([8.0, 4.0, 6.0])
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            log.append("record")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, other):
+            return next(elapsed_ms)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    calls = []
+    t = device_probe.gpu_seconds(lambda: calls.append(1), warmup=2, repeats=3, inner=4)
+    assert len(calls) == 2 + 3 * 4
+    assert t == pytest.approx(6.0 / 1e3 / 4)  # the median sample, per call
+    assert log == ["record", "record", "sync"] * 3
