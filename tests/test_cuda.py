@@ -89,6 +89,31 @@ def test_stream_copies_never_race_compute(tiny_model, monkeypatch):
         lm.close()
 
 
+def test_copies_wait_for_compute_that_lags_behind_the_host(tiny_model, monkeypatch):
+    """The check above syncs the host at every acquire, so the host never runs ahead of the
+    GPU there. Here the compute stream sleeps before each expert's kernels and nothing syncs
+    the host: with one slot per layer, the next miss reuses the slot whose expert's kernels
+    have not run yet, so its copy must wait for them on the GPU (rule 2 of CudaStreamCopy).
+    Dropping that wait gives wrong tokens here."""
+    path = tiny_model("mixtral")
+    want = cuda_greedy(path, GREEDY.max_new_tokens)
+    lm = load_cuda(path, slots=1, predictor="cross-layer", predictor_extra=3, lookahead=3)
+    cache = lm.cache
+    acquire = cache.acquire
+
+    def lagging_acquire(layer, e):
+        w = acquire(layer, e)
+        torch.cuda._sleep(1_000_000)  # about half a millisecond of GPU time before the kernels
+        return w
+
+    monkeypatch.setattr(cache, "acquire", lagging_acquire)
+    try:
+        assert generate(lm, PROMPT, GREEDY).token_ids == want
+        assert cache.stats.total().misses > GREEDY.max_new_tokens  # slots really were reused
+    finally:
+        lm.close()
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
 def test_quantized_experts_on_cuda_agree_with_the_cpu(tiny_model, quant):
     if quant == "nf4":
