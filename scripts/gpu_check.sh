@@ -12,8 +12,8 @@
 #                                     then every kernel variant is compiled ahead of time
 #                                     for sm_75/80/87/90 (registers, spills; a few minutes)
 #
-# Nothing is downloaded. bitsandbytes (nf4) is used when importable, or installed from the
-# wheels in .whl/ when that folder exists (carried to an offline GPU machine, see
+# Nothing is downloaded. bitsandbytes (nf4), tomli-w and prompt-toolkit are used when importable, or installed from the
+# wheels in .whl/ when that folder exists (scripts/fetch_gpu_wheels.sh; carried to an offline GPU machine, see
 # docs/kernels.md); without it the nf4 checks are skipped and say so. Logs and the
 # benchmark's JSON go to $OUT when set, else to /tmp/promoe-gpu-check. PYTHON picks the
 # interpreter (default python3).
