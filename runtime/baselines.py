@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from runtime.bench_report import ConfigResult, emulated_budget, host_rss
+from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadOptions
 
 
 def _run_hf(model, prompt: list[int], gen_len: int, device: torch.device) -> dict[str, float | None]:
     """The same timing loop as stream_generate, for a plain transformers model."""
-    from transformers import DynamicCache
 
     def now() -> float:
         if device.type == "cuda":
@@ -27,16 +27,16 @@ def _run_hf(model, prompt: list[int], gen_len: int, device: torch.device) -> dic
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    kv = DynamicCache(config=model.config)
+    _, kv_args = new_kv_cache(model)
     with torch.inference_mode():
         t0 = now()
         x = torch.tensor([prompt], device=device)
-        logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=x, **kv_args, logits_to_keep=1).logits[0, -1]
         token = int(logits.argmax())
         t1 = now()
         for _ in range(gen_len - 1):
             x = torch.tensor([[token]], device=device)
-            logits = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = model(input_ids=x, **kv_args, logits_to_keep=1).logits[0, -1]
             token = int(logits.argmax())
         t2 = now()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from runtime.conversation import PromptTooLongError, context_limit, model_positions
+from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadedModel
 from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
 from runtime.stats import ExpertStats
@@ -196,8 +197,6 @@ def stream_generate(
     stop (``finish_reason="interrupted"``); a KeyboardInterrupt raised inside the model
     ends the stream the same way, and the cache is made whole again on the next run.
     """
-    from transformers import DynamicCache
-
     if not prompt_ids:
         raise ValueError("empty prompt")
     limit = context_limit(lm)  # the KV cache the plan made room for, at most the model's positions
@@ -214,7 +213,7 @@ def stream_generate(
         rt.prefetcher.reset()
     if rt.tracer is not None:
         rt.tracer.discard()
-    kv = DynamicCache(config=model.config)
+    _, kv_args = new_kv_cache(model)
     times = {"prefill": 0.0, "decode": 0.0, "ttft": 0.0, "steps": 0}
     generated: list[int] = []
     text = ""
@@ -225,7 +224,7 @@ def stream_generate(
     def forward(ids: list[int]) -> torch.Tensor:
         nonlocal pos
         x = torch.tensor([ids], device=lm.device)
-        out = model(input_ids=x, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=x, **kv_args, logits_to_keep=1)
         if trace is not None and rt.tracer is not None:
             trace.write(rt.tracer.flush(pos))
         pos += len(ids)

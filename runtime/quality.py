@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadOptions, load_model
 
 DEFAULT_FORMATS = ("none", "int8", "int4", "nf4", "int3", "int2")
@@ -39,15 +40,13 @@ def _score(lm, ids: list[int]) -> tuple[float, torch.Tensor]:
     Token by token with a KV cache, as in decoding, so each MoE layer invocation sees one
     token and misses (and the low-bit policy) happen at the rate they do in a chat.
     """
-    from transformers import DynamicCache
-
     lm.cache.recover()
-    kv = DynamicCache(config=lm.model.config)
+    _, kv_args = new_kv_cache(lm.model)
     nll, argmax = 0.0, []
     with torch.inference_mode():
         for i in range(len(ids) - 1):
             x = torch.tensor([[ids[i]]], device=lm.device)
-            logits = lm.model(input_ids=x, past_key_values=kv, use_cache=True).logits[0, -1].float()
+            logits = lm.model(input_ids=x, **kv_args).logits[0, -1].float()
             nll -= torch.log_softmax(logits, -1)[ids[i + 1]].item()
             argmax.append(int(logits.argmax()))
     return nll / (len(ids) - 1), torch.tensor(argmax)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
 
 from runtime.generate import DoneEvent, SamplingConfig, TokenEvent, _Detokenizer, generate, stream_generate
 from tests.helpers import load_small
@@ -184,3 +187,31 @@ def test_generation_stops_when_the_context_is_full(tiny_model, monkeypatch):
             generate(lm, PROMPT, SamplingConfig(max_new_tokens=5))
     finally:
         lm.close()
+
+
+def test_kv_cache_goes_under_the_name_the_model_takes(lm):
+    """transformers renamed forward's past_key_values to cache in 5.x: each version gets its own name."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from runtime.kv_cache import new_kv_cache
+
+    class Old(torch.nn.Module):
+        config = lm.model.config
+
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class New(Old):
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    for model, name in ((Old(), "past_key_values"), (New(), "cache")):
+        kv, kwargs = new_kv_cache(model)
+        assert isinstance(kv, DynamicCache) and kwargs == {name: kv, "use_cache": True}
+    installed = inspect.signature(type(lm.model).forward).parameters
+    _, kwargs = new_kv_cache(lm.model)
+    assert set(kwargs) - {"use_cache"} <= set(installed)
+    with warnings.catch_warnings():  # the installed transformers' deprecated name would warn here
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=3, temperature=0, ignore_eos=True))
+    assert len(done.token_ids) == 3

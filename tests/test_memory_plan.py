@@ -12,6 +12,7 @@ from promoe_cli.main import app
 from quant import get_format
 from runtime.checkpoint import Checkpoint
 from runtime.errors import InsufficientMemoryError
+from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadOptions, load_model
 from runtime.memory_plan import kv_bytes_per_token, plan_load, plan_memory
 from runtime.model_spec import describe_model
@@ -38,15 +39,13 @@ def _device_bytes_of_non_experts(model: torch.nn.Module) -> int:
 
 def _kv_bytes_after_prefill(lm, n_tokens: int, chunk: int) -> int:
     """Bytes of the storages a DynamicCache holds after prefilling ``n_tokens`` in chunks."""
-    from transformers import DynamicCache
-
-    kv = DynamicCache(config=lm.model.config)
+    kv, kv_args = new_kv_cache(lm.model)
     ids = torch.randint(
         1, lm.model.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0)
     )
     with torch.inference_mode():
         for i in range(0, n_tokens, chunk):
-            lm.model(input_ids=ids[:, i : i + chunk], past_key_values=kv, use_cache=True, logits_to_keep=1)
+            lm.model(input_ids=ids[:, i : i + chunk], **kv_args, logits_to_keep=1)
     storages = {}
     for layer in kv.layers:
         for t in (layer.keys, layer.values):
