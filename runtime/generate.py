@@ -127,10 +127,15 @@ class _Detokenizer:
 
 
 def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
-    """``logits [V]`` -> one token id (greedy at temperature 0, else top-p sampling)."""
+    """``logits [V]`` -> one token id (greedy at temperature 0, else top-p sampling).
+
+    Sampling runs on the host, with the host generator ``gen`` (a CUDA tensor cannot be
+    sampled with it), so a seed draws the same tokens from the same logits on any device;
+    the token is needed on the host anyway, and V floats are a small copy.
+    """
     if cfg.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    probs = torch.softmax(logits.float().cpu() / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
@@ -145,7 +150,10 @@ class _Clock:
 
     def now(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # read clocks only after the GPU finished
+            # read clocks only after the compute issued so far has run; not a device-wide
+            # synchronize, which would also wait for prefetches still copying on the side
+            # streams and stop them overlapping the next token
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
 

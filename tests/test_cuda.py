@@ -114,6 +114,20 @@ def test_copies_wait_for_compute_that_lags_behind_the_host(tiny_model, monkeypat
         lm.close()
 
 
+def test_seeded_sampling_on_cuda(tiny_model):
+    """Sampling draws on the host with the seed's host generator (a CUDA tensor cannot be
+    sampled with it): the same seed gives the same tokens, and another seed others."""
+    lm = load_cuda(tiny_model("mixtral"), slots=2)
+    try:
+        cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+        a, b = generate(lm, PROMPT, cfg), generate(lm, PROMPT, cfg)
+        assert len(a.token_ids) == 12 and a.token_ids == b.token_ids
+        other = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8, ignore_eos=True)
+        assert generate(lm, PROMPT, other).token_ids != a.token_ids
+    finally:
+        lm.close()
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
 def test_quantized_experts_on_cuda_agree_with_the_cpu(tiny_model, quant):
     if quant == "nf4":

@@ -215,3 +215,20 @@ def test_kv_cache_goes_under_the_name_the_model_takes(lm):
         warnings.filterwarnings("error", message=".*past_key_values.*")
         done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=3, temperature=0, ignore_eos=True))
     assert len(done.token_ids) == 3
+
+
+def test_the_clock_on_cuda_waits_for_compute_only(monkeypatch):
+    """Reading the clock must not wait for prefetches on the side streams (a device-wide
+    synchronize would, and stop them overlapping the next token)."""
+    from runtime.generate import _Clock
+
+    synced = []
+
+    class Stream:
+        def synchronize(self):
+            synced.append("compute")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("device"))
+    _Clock(torch.device("cuda")).now()
+    assert synced == ["compute"]
