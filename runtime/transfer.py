@@ -440,3 +440,14 @@ class CudaStreamCopy(TransferEngine):
         self.stream.synchronize()
         self.urgent.synchronize()
         self._pump()
+
+    def close(self) -> None:
+        """Drop the queued prefetches and wait for every copy issued: the pinned rows they
+        read are unregistered and freed once the store goes, which must not happen under
+        a copy still running."""
+        while self._pending:
+            t = self._pending.popleft()
+            if t.state == QUEUED:
+                t.state = CANCELLED
+        self.stream.synchronize()
+        self.urgent.synchronize()

@@ -239,3 +239,18 @@ def test_cuda_stream_copy_survives_an_interrupt_at_every_line(gpu):
         interrupted_runs += 1
         assert n < 2000
     assert interrupted_runs > 30  # the scenario really ran through many interrupt points
+
+
+def test_close_drops_queued_prefetches_and_waits_for_issued_copies(gpu):
+    """The store's pinned rows are unregistered once the model is closed: no copy may still
+    be reading them then, and nothing queued may start."""
+    eng = engine(window=1, window_bytes=0, chunks=4)
+    src, dst = rows(3)
+    a = eng.submit(src[0], dst[0], slot=0, layer=0, urgent=False)  # on the stream
+    b = eng.submit(src[1], dst[1], slot=1, layer=0, urgent=False)  # queued behind it
+    u = eng.submit(src[2], dst[2], slot=2, layer=1, urgent=True)
+    assert not a.event.query() and not u.event.query()
+    eng.close()
+    assert a.event.query() and u.event.query()  # both streams were synchronized
+    assert b.state == "cancelled" and not eng._pending
+    assert landed(dst[1]) == 0
