@@ -91,7 +91,8 @@ class LoadedModel:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
+    (which also becomes the current CUDA device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -103,6 +104,15 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but this torch build sees no CUDA device",
                           hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
+    if dev.type == "cuda" and dev.index is not None:
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise UsageError(
+                f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''}",
+                hint=f"use cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}",
+            )
+        # kernels (Triton's among them) launch on the current device, not the tensors' own
+        torch.cuda.set_device(dev)
     return dev
 
 

@@ -155,3 +155,21 @@ def test_truncated_checkpoint_and_impossible_top_k(tiny_model, tmp_path):
     cfg["num_experts_per_tok"] = cfg["num_local_experts"] + 1
     (topk / "config.json").write_text(json.dumps(cfg))
     one_line_error(invoke("plan", topk), 3, "routes each token to")
+
+
+def test_a_cuda_device_index_is_checked_and_made_current(monkeypatch):
+    """With stand-ins for a one-GPU machine: cuda:1 is a one-line error; cuda:0 becomes the
+    current device, where Triton launches its kernels."""
+    import torch
+
+    from runtime.errors import UsageError
+    from runtime.loader import pick_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    with pytest.raises(UsageError, match="has 1 CUDA device") as err:
+        pick_device("cuda:1")
+    assert err.value.hint == "use cuda:0"
+    assert pick_device("cuda:0") == torch.device("cuda:0") and current == [torch.device("cuda:0")]
