@@ -229,12 +229,32 @@ def _page_locked(t: torch.Tensor) -> torch.Tensor:
     cudart = torch.cuda.cudart()
     err = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0))
     if err != 0:
+        _clear_cuda_error()
         raise InsufficientMemoryError(
             f"the driver could not page-lock {format_bytes(nbytes)} of host memory for the expert "
             f"store (CUDA error {err})", needed=nbytes, available=_available_host(), hint=_PIN_HINT,
         )  # fmt: skip
     weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
     return buf
+
+
+def _clear_cuda_error() -> None:
+    """Reset CUDA's last error after a failed call whose code was already handled here.
+
+    The runtime keeps it per thread until cudaGetLastError reads it, and torch checks that
+    after every kernel launch, so a refused cudaHostRegister would otherwise surface as an
+    unrelated error in the next kernel (say, of the bench configuration that runs next).
+    torch's own bindings do not offer the call; the cudart that torch already loaded does
+    (RTLD_NOLOAD: never load another copy).
+    """
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
 
 
 #: host memory left free when page-locking the store (the OS, the page cache, promoe itself)

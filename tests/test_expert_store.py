@@ -165,5 +165,8 @@ def test_the_pinned_store_locks_exactly_its_own_bytes(tiny_model, home, monkeypa
     assert exc.value.needed > exc.value.available
     monkeypatch.setattr(expert_store, "_available_host", lambda: 1 << 50)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart(fail=True))
+    cleared = []
+    monkeypatch.setattr(expert_store, "_clear_cuda_error", lambda: cleared.append(True))
     with pytest.raises(InsufficientMemoryError, match="could not page-lock"):
         open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
+    assert cleared == [True]  # the refusal's error is not left for the next kernel launch to report
