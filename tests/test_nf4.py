@@ -39,7 +39,13 @@ def test_reference_dequantize_equals_bitsandbytes(shape, dtype):
     ours = fmt.dequantize(parts, shape, dtype)
     theirs = bnbf.dequantize_4bit(parts["q"], fmt.quant_state(parts, shape, dtype))
     assert ours.dtype == theirs.dtype == dtype
-    assert torch.equal(ours, theirs)
+    if dtype == torch.float16 and torch.version.cuda:
+        # a CUDA build of bitsandbytes runs its CPU op from the CUDA library, whose fp16
+        # rounding differs from the CPU library's: a few values (2 of 131072 seen) one fp16
+        # step apart. The CPU library agrees bit for bit (the branch below, as CI runs it).
+        torch.testing.assert_close(ours, theirs, rtol=2**-10, atol=2**-24)
+    else:
+        assert torch.equal(ours, theirs)
 
 
 def test_code_book_is_bitsandbytes_nf4():
