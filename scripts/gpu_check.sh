@@ -58,7 +58,8 @@ fi
 if [ "$MODE" = "--interpret" ]; then
     if ! "$PY" -c "import triton" 2>/dev/null; then
         echo "triton is not importable; install it beside the project, e.g." >&2
-        echo "  pip install --target /tmp/triton-site triton && PYTHONPATH=/tmp/triton-site $0 --interpret" >&2
+        echo "  pip install --target /tmp/triton-site triton==3.6.0 'numpy<2.4' && PYTHONPATH=/tmp/triton-site $0 --interpret" >&2
+        echo "(Triton 3.6's interpreter fails on numpy 2.4 and newer: triton-lang/triton#9171)" >&2
         exit 1
     fi
     echo "== Triton interpreter on the CPU"
@@ -132,11 +133,21 @@ if os.environ["CUDA"] == "1":
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name}: {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), {os.cpu_count()} CPUs")
-for mod in ("triton", "bitsandbytes", "transformers", "accelerate"):
+for mod in ("triton", "bitsandbytes", "transformers", "accelerate", "pytest", "pytest_timeout"):
     try:
-        print(f"{mod} {__import__(mod).__version__}")
+        m = __import__(mod)
+        print(f"{mod} {getattr(m, '__version__', '(no version)')}")
     except Exception as exc:  # a broken install says why instead of stopping the check
         print(f"{mod}: not importable ({type(exc).__name__}: {exc})")
+# Triton builds a small C launcher at its first kernel launch: it needs a C compiler and
+# Python.h, without which every kernel path raises (the reference path still runs)
+import shutil
+import sysconfig
+from pathlib import Path
+
+cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+print(f"C compiler: {shutil.which(cc) if cc else 'none'}; {header}: {'present' if header.is_file() else 'MISSING'}")
 EOF
     [ "$CUDA" = 0 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 }
