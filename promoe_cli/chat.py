@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +73,8 @@ def chat(
             raise UsageError(
                 "--top-p must be more than 0", hint="0.95 is usual; for greedy decoding use -t 0"
             )
+        for path, flag in ((stats_json, "--stats-json"), (trace_out, "--trace-out")):
+            check_output_file(path, flag)  # before loading and generating, not after
 
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy=policy, slot_split=slot_split, prefetch=prefetch, link_bandwidth=link_bandwidth,
@@ -123,10 +126,11 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
             out.print(ev.text, end="", markup=False, highlight=False)
             out.file.flush()
     out.print(markup=False)
-    if done.finish_reason == "interrupted":
-        err.print("[warn]interrupted[/]")
     if stats_json is not None:
         write_stats(stats_json, lm, done)
+    if done.finish_reason == "interrupted":  # Ctrl-C: a script must tell a cut-off completion
+        err.print("[warn]interrupted[/]")
+        sys.exit(130)
 
 
 def write_stats(path: Path, lm, done) -> None:
@@ -142,5 +146,19 @@ def write_stats(path: Path, lm, done) -> None:
         "store_action": lm.store_report.action,
         "load_seconds": round(lm.timings["total_s"], 3),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """A file promoe will write: not a folder, in a folder that exists (none is made)."""
+    from runtime.errors import UsageError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder", hint=f"give a file path, e.g. {path / 'out.json'}")
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"{flag} {path}: the folder {path.parent} does not exist",
+            hint="create it first, or give another path",
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -131,9 +132,15 @@ def test_bad_option_values_are_one_line(tiny_model, args, needle):
 
 
 def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch):
-    one_line_error(
-        invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, "--trace-out", tmp_path), 2
-    )
+    for flag in ("--trace-out", "--stats-json"):
+        r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, flag, tmp_path)
+        one_line_error(r, 2, f"{flag} {tmp_path} is a folder")
+        assert r.stdout == ""  # refused before generating, not after
+        missing = tmp_path / "no" / "such" / "out.json"
+        one_line_error(
+            invoke("chat", tiny_model("mixtral"), "--prompt", "x", flag, missing), 2, "does not exist"
+        )
+        assert not missing.parent.exists()  # no folder is made behind the user's back
     afile = tmp_path / "afile"
     afile.write_text("")
     monkeypatch.setenv("PROMOE_HOME", str(afile))
@@ -173,3 +180,25 @@ def test_a_cuda_device_index_is_checked_and_made_current(monkeypatch):
         pick_device("cuda:1")
     assert err.value.hint == "use cuda:0"
     assert pick_device("cuda:0") == torch.device("cuda:0") and current == [torch.device("cuda:0")]
+
+
+def test_ctrl_c_in_a_one_shot_prompt_exits_130(tiny_model, tmp_path, monkeypatch):
+    """A script must tell a cut-off completion from a whole one: what was written stays on
+    stdout, the figures are still written, and the exit code is 130."""
+    import transformers.models.mixtral.modeling_mixtral as mm
+
+    forward, calls = mm.MixtralForCausalLM.forward, {"n": 0}
+
+    @functools.wraps(forward)  # the same signature: the KV cache is passed under the name it declares
+    def interrupted_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # prefill and two decode steps, then Ctrl-C
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(mm.MixtralForCausalLM, "forward", interrupted_forward)
+    stats = tmp_path / "stats.json"
+    r = invoke("chat", tiny_model("mixtral"), "--prompt", "hello", "-n", 20, "-t", 0, "--stats-json", stats)
+    assert r.exit_code == 130, r.output
+    assert "interrupted" in r.stderr and r.stdout.strip()
+    assert json.loads(stats.read_text())["finish_reason"] == "interrupted"
