@@ -19,6 +19,7 @@ changed) or a corrupt one (a checksum or size mismatch) is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,6 +131,19 @@ def read_expert(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int) -> d
         hint=f"looked for {arch.disk_experts_prefix(layer)}.{expert}.{arch.expert_names[0]}.weight "
         "and a fused experts.gate_up_proj",
     )
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], layout: ExpertLayout, layer: int, expert: int) -> None:
+    """The expert read from the checkpoint has the shapes its config.json implies."""
+    want = {**layout.shape.matrices(), **layout.shape.biases()}
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"expert {expert} of layer {layer}: {name} is {list(got)} in the checkpoint, but its "
+                f"config.json implies {list(shape)}",
+                hint="the config.json does not match the weights; use the one that came with the checkpoint",
+            )
 
 
 # -- locating, validating, converting ---------------------------------------------------
@@ -290,6 +304,7 @@ def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: 
         buf = torch.empty((spec.num_experts, layout.nbytes), dtype=torch.uint8)  # one layer of rows
         for e in range(spec.num_experts):
             tensors = read_expert(ckpt, spec, layer, e)
+            _check_shapes(tensors, layout, layer, e)
             if quantize_device is not None:
                 tensors = {k: v.to(quantize_device) for k, v in tensors.items()}
             layout.pack(tensors, out=buf[e])
@@ -387,6 +402,8 @@ def open_store(
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives, Ctrl-C included
+        with contextlib.suppress(OSError):  # nor the model's folder, if nothing else is in it
+            final.parent.rmdir()
         raise
     convert_s = time.perf_counter() - t0
     rows = _load_verified(final, manifest, spec, layout, pin, None, verify=False)  # checksummed as written

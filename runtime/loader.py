@@ -176,6 +176,9 @@ def load_model(
                        in_place=experts_in_place(device, opts))  # fmt: skip
     timings["resolve_s"] = time.perf_counter() - t_start
 
+    # what is cheap to check goes before the store's conversion, which can take minutes
+    _check_non_expert_shapes(spec, ckpt)
+    tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,
@@ -201,7 +204,6 @@ def load_model(
         learned_path=store.path)  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
-    tokenizer = _load_tokenizer(resolved.path)
     timings["weights_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return LoadedModel(model, tokenizer, spec, resolved, store, report, cache, plan, rt, device, dtype, opts,
@@ -227,36 +229,52 @@ def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, mode
                        threshold=opts.low_bit_threshold)  # fmt: skip
 
 
+def _targets(model) -> dict[str, torch.Tensor]:
+    """The model's tensors that a checkpoint holds (parameters and persistent buffers)."""
+    non_persistent = {n for n, _ in model.named_non_persistent_buffers()}
+    return {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in non_persistent}
+
+
+def _non_expert_keys(spec: ModelSpec, ckpt: Checkpoint, targets: dict) -> list[tuple[str, str]]:
+    """(checkpoint key, module name) of each non-expert tensor the model takes from the checkpoint."""
+    pairs, keys = [], ckpt.keys()
+    for key in keys:
+        name = spec.arch.to_module_key(key)
+        # experts are served by the expert store; keys the model lacks are e.g.
+        # multi-token-prediction layers or the rotary tables of old checkpoints
+        if ".mlp.experts." not in name and name in targets:
+            pairs.append((key, name))
+    return pairs
+
+
+def _check_non_expert_shapes(spec: ModelSpec, ckpt: Checkpoint) -> None:
+    """From the safetensors headers alone: every non-expert tensor has the shape the model
+    that config.json describes expects (checked before the experts are converted)."""
+    targets = _targets(spec.meta_model)
+    for key, name in _non_expert_keys(spec, ckpt, targets):
+        if tuple(ckpt.shape(key)) != tuple(targets[name].shape):
+            raise CheckpointError(
+                f"{key} has shape {tuple(ckpt.shape(key))}, the model its config.json describes expects "
+                f"{tuple(targets[name].shape)}",
+                hint="the config.json does not match the weights; use the one that came with the checkpoint",
+            )
+
+
 def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                  progress: ProgressFn | None) -> None:  # fmt: skip
-    non_persistent = {n for n, _ in model.named_non_persistent_buffers()}
     for name, p in model.named_parameters():  # pick each tensor's dtype while still on meta
         if p.is_floating_point():
             p.data = p.data.to(spec.load_dtype(name, dtype))
     model.to_empty(device=device)
-    targets = {
-        n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in non_persistent
-    }
-    arch = spec.arch
+    targets = _targets(model)
     loaded: set[str] = set()
-    keys = ckpt.keys()
+    pairs = _non_expert_keys(spec, ckpt, targets)  # shapes checked by _check_non_expert_shapes
     with torch.no_grad():
-        for i, key in enumerate(keys):
-            name = arch.to_module_key(key)
-            if ".mlp.experts." in name:
-                continue  # served by the expert store
-            target = targets.get(name)
-            if target is None:
-                continue  # e.g. multi-token-prediction layers, rotary tables of old checkpoints
-            t = ckpt.get(key)
-            if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"{key} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}"
-                )
-            target.copy_(t)
+        for i, (key, name) in enumerate(pairs):
+            targets[name].copy_(ckpt.get(key))
             loaded.add(name)
-            if progress and (i % 16 == 0 or i == len(keys) - 1):
-                progress("Loading non-expert weights", i + 1, len(keys))
+            if progress and (i % 16 == 0 or i == len(pairs) - 1):
+                progress("Loading non-expert weights", i + 1, len(pairs))
     missing = set(targets) - loaded
     if missing:
         with warnings.catch_warnings():

@@ -202,3 +202,33 @@ def test_ctrl_c_in_a_one_shot_prompt_exits_130(tiny_model, tmp_path, monkeypatch
     assert r.exit_code == 130, r.output
     assert "interrupted" in r.stderr and r.stdout.strip()
     assert json.loads(stats.read_text())["finish_reason"] == "interrupted"
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [({"intermediate_size": 192}, "expert 0 of layer 0: gate_up is [192, 64] in the checkpoint"),
+     ({"num_key_value_heads": 1}, "k_proj.weight has shape")],
+)  # fmt: skip
+def test_a_config_that_does_not_match_the_weights_is_a_checkpoint_error(
+    tiny_model, tmp_path, home, change, needle
+):
+    """Exit 3 and a hint, before anything is converted; no empty store folder stays behind."""
+    import shutil
+
+    bad = tmp_path / "mismatch"
+    shutil.copytree(tiny_model("mixtral"), bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, needle, "does not match the weights")
+    assert not any((home / "stores").glob("mismatch-*"))
+
+
+def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(tiny_model, tmp_path, home):
+    import shutil
+
+    bad = tmp_path / "notok"
+    shutil.copytree(tiny_model("mixtral"), bad)
+    for f in bad.glob("tokenizer*"):
+        f.unlink()
+    one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, "could not load the tokenizer")
+    assert not any((home / "stores").glob("notok-*"))
