@@ -262,7 +262,7 @@ def plan_memory(
         if budget < minimum:
             store = f", the {format_bytes(fx.store_bytes)} expert store (shared pool)" if unified else ""
             raise InsufficientMemoryError(
-                f"{format_bytes(budget)} is not enough: this model needs at least {format_bytes(minimum)} on the "
+                f"{format_bytes(budget)} is not enough: this model needs at least {format_bytes(minimum, up=True)} on the "
                 f"device ({format_bytes(fx.non_expert)} non-expert weights in {_dtype_name(dtype)}, "
                 f"{format_bytes(fx.kv)} KV cache for {context} tokens, {format_bytes(fx.workspace)} workspace, "
                 f"{format_bytes(reserved)} reserved{store}, one {format_bytes(fx.expert_bytes)} expert slot "
@@ -312,21 +312,21 @@ def _fit_hint(spec: ModelSpec, fx: _Fixed, budget: int, prefill_chunk: int) -> s
         tips.append(
             f"--dtype bfloat16 (the non-expert weights take {format_bytes(fx.non_expert)} in float32)"
         )
-    device = f"a device with at least {format_bytes(fx.minimum(n))} (--vram or a larger --profile)"
+    device = f"a device with at least {format_bytes(fx.minimum(n), up=True)} (--vram or a larger --profile)"
     if tips:
         return "any one of these fits: " + "; ".join(tips) + f"; or {device}"
-    together, flags = {}, []
-    if fx.context > 256:
-        together["context"] = 256
-        flags.append("--context 256")
-    if smaller:
-        together["fmt"] = smaller[-1]
-        flags.append(f"--quant {smaller[-1].name}")
-    if fx.dtype == torch.float32:
-        together["dtype"] = torch.bfloat16
-        flags.append("--dtype bfloat16")
-    if len(flags) > 1 and fits(**together):
-        return f"no single change fits, but together {' '.join(flags)} do; or {device}"
+    # no single change: the mildest combination, keeping the most bits, then the longest context
+    dtypes = [fx.dtype] + ([torch.bfloat16] if fx.dtype == torch.float32 else [])
+    contexts = [fx.context] + [c for c in (1 << k for k in range(20, 7, -1)) if 256 <= c < fx.context]
+    for f in [fx.fmt, *smaller]:
+        for dt in dtypes:
+            ctx = next((c for c in contexts if fits(fmt=f, dtype=dt, context=c)), None)
+            if ctx is None:
+                continue
+            flags = [f"--quant {f.name}"] if f is not fx.fmt else []
+            flags += ["--dtype bfloat16"] if dt != fx.dtype else []
+            flags += [f"--context {ctx}"] if ctx != fx.context else []
+            return f"no single change fits, but together {' '.join(flags)} do; or {device}"
     return f"no shorter context or lower quantization fits; use {device}"
 
 

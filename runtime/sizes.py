@@ -6,6 +6,7 @@ Units follow SI and IEC: ``GB`` is 10**9 bytes and ``GiB`` is 2**30 bytes, so
 
 from __future__ import annotations
 
+import math
 import re
 
 from runtime.errors import InvalidSizeError
@@ -64,10 +65,13 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _TIME_UNITS[m.group(2)]
 
 
-def format_bytes(n: float) -> str:
-    """Human-readable, SI: 88_000_000 -> '88.0 MB'."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def format_bytes(n: float, *, up: bool = False) -> str:
+    """Human-readable, SI: 88_000_000 -> '88.0 MB'. ``up`` rounds up instead of to nearest,
+    for a figure that is needed: what is printed is then always enough."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            if unit == "B":
+                return f"{math.ceil(n) if up else n:.0f} {unit}"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")

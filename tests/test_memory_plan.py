@@ -131,6 +131,16 @@ def test_hint_names_the_change_that_fits(tiny_model):
     # half-precision non-expert weights
     err = error("int2", 256, minimum("int2", 256, torch.bfloat16))
     assert "--dtype bfloat16" in err.hint
+    # no single change fits: the mildest combination, keeping the most bits, then the longest
+    # context (the old hint cut the context to 256 and the experts to int2 at once)
+    budget = minimum("int2", 1024, torch.bfloat16)
+    with pytest.raises(InsufficientMemoryError) as exc:
+        plan_memory(spec, get_format("int8"), budget=budget, dtype=torch.float32, context=4096)
+    hint = exc.value.hint
+    assert "any one of" not in hint and "--quant" not in hint, hint  # int8 itself fits, in bf16
+    ctx = max(c for c in (256, 512, 1024, 2048) if minimum("int8", c, torch.bfloat16) <= budget)
+    assert minimum("int8", 2 * ctx, torch.bfloat16) > budget
+    assert f"together --dtype bfloat16 --context {ctx} do" in hint, hint
 
 
 def test_unified_memory_counts_the_store(tiny_model):

@@ -37,3 +37,14 @@ def test_bandwidth_and_duration():
 def test_format_bytes():
     assert format_bytes(88_000_000) == "88.0 MB"
     assert format_bytes(512) == "512 B"
+    assert format_bytes(3.2e12) == "3.2 TB" and format_bytes(5e21) == "5000.0 EB"  # none past EB
+
+
+def test_a_needed_figure_rounds_up_so_that_it_is_enough():
+    """'needs at least 34.9 MB' must be a budget that works: 34,849,920 B printed as 34.8 MB did not."""
+    import random
+
+    assert format_bytes(34_849_920) == "34.8 MB" and format_bytes(34_849_920, up=True) == "34.9 MB"
+    rng = random.Random(0)
+    for n in [rng.randrange(1, 10**13) for _ in range(2000)] + [999, 1000, 1001, 34_800_000]:
+        assert parse_size(format_bytes(n, up=True)) >= n, n
