@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from quant import get_format
+from quant import available_formats, get_format
 from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
@@ -29,7 +29,7 @@ from runtime.memory_plan import MemoryPlan, budget_inputs, default_context, expe
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
-from runtime.prefetch import Prefetcher, make_predictor
+from runtime.prefetch import Prefetcher, check_predictor, make_predictor
 from runtime.resolve import ResolvedModel, promoe_home, resolve_model
 from runtime.transfer import CudaStreamCopy, EmulatedLink, InlineCopy, TransferEngine
 
@@ -127,14 +127,22 @@ def parse_dtype(name: str) -> torch.dtype:
 def check_low_bit(low_bit: str, quant: str) -> None:
     """A low-bit copy must be smaller than the expert it stands in for (and both formats known)."""
     low, main = get_format(low_bit), get_format(quant)  # an unknown name fails here, with the list
-    shape = (4096, 4096)  # bits per weight barely depend on the shape; this one is typical
-    low_bits = low.bits_per_weight(shape, torch.bfloat16)
-    main_bits = main.bits_per_weight(shape, torch.bfloat16)
-    if low_bits >= main_bits:
+
+    def bits(fmt) -> float:
+        return fmt.bits_per_weight((4096, 4096), torch.bfloat16)  # barely depends on the shape
+
+    if bits(low) >= bits(main):
+        fewer = sorted((f for f in map(get_format, available_formats()) if bits(f) < bits(main)), key=bits)
+        hint = (
+            f"pick a format with fewer bits, e.g. --low-bit {fewer[0].name}"
+            if fewer
+            else f"no format has fewer bits than {quant}: drop --low-bit, or keep the experts in more "
+            "bits (e.g. --quant int4 --low-bit int2)"
+        )
         raise UsageError(
-            f"--low-bit {low_bit} ({low_bits:.2g} bits per weight) is no smaller than the experts "
-            f"themselves (--quant {quant}, {main_bits:.2g} bits)",
-            hint="pick a format with fewer bits, e.g. --low-bit int2",
+            f"--low-bit {low_bit} ({bits(low):.2g} bits per weight) is no smaller than the experts "
+            f"themselves (--quant {quant}, {bits(main):.2g} bits)",
+            hint=hint,
         )
 
 
@@ -169,6 +177,7 @@ def load_model(
     dtype = pick_dtype(device, spec.expert_shape.dtype, opts.dtype)
     fmt = get_format(opts.quant)
     policy_cls = policy_class(opts.policy)
+    check_predictor(opts.predictor)
     context = default_context(spec.config, opts.context)
     budget, reserved, unified = budget_inputs(device, opts)
     plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=reserved,

@@ -122,6 +122,7 @@ class Prefetcher:
 def make_predictor(name: str, *, model: nn.Module, spec, extra: int = 0, lookahead: int = 1,
                    learned_path=None) -> Predictor | None:  # fmt: skip
     """Build a predictor by name for a loaded model (``spec`` is its ModelSpec)."""
+    check_predictor(name)
     if name == "none":
         return None
     if name == "cross-layer":
@@ -132,4 +133,10 @@ def make_predictor(name: str, *, model: nn.Module, spec, extra: int = 0, lookahe
 
         ref = next(model.parameters())
         return load_learned_predictor(learned_path, spec, extra, device=ref.device, dtype=ref.dtype)
-    raise UnknownNameError(f"unknown predictor '{name}'", hint=f"choose one of: {', '.join(PREDICTORS)}")
+    raise AssertionError(f"predictor {name} is listed but not built")
+
+
+def check_predictor(name: str) -> None:
+    """``--prefetch``: one of PREDICTORS (checked also where none is built, as in place)."""
+    if name not in PREDICTORS:
+        raise UnknownNameError(f"unknown predictor '{name}'", hint=f"choose one of: {', '.join(PREDICTORS)}")
