@@ -134,8 +134,13 @@ def bench(
     """Measure promoe's configurations against each other and the alternatives, in one run."""
     with handle_errors():
         if trace is not None:
+            _refuse_with_trace(model=model, configs=configs, quality=quality, plot=plot, trace_out=trace_out)
             _replay(trace, policy, slots_per_layer, json_out)
             return
+        if plot is not None:
+            from promoe_cli.bench_render import check_plot
+
+            check_plot(plot)  # before any work, not after the whole benchmark
         from promoe_cli.loading import load_options, offline_environment, progress_display
 
         auto_link = link_bandwidth == "auto"
@@ -150,7 +155,7 @@ def bench(
             return
         import torch
 
-        from runtime.bench import budget_for_fraction, calibrate_link, run_bench
+        from runtime.bench import budget_for_fraction, calibrate_link, nothing_ran_error, run_bench
 
         if opts.vram is None and not profile:
             opts.vram = budget_for_fraction(model, opts, cache_fraction)
@@ -173,13 +178,9 @@ def bench(
             report = run_bench(model, opts, names, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
                                progress=progress, trace_out=trace_out, low_bit=low_bit,
                                low_bit_threshold=low_bit_threshold)  # fmt: skip
-        if not any(r.status == "ok" for r in report.results):
-            from runtime.errors import UsageError
-
-            why = "; ".join(f"{r.name}: {r.note}" for r in report.results)
-            raise UsageError(
-                f"no configuration could run here ({why})", hint="add one that can, e.g. --configs lru"
-            )
+        failure = nothing_ran_error(report.results)
+        if failure is not None:
+            raise failure
         if json_out:
             out.print_json(json.dumps(report.to_json()))
         else:
@@ -227,6 +228,21 @@ def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out:
         share = "-" if r.low_bit_share is None else f"{r.low_bit_share:.1%}"
         table.add_row(r.name, f"{r.bits_per_weight:.2f}", f"{r.perplexity:.3f}", f"{r.agreement:.1%}", share)
     out.print(table)
+
+
+def _refuse_with_trace(*, model, configs, quality: bool, plot, trace_out) -> None:
+    """A trace replay runs no model: refuse the options that only mean something for one."""
+    from runtime.errors import UsageError
+
+    given = [("a model", "the model", model is not None), ("--configs", "--configs", configs is not None),
+             ("--quality", "--quality", quality), ("--plot", "--plot", plot is not None),
+             ("--trace-out", "--trace-out", trace_out is not None)]  # fmt: skip
+    for what, drop, present in given:
+        if present:
+            raise UsageError(
+                f"--trace replays a routing trace without running a model, so {what} cannot go with it",
+                hint=f"drop {drop}, or drop --trace to benchmark a model",
+            )
 
 
 def _replay(path: Path, policy: str, slots: int, json_out: bool) -> None:

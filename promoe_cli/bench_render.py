@@ -64,16 +64,30 @@ def render_report(report) -> None:
         out.print(f"[warn]{r.name} skipped:[/] {r.note}")
 
 
-def plot_report(report, path: Path) -> None:
+def check_plot(path: Path) -> None:
+    """Refuse ``--plot path`` now, before the benchmark runs, if it could not be written after it."""
+    from runtime.errors import UsageError
+
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
-        from runtime.errors import PromoeError
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed", hint="pip install 'promoe[plot]'"
+        ) from None
+    del matplotlib
+    if path.is_dir():
+        raise UsageError(
+            f"--plot {path} is a folder", hint=f"name a file to write, e.g. --plot {path / 'bench.png'}"
+        )
 
-        raise PromoeError("--plot needs matplotlib", hint="pip install 'promoe[plot]'") from None
+
+def plot_report(report, path: Path) -> None:
+    check_plot(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     ok = [r for r in report.results if r.status == "ok"]
     names = [r.name for r in ok]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from runtime.baselines import bench_hf
-from runtime.bench_configs import PREFETCHING, REACTIVE, select_configs
+from runtime.bench_configs import BASELINES, PREFETCHING, REACTIVE, fallback_config, select_configs
 from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
-from runtime.errors import PromoeError, UsageError
+from runtime.errors import InsufficientMemoryError, PromoeError, UsageError
 from runtime.loader import LoadedModel, LoadOptions, load_model
 from runtime.memory_plan import default_context
 
@@ -259,6 +259,7 @@ def run_bench(
                         lm.close()
         except PromoeError as exc:
             res.status, res.note = "skipped", f"{exc}" + (f"; {exc.hint}" if exc.hint else "")
+            res.error = exc
         results.append(res)
         if on_result:
             on_result(res)
@@ -285,6 +286,30 @@ def run_bench(
         repeats=repeats,
         results=results,
     )
+
+
+def nothing_ran_error(results: list[ConfigResult]) -> PromoeError | None:
+    """The error to report when no configuration ran, or None when one did.
+
+    When every promoe configuration tried failed for lack of memory (the baselines can
+    only run after one of them), that is the error: the budget one, with the smallest
+    figure needed. Otherwise a usage error listing why each was skipped, whose hint never
+    names a configuration that was tried.
+    """
+    if not results or any(r.status == "ok" for r in results):
+        return None
+    ours = [r for r in results if r.name not in BASELINES]
+    short = [r.error for r in ours if isinstance(r.error, InsufficientMemoryError)]
+    if ours and len(short) == len(ours):
+        return min(short, key=lambda e: e.needed)
+    why = "; ".join(f"{r.name}: {r.note}" for r in results)
+    if short:  # another configuration would not fit either
+        hint = min(short, key=lambda e: e.needed).hint
+    elif spare := fallback_config([r.name for r in results]):
+        hint = f"add one that can, e.g. --configs {spare}"
+    else:
+        hint = "each configuration's reason is given above"
+    return UsageError(f"no configuration could run here ({why})", hint=hint)
 
 
 def _describe_link(opts: LoadOptions) -> str:

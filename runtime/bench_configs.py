@@ -25,6 +25,15 @@ ALL_CONFIGS = (
 )
 REACTIVE = ("lru", "lfu", "arc")
 PREFETCHING = ("cross-layer", "learned", "low-bit", "host-misses")
+BASELINES = ("transformers", "accelerate")  # run on the prompts a promoe configuration made
+# the configurations that need least (no predictor to train, no room for every expert), in
+# the order a hint suggests one
+FALLBACKS = ("lru", "on-demand", "lfu", "arc", "cross-layer", "host-misses", "low-bit")
+
+
+def fallback_config(tried: Sequence[str]) -> str | None:
+    """The configuration a hint may suggest beside ``tried``: the first fallback not tried."""
+    return next((c for c in FALLBACKS if c not in tried), None)
 
 
 def select_configs(names: Sequence[str] | None) -> list[str]:

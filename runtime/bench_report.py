@@ -6,6 +6,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
+from runtime.errors import PromoeError
 from runtime.loader import LoadOptions
 
 METRICS = (
@@ -23,6 +24,9 @@ class ConfigResult:
     runs: list[dict[str, float | None]] = field(default_factory=list)
     speedup_decode: float | None = None
     speedup_prefill: float | None = None
+    error: PromoeError | None = field(
+        default=None, repr=False, compare=False
+    )  # why it was skipped, if raised
 
     def median(self, metric: str) -> float | None:
         vals = [r[metric] for r in self.runs if r.get(metric) is not None]
@@ -57,7 +61,7 @@ class BenchReport:
     results: list[ConfigResult]
 
     def to_json(self) -> dict:
-        return {**{k: v for k, v in dataclasses.asdict(self).items() if k != "results"},
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "results"},
                 "configs": [r.to_json() for r in self.results]}  # fmt: skip
 
 

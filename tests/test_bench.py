@@ -165,3 +165,118 @@ def test_cache_fraction_budget_never_exceeds_the_device(tiny_model, monkeypatch)
         mp, "device_budget", lambda device, vram: half if vram is None else vram
     )  # a small GPU
     assert budget_for_fraction(path, opts, 1.0) == half
+
+
+def _write_trace(path, *experts):
+    """A trace of one layer, one record per token, with these expert lists."""
+    path.write_text("".join(json.dumps({"token": t, "layer": 0, "experts": list(e)}) + "\n"
+                            for t, e in enumerate(experts)))  # fmt: skip
+    return path
+
+
+def test_trace_replay_with_fewer_slots_than_top_k_is_a_usage_error(tmp_path):
+    trace = _write_trace(tmp_path / "t.jsonl", (0, 1), (0, 1))  # 1 stays resident, 0 then needs its slot
+    r = runner.invoke(app, ["bench", "--trace", str(trace), "--slots-per-layer", "1"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == [
+        "error: --slots-per-layer 1 is too few: the trace routes each token to top-k = 2 experts per layer, "
+        "so at least 2 slots per layer are needed",
+        "hint: use --slots-per-layer 2 or more",
+    ]
+    r = runner.invoke(app, ["bench", "--trace", str(trace), "--slots-per-layer", "2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["hit_rate"]["lru"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("experts", "needle"),
+    [([99, -1], "expert id -1 is not a non-negative integer"), ([1, 1], "expert 1 is listed twice"),
+     ([1, True], "expert id true is not"), ([1.5, 2], "expert id 1.5 is not"), ([], "no experts listed")],
+)  # fmt: skip
+def test_trace_replay_refuses_bad_expert_ids_naming_the_line(tmp_path, experts, needle):
+    trace = _write_trace(tmp_path / "bad.jsonl", (0, 1), experts)
+    r = runner.invoke(app, ["bench", "--trace", str(trace)])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.splitlines()
+    assert (
+        len(lines) == 2
+        and lines[0].startswith(f"error: {trace}:2: {needle}")
+        and lines[1].startswith("hint:")
+    )
+
+
+def test_trace_replay_of_a_folder_says_it_is_a_folder(tmp_path):
+    r = runner.invoke(app, ["bench", "--trace", str(tmp_path)])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {tmp_path} is a folder, not a trace file"), (
+        r.output
+    )
+    assert len(r.stderr.splitlines()) == 2
+
+
+@pytest.mark.parametrize("extra", [["--configs", "lru"], ["--quality"], ["--plot", "x.png"],
+                                   ["--trace-out", "t.jsonl"], ["mixtral"]])  # fmt: skip
+def test_trace_replay_refuses_options_it_would_ignore(tmp_path, extra):
+    trace = _write_trace(tmp_path / "t.jsonl", (0, 1), (0, 2))
+    r = runner.invoke(app, ["bench", "--trace", str(trace), *extra])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and "cannot go with it" in lines[0] and lines[1].startswith("hint: drop ")
+    assert r.stdout == ""
+
+
+def test_a_budget_no_configuration_fits_is_the_budget_error(tiny_model):
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", "lru,on-demand", "--vram", "1KB",
+                            "--repeats", "1", "--gen-len", "4", "--link-bandwidth", "off"])  # fmt: skip
+    assert r.exit_code == 4, r.output
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: 1.0 KB is not enough: this model needs at least ")
+    assert "MB" in lines[0] and "--configs" not in r.stderr and lines[1].startswith("hint: ")
+
+
+def test_when_nothing_ran_the_hint_never_names_a_configuration_tried():
+    from runtime.bench import nothing_ran_error
+    from runtime.bench_report import ConfigResult
+    from runtime.errors import InsufficientMemoryError, UsageError
+
+    def failed(name, exc):
+        return ConfigResult(name, status="skipped", note=str(exc), error=exc)
+
+    def short(needed):
+        return InsufficientMemoryError(
+            f"needs {needed}", needed=needed, available=1, hint=f"give it {needed}"
+        )
+
+    assert nothing_ran_error([ConfigResult("lru"), failed("lfu", short(5))]) is None
+    assert str(nothing_ran_error([failed("lru", short(9)), failed("on-demand", short(7)),
+                                  ConfigResult("transformers", "skipped", "runs after a promoe configuration")])) \
+        == "needs 7"  # fmt: skip
+    e = nothing_ran_error([failed("lru", UsageError("no")), failed("learned", UsageError("untrained"))])
+    assert isinstance(e, UsageError) and e.hint == "add one that can, e.g. --configs on-demand"
+    assert "lru: no; learned: untrained" in str(e)
+    e = nothing_ran_error([failed("lru", short(9)), failed("learned", UsageError("untrained"))])
+    assert isinstance(e, UsageError) and e.hint == "give it 9"  # another configuration would not fit either
+    from runtime.bench_configs import ALL_CONFIGS
+
+    e = nothing_ran_error([failed(n, UsageError("no")) for n in ALL_CONFIGS])
+    assert not any(f"--configs {n}" in e.hint for n in ALL_CONFIGS)
+    e = nothing_ran_error([ConfigResult("transformers", "skipped", "runs after a promoe configuration")])
+    assert e.hint == "add one that can, e.g. --configs lru"
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    import sys
+
+    import runtime.bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+
+    def no_work(*args, **kw):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(runtime.bench, "run_bench", no_work)
+    monkeypatch.setattr(runtime.bench, "calibrate_link", no_work)
+    png = tmp_path / "b.png"
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", "lru", "--plot", str(png)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == ["error: --plot needs matplotlib, which is not installed",
+                                     "hint: pip install 'promoe[plot]'"]  # fmt: skip
+    assert not png.exists()

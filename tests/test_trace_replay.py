@@ -57,3 +57,33 @@ def test_trace_round_trip_and_errors(tmp_path):
         read_trace(bad)
     with pytest.raises(TraceError, match="not found"):
         read_trace(tmp_path / "missing.jsonl")
+
+
+def test_replay_needs_as_many_slots_as_the_trace_routes_to(tmp_path):
+    from runtime.errors import UsageError
+
+    records = read_trace(TRACES / "mixtral-8x7b-humaneval.jsonl")  # top-2 of 8
+    with pytest.raises(UsageError, match=r"top-k = 2 experts per layer, so at least 2 slots per layer"):
+        replay(records, "lru", 1)
+    assert 0 < replay(records, "lru", 2).hit_rate < replay(records, "lru", 3).hit_rate
+
+
+def test_bad_expert_ids_and_folders_are_refused(tmp_path):
+    good = '{"token": 0, "layer": 0, "experts": [1, 2]}\n'
+    for experts, needle in (("[99, -1]", "expert id -1"), ("[1, 1]", "expert 1 is listed twice"),
+                            ("[3, 2, 3]", "expert 3 is listed twice")):  # fmt: skip
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(good + "\n" + f'{{"token": 1, "layer": 0, "experts": {experts}}}\n')
+        with pytest.raises(TraceError, match=rf"bad.jsonl:3: {needle}"):  # the blank line counts
+            read_trace(bad)
+    bad.write_text(good + '{"token": 1, "layer": -1, "experts": [1, 2]}\n')
+    with pytest.raises(TraceError, match=r"bad.jsonl:2: layer -1 is not a non-negative integer"):
+        read_trace(bad)
+    bad.write_text(good + '{"token": 1, "layer": 0, "experts": [1, 2], "weights": [1.0]}\n')
+    with pytest.raises(TraceError, match=r"bad.jsonl:2: 1 weights for 2 experts"):
+        read_trace(bad)
+    bad.write_bytes(good.encode() + b"\xff\xfe\n")
+    with pytest.raises(TraceError, match=r"bad.jsonl:2: not a trace record \(UnicodeDecodeError"):
+        read_trace(bad)
+    with pytest.raises(TraceError, match="is a folder, not a trace file"):
+        read_trace(tmp_path)
