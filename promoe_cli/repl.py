@@ -5,7 +5,8 @@ in ``/help``), answers streamed under a live status line, Ctrl-C stops an answer
 its current token (a second Ctrl-C at once) and what was written stays in the
 conversation; Ctrl-D or ``/quit`` leaves. Without a terminal (stdin piped, or
 ``TERM=dumb``) the same loop reads lines from stdin (triple-quoted blocks too) and writes
-each answer as plain text, so scripts can drive it; slash commands work the same.
+each answer as plain text, so scripts can drive it; slash commands work the same. Only
+answers go to stdout: commands, notices and summaries go to stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import replace
 from rich.markup import escape
 
 from promoe_cli.chat_input import is_terminal, isatty, line_reader, no_echo, prompt_reader, unquote
-from promoe_cli.console import err, out
+from promoe_cli.console import err
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (arguments, what it does)
     "/help": ("", "this help"),
@@ -131,11 +132,11 @@ class ChatSession:
     def cmd_help(self, arg: str) -> None:
         from promoe_cli.render import key_value_grid
 
-        out.print(key_value_grid([(f"{k} {a}".strip(), d) for k, (a, d) in COMMANDS.items()]))
-        out.print()
-        out.print(key_value_grid(KEYS if self.live else [k for k in KEYS if k[0] == "//text"]))
-        out.print()
-        out.print(f"[dim]sampling: {settings_line(self.sampling)}\nWhile an answer is written, the status line "
+        err.print(key_value_grid([(f"{k} {a}".strip(), d) for k, (a, d) in COMMANDS.items()]))
+        err.print()
+        err.print(key_value_grid(KEYS if self.live else [k for k in KEYS if k[0] == "//text"]))
+        err.print()
+        err.print(f"[dim]sampling: {settings_line(self.sampling)}\nWhile an answer is written, the status line "
                   "under it shows the expert-cache hit rate, decode tokens/s, prefetch accuracy and device "
                   "memory used / budget.[/]", soft_wrap=False)  # fmt: skip
 
@@ -144,14 +145,15 @@ class ChatSession:
 
         lm = self.lm
         n, total = lm.cache.num_slots, lm.spec.total_experts
+        prefetch = "none (experts read in place)" if lm.plan.in_place else lm.options.predictor
         title = (f"Expert cache since start · {_plural(self.answers, 'answer')} · {n} of {total} experts "
-                 f"resident ({100 * n / total:.0f}%) · policy {lm.options.policy} · prefetch {lm.options.predictor}")  # fmt: skip
-        out.print(f"[bold]{title}[/]", soft_wrap=False)
-        out.print(stats_table(lm.cache.stats, lm.plan.slots_per_layer))
-        out.print(stats_footer(lm.cache.stats), soft_wrap=False)
-        out.print(STATS_LEGEND, soft_wrap=False)
+                 f"resident ({100 * n / total:.0f}%) · policy {lm.options.policy} · prefetch {prefetch}")  # fmt: skip
+        err.print(f"[bold]{title}[/]", soft_wrap=False)
+        err.print(stats_table(lm.cache.stats, lm.plan.slots_per_layer))
+        err.print(stats_footer(lm.cache.stats), soft_wrap=False)
+        err.print(STATS_LEGEND, soft_wrap=False)
         if self.last is not None and self.last.stats is not None:
-            out.print("[bold]last answer:[/] " + summary_text(self.last), soft_wrap=False)
+            err.print("[bold]last answer:[/] " + summary_text(self.last), soft_wrap=False)
 
     def cmd_reset(self, arg: str) -> None:
         turns = self.conversation.num_turns
@@ -163,7 +165,7 @@ class ChatSession:
         conv = self.conversation
         if not arg:
             shown = escape(conv.system) if conv.system else "[dim](none)[/]"
-            out.print(f"system prompt: {shown}")
+            err.print(f"system prompt: {shown}")
             err.print("[dim]/system TEXT sets it, /system none clears it[/]")
         elif arg.lower() == "none":
             conv.system = None
@@ -175,7 +177,7 @@ class ChatSession:
     def cmd_set(self, arg: str) -> None:
         parts = arg.split()
         if not parts:
-            out.print(settings_line(self.sampling))
+            err.print(settings_line(self.sampling))
             return
         try:
             if len(parts) != 2:

@@ -109,7 +109,7 @@ def test_reset_forgets_the_turns_not_the_system_prompt(lm, calls, capsys):
 def test_system_command(lm, calls, capsys):
     chat(lm, "/system you are terse", "hi", "/system", "/system none", "bye")
     assert calls[0]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hi"), system="you are terse"))
-    assert "system prompt: you are terse" in capsys.readouterr().out
+    assert "system prompt: you are terse" in capsys.readouterr().err  # stdout holds only answers
     assert lm.tokenizer.decode(calls[1]["ids"]).startswith("<|user|>hi")
 
 
@@ -192,7 +192,7 @@ def test_unknown_command_lists_the_commands(lm, calls, capsys):
     chat(lm, "/stast", "/help")
     captured = capsys.readouterr()
     err = captured.err
-    assert "//text" in captured.out  # /help says how to send a message starting with /
+    assert "//text" in err and not captured.out  # /help says how to send a message starting with /
     assert "unknown command /stast (did you mean /stats?)" in err
     for name in ("/help", "/stats", "/reset", "/system", "/set", "/quit"):
         assert name in err
@@ -218,8 +218,9 @@ def test_set_changes_sampling_and_bad_values_are_one_line(lm, calls, capsys):
 def test_stats_table_and_stats_json(lm, calls, capsys, tmp_path):
     path = tmp_path / "last.json"
     chat(lm, "hello", "again", "/stats", stats_json=path)
-    out = capsys.readouterr().out
-    table = out[out.index("Expert cache since start") :]
+    captured = capsys.readouterr()
+    assert "Expert cache since start" not in captured.out  # stdout holds only the answers
+    table = captured.err[captured.err.index("Expert cache since start") :]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:] if line[:1].isalnum()}
     assert set(lm.spec.moe_layers) == {int(k) for k in rows if k.isdigit()}
     total = lm.cache.stats.total()
@@ -363,8 +364,8 @@ def test_piped_stdin_gives_plain_answers(tiny_model):
     want = generate(lm, encode_messages(lm.tokenizer, msgs(("user", "hello"))),
                     SamplingConfig(max_new_tokens=8, temperature=0))  # fmt: skip
     lm.close()
-    assert r.stdout.startswith(want.text + "\n")
-    assert "Expert cache since start" in r.stdout
+    assert r.stdout == want.text + "\n"  # only the answer: what /stats shows goes to stderr
+    assert "Expert cache since start" in r.stderr
     assert not ANSI.search(r.output)
     assert "tok/s" in r.stderr and "hit rate" in r.stderr
 
@@ -399,3 +400,18 @@ def test_an_answer_that_fills_the_context_says_so(lm, calls, capsys, monkeypatch
     done = calls[0]["done"]
     assert done.finish_reason == "context" and len(calls[0]["ids"]) + len(done.token_ids) == 40
     assert "the context is full at 40 tokens" in capsys.readouterr().err
+
+
+def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
+    """On the CPU with no budget every expert is read in place: /stats must not claim a prefetcher."""
+    from runtime.loader import LoadOptions, load_model
+
+    lm = load_model(
+        str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu", predictor="cross-layer")
+    )
+    try:
+        assert lm.plan.in_place
+        chat(lm, "/stats")
+        assert "prefetch none (experts read in place)" in capsys.readouterr().err
+    finally:
+        lm.close()
