@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from promoe_cli.bench import EXAMPLES as BENCH_EXAMPLES
@@ -53,5 +55,31 @@ def main(
     """
 
 
+def run() -> None:
+    """The ``promoe`` command: the app, with a usage error of the command line (a value out
+    of range, an unknown option) reported as every other error is, one line and a hint on
+    stderr, instead of the boxed panel Typer draws."""
+    try:
+        code = app(standalone_mode=False, prog_name="promoe")
+    except typer.TyperException as exc:  # the usage errors of Typer's (vendored) click
+        code = _usage_error(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(exc) -> int:
+    from rich.markup import escape
+
+    from promoe_cli.console import err
+
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``promoe``: the help is the answer
+        err.print(exc.format_message())
+        return exc.exit_code
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "promoe"
+    err.print(f"[error]error:[/] {escape(' '.join(exc.format_message().split()))}")
+    err.print(f"[hint]hint:[/] {escape(command)} --help lists the options, their ranges and examples")
+    return exc.exit_code
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -235,3 +235,24 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(tiny_m
         f.unlink()
     one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, "could not load the tokenizer")
     assert not any((home / "stores").glob("notok-*"))
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [(["chat", "--context", "-1"], "Invalid value for '--context'"), (["chat", "-n", "0"], "'--max-new-tokens'"),
+     (["chat", "--nope"], "No such option: --nope"), (["plan", "--top-p", "2"], "No such option")],
+)  # fmt: skip
+def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, needle):
+    """The `promoe` entry point reports Typer's own usage errors (out of range, unknown
+    option) as one line and a hint, like every other error, not as a boxed panel."""
+    import sys
+
+    from promoe_cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["promoe", *argv])
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert lines[1].startswith("hint: promoe ") and "--help" in lines[1]
