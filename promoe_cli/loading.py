@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -30,6 +31,9 @@ def offline_environment() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    # bitsandbytes' CPU backend warns, when imported, that it could not fetch an optional
+    # kernel from the Hugging Face hub (`kernels`); promoe fetches nothing, by design
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load_options(

@@ -42,8 +42,10 @@ def profile_device(
 
         if write is not None:
             check_name(write)
-        from promoe_cli.loading import progress_display
+        from promoe_cli.loading import offline_environment, progress_display
         from runtime.device_probe import QUICK, ProbeSettings, probe_device
+
+        offline_environment()
 
         with progress_display() as progress:
             result = probe_device(device, QUICK if quick else ProbeSettings(), progress=progress)

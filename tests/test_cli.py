@@ -256,3 +256,19 @@ def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, n
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert lines[1].startswith("hint: promoe ") and "--help" in lines[1]
+
+
+def test_bitsandbytes_hub_kernel_warning_does_not_leak(tmp_path):
+    """bitsandbytes' CPU backend warns at import (on CPUs with AVX-512 bf16) that it could not
+    fetch a kernel from the hub; promoe fetches nothing, and its stderr stays clean of it.
+    In a fresh process: bitsandbytes warns once per process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMOE_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "promoe_cli.main", "profile-device", "--quick", "--json"],
+                       capture_output=True, text=True, env=env, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "nf4" in json.loads(r.stdout)["dequant_weights_per_s"]  # bitsandbytes was imported
+    assert "kernels-community" not in r.stderr
