@@ -63,12 +63,12 @@ def plan(
 
 
 def _link(opts) -> str | None:
-    from runtime.sizes import format_bytes
+    from runtime.sizes import format_bytes, format_duration
 
     if opts.link_bandwidth is None and not opts.link_latency:
         return None
     bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
-    return f"{bw} + {opts.link_latency * 1e6:.0f} us per copy"
+    return f"{bw} + {format_duration(opts.link_latency)} per copy"
 
 
 def _json(lp, opts, profile: str | None) -> dict:

@@ -315,10 +315,10 @@ def nothing_ran_error(results: list[ConfigResult]) -> PromoeError | None:
 def _describe_link(opts: LoadOptions) -> str:
     if opts.link_bandwidth is None and not opts.link_latency:
         return "real"
-    from runtime.sizes import format_bytes
+    from runtime.sizes import format_bytes, format_duration
 
     bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
-    return f"emulated {bw}, {opts.link_latency * 1e6:.0f} us per copy"
+    return f"emulated {bw}, {format_duration(opts.link_latency)} per copy"
 
 
 def _route_note(runs: list[dict]) -> str:

@@ -210,6 +210,10 @@ def parse_profile(data: dict[str, Any], *, name: str, path: Path | None = None) 
     if device_type not in DEVICE_TYPES:
         raise bad("device_type", f"must be one of {', '.join(DEVICE_TYPES)} (got {device_type!r})")
     unified = data.get("unified")
+    if unified is None:
+        raise bad(
+            "unified", "is missing", f"add unified = true (Jetson: one memory pool) or false; {README_HINT}"
+        )
     if not isinstance(unified, bool):
         raise bad("unified", f"must be true or false (got {unified!r})")
     figures = {}

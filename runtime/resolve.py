@@ -117,6 +117,11 @@ def resolve_model(ref: str | None) -> ResolvedModel:
             f"model '{ref}' not found: no directory {ref}, and not in the Hugging Face cache ({_hf_cache_dir()})",
             hint=f"download it once with: hf download {ref}, or pass a local directory",
         )
+    if Path(ref).expanduser().exists():
+        raise ModelNotFoundError(
+            f"model '{ref}' is a file, not a model folder",
+            hint="pass the folder that holds config.json and the safetensors weights",
+        )
     raise ModelNotFoundError(
         f"model '{ref}' not found: no such directory, and it is not a known alias",
         hint=f"pass a model folder, a Hugging Face repo id in your cache, or one of: {', '.join(sorted(ALIASES))}",

@@ -75,3 +75,12 @@ def format_bytes(n: float, *, up: bool = False) -> str:
             return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    """Human-readable: 2e-05 -> '20 us', 0.02 -> '20.0 ms', 1.5 -> '1.50 s'."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"

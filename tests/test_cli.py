@@ -272,3 +272,9 @@ def test_bitsandbytes_hub_kernel_warning_does_not_leak(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "nf4" in json.loads(r.stdout)["dequant_weights_per_s"]  # bitsandbytes was imported
     assert "kernels-community" not in r.stderr
+
+
+def test_a_file_given_as_the_model_is_called_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x")
+    one_line_error(invoke("plan", f), 2, "is a file, not a model folder")

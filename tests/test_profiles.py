@@ -92,6 +92,11 @@ def test_broken_profile_names_the_field(change, field):
     assert f"field '{field}'" in str(exc.value) and exc.value.hint
 
 
+def test_a_missing_field_is_called_missing():
+    with pytest.raises(ProfileError, match="field 'unified' is missing"):
+        parse_profile(_broken(lambda d: d.pop("unified")), name="broken")
+
+
 def _write_user_profile(home, name: str, text: str):
     d = home / "profiles"
     d.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,9 @@ def test_a_needed_figure_rounds_up_so_that_it_is_enough():
     rng = random.Random(0)
     for n in [rng.randrange(1, 10**13) for _ in range(2000)] + [999, 1000, 1001, 34_800_000]:
         assert parse_size(format_bytes(n, up=True)) >= n, n
+
+
+def test_format_duration():
+    from runtime.sizes import format_duration
+
+    assert [format_duration(t) for t in (2e-5, 0.02, 1.5)] == ["20 us", "20.0 ms", "1.50 s"]
