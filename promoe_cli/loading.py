@@ -74,6 +74,13 @@ def load_options(
         apply_profile(opts, profile)
     if vram is not None:
         opts.vram, opts.reserved = parse_size(vram), 0
+        if vram.strip().isdigit() and opts.vram < 1 << 20:  # bytes, as parse_size reads a bare number
+            from runtime.errors import UsageError
+
+            raise UsageError(
+                f"--vram {vram} has no unit, so it means {vram} bytes",
+                hint=f"add a unit, e.g. --vram {vram}GB",
+            )
     if link_bandwidth is not None:
         opts.link_bandwidth = parse_bandwidth(link_bandwidth)
     if link_latency is not None:

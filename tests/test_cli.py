@@ -126,7 +126,7 @@ def test_one_shot_prompt_longer_than_the_context(tiny_model):
     [(("--device", "tpu"), "unknown device"), (("--device", "meta"), "unknown device"),
      (("--dtype", "float64"), "unknown dtype"), (("--top-p", "0"), "--top-p"),
      (("--link-bandwidth", "0GB/s"), "not a bandwidth"), (("--vram", ""), "is not a size"),
-     (("--prefetch", "magic"), "unknown predictor"),  # also with no budget, where none is built
+     (("--prefetch", "magic"), "unknown predictor"), (("--vram", "6"), "--vram 6 has no unit"),  # also with no budget, where none is built
      (("-q", "int2", "--low-bit", "int2"), "no format has fewer bits than int2"),
      (("-q", "int4", "--low-bit", "int8"), "e.g. --low-bit int2")],
 )  # fmt: skip
