@@ -81,11 +81,19 @@ def train_predictor(
                             link_latency=None)  # fmt: skip
         texts = read_prompts(prompts)
         offline_environment()
-        from runtime.conversation import context_limit
+        from runtime.conversation import context_limit, model_positions
         from runtime.errors import UsageError
         from runtime.generate import encode_prompt
-        from runtime.predictor import predictor_dir, record_routing, save_predictors, train_predictors
+        from runtime.predictor import (
+            predictor_dir,
+            prompt_room,
+            record_routing,
+            save_predictors,
+            train_predictors,
+        )
 
+        planned, positions = _planned_context(model, context)
+        prompt_room(planned, new_tokens, positions)  # refused before anything is converted or loaded
         lm = load(model, opts)
         try:
             most = len(lm.spec.moe_layers) - 1
@@ -93,8 +101,7 @@ def train_predictor(
                 raise UsageError(f"--lookahead {lookahead} looks past the last layer: this model has "
                                  f"{most + 1} MoE layers", hint=f"use --lookahead {max(most, 1)} or less")  # fmt: skip
             chat = not no_chat_template and prompts is not None
-            room = context_limit(lm) - new_tokens - 1  # prompt tokens that leave room for the new ones
-            cut = max(1, min(max_prompt_tokens, room))
+            cut = min(max_prompt_tokens, prompt_room(context_limit(lm), new_tokens, model_positions(lm)))
             ids = [encode_prompt(lm.tokenizer, t, chat_template=chat)[:cut] for t in texts]
             with _progress() as progress:
                 data = record_routing(lm, ids, new_tokens=new_tokens, progress=progress)
@@ -109,6 +116,19 @@ def train_predictor(
         finally:
             lm.close()
         _report(meta, path, spec.top_k)
+
+
+def _planned_context(model: str | None, context: int | None) -> tuple[int, int | None]:
+    """The context the loader will plan (``--context``, or the model's positions up to the default)
+    and the model's positions, read from config.json alone."""
+    from types import SimpleNamespace
+
+    from runtime.checkpoint import Checkpoint
+    from runtime.memory_plan import default_context
+    from runtime.resolve import resolve_model
+
+    positions = Checkpoint(resolve_model(model).path).config.get("max_position_embeddings")
+    return default_context(SimpleNamespace(max_position_embeddings=positions), context), positions
 
 
 def _progress():

@@ -8,8 +8,10 @@ to hide behind, where the cross-layer gate only has one.
 Training data is recorded on the user's own prompts (:func:`record_routing`): every MoE
 layer's router input and every layer's routed experts, at prefill and decode. The
 predictors are saved beside the model's expert stores
-(``$PROMOE_HOME/stores/<model>/predictor.safetensors`` plus a JSON of settings and
-validation recall) and loaded by ``--prefetch learned``.
+(``$PROMOE_HOME/stores/<model>-<hash>/predictor.safetensors`` plus a JSON of settings and
+validation recall) and loaded by ``--prefetch learned``. The JSON holds an xxh3-128
+checksum of the safetensors file, checked at load: damaged weights (NaN where bytes were
+overwritten) are refused as a damaged file rather than used for worse predictions.
 """
 
 # Shape key: N = recorded tokens, D = hidden size, E = experts, L = MoE layers, A = lookahead
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import xxhash
+from safetensors.torch import load, save
 from torch import nn
 
 from runtime.errors import StoreError, UsageError
@@ -30,6 +33,7 @@ from runtime.prefetch import Predictor
 
 PREDICTOR_FILE = "predictor.safetensors"
 PREDICTOR_META = "predictor.json"
+MIN_PROMPT_TOKENS = 8  # the least --max-prompt-tokens allows: prompts cut shorter all start alike
 
 
 class LayerPredictor(nn.Module):
@@ -78,6 +82,27 @@ class LearnedPredictor(Predictor):
 
 
 # -- recording --------------------------------------------------------------------------
+
+
+def prompt_room(context: int, new_tokens: int, positions: int | None = None) -> int:
+    """Prompt tokens a context of ``context`` leaves beside ``new_tokens`` generated ones.
+
+    Refused below :data:`MIN_PROMPT_TOKENS`: prompts cut to a token or two (a chat template's
+    first tokens, often) are all alike, so every one records the same greedy sequence. The
+    hint suggests a larger context only up to the model's ``positions``.
+    """
+    room = context - new_tokens - 1  # generation keeps one position back
+    if room < MIN_PROMPT_TOKENS:
+        left = f"room for only {room} prompt tokens" if room > 0 else "no room for a prompt"
+        fewer, more = context - MIN_PROMPT_TOKENS - 1, new_tokens + MIN_PROMPT_TOKENS + 1
+        tips = [f"--new-tokens {fewer} or less"] if fewer >= 0 else []
+        tips += [f"--context {more} or more"] if positions is None or more <= positions else []
+        raise UsageError(
+            f"--new-tokens {new_tokens} leaves {left} in a context of {context} tokens (which holds the prompt, "
+            f"the new tokens and one more); prompts need at least {MIN_PROMPT_TOKENS} to differ from one another",
+            hint="use " + ", or ".join(tips) if tips else f"this model has only {positions} positions",
+        )
+    return room
 
 
 @dataclass
@@ -213,16 +238,27 @@ def predictor_dir(store_path: Path) -> Path:
 
 
 def save_predictors(nets: dict[int, LayerPredictor], meta: dict, directory: Path, identity: dict) -> Path:
+    """Write the weights and the JSON beside them, each to a temporary file renamed into place.
+
+    The JSON holds the weights' checksum, so a crash between the two renames leaves a pair
+    that the loader refuses as damaged, never old settings applied to new weights.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"{layer}.{k}": v.contiguous() for layer, net in nets.items() for k, v in net.state_dict().items()
     }
-    tmp = directory / (PREDICTOR_FILE + ".tmp")
-    save_file(tensors, tmp)
-    tmp.replace(directory / PREDICTOR_FILE)
-    info = {**meta, "layers": sorted(nets), "source": identity}
-    (directory / PREDICTOR_META).write_text(json.dumps(info, indent=1))
+    blob = save(tensors)
+    info = {**meta, "layers": sorted(nets), "source": identity, "xxh3_128": xxhash.xxh3_128_hexdigest(blob)}
+    weights, settings = directory / (PREDICTOR_FILE + ".tmp"), directory / (PREDICTOR_META + ".tmp")
+    weights.write_bytes(blob)
+    settings.write_text(json.dumps(info, indent=1))
+    weights.replace(directory / PREDICTOR_FILE)
+    settings.replace(directory / PREDICTOR_META)
     return directory / PREDICTOR_FILE
+
+
+class _Damaged(ValueError):
+    """The predictor's files parse but fail a check (checksum, finite weights)."""
 
 
 def load_learned_predictor(
@@ -246,7 +282,13 @@ def load_learned_predictor(
     nets: dict[int, LayerPredictor] = {}
     try:  # reading only: a failure here is the files, not the device
         meta = json.loads((directory / PREDICTOR_META).read_text())
-        tensors = load_file(directory / PREDICTOR_FILE)
+        blob = (directory / PREDICTOR_FILE).read_bytes()
+        # written before checksums (no "xxh3_128"): accepted, its weights still checked below
+        if "xxh3_128" in meta and xxhash.xxh3_128_hexdigest(blob) != meta["xxh3_128"]:
+            raise _Damaged("its checksum does not match")
+        tensors = load(blob)
+        if not all(bool(t.isfinite().all()) for t in tensors.values()):
+            raise _Damaged("some weights are not finite numbers")
         for layer in meta["layers"]:
             net = LayerPredictor(spec.expert_shape.hidden, spec.num_experts, meta["lookahead"], meta["width"])
             net.load_state_dict(
@@ -255,7 +297,8 @@ def load_learned_predictor(
             nets[layer] = net
     except Exception as exc:  # noqa: BLE001 - a truncated file, bad JSON, shapes of another model...
         raise StoreError(
-            f"the learned predictor in {directory} is unreadable ({type(exc).__name__})",
+            f"the learned predictor in {directory} is "
+            + (f"damaged ({exc})" if isinstance(exc, _Damaged) else f"unreadable ({type(exc).__name__})"),
             hint="train it again: promoe train-predictor MODEL (or use --prefetch cross-layer)",
         ) from exc
     nets = {

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from promoe_cli.main import app
+from runtime.errors import StoreError, UsageError
 from runtime.generate import SamplingConfig, generate
-from runtime.predictor import _targets, recall_at_k, record_routing, train_predictors
+from runtime.predictor import (
+    PREDICTOR_FILE,
+    PREDICTOR_META,
+    LayerPredictor,
+    _targets,
+    load_learned_predictor,
+    prompt_room,
+    recall_at_k,
+    record_routing,
+    save_predictors,
+    train_predictors,
+)
 from tests.helpers import greedy_ids, load_small, reference_model
 
 runner = CliRunner()
@@ -67,27 +82,24 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
     finally:
         lm.close()
     good = saved.read_bytes()
-    try:  # a truncated predictor file: one line naming it and how to retrain, no traceback
-        saved.write_bytes(good[: len(good) // 2])
-        r = runner.invoke(
-            app,
-            [
-                "chat",
-                str(path),
-                "--quant",
-                "none",
-                "--prefetch",
-                "learned",
-                "--link-bandwidth",
-                "1GB/s",
-                "--prompt",
-                "x",
-            ],
-        )  # a link: with no budget and no link, the CPU reads experts in place and predicts nothing
-        assert r.exit_code == 5 and r.stderr.startswith("error: the learned predictor in"), r.output
-        assert "promoe train-predictor" in r.stderr and "Traceback" not in r.output
+
+    def chat_learned():  # a link: with no budget and no link, the CPU reads experts in place and predicts nothing
+        return runner.invoke(app, ["chat", str(path), "--quant", "none", "--prefetch", "learned", "--link-bandwidth",
+                                   "1GB/s", "--prompt", "x"])  # fmt: skip
+
+    mid = len(good) // 2  # inside the tensor data, past the header
+    damaged = {"truncated": good[:mid], "4 KB overwritten with 0xFF (NaN weights)": good[:mid] + b"\xff" * 4096
+               + good[mid + 4096 :]}  # fmt: skip
+    try:  # a damaged predictor file: one line naming it and how to retrain, no traceback
+        for what, data in damaged.items():
+            saved.write_bytes(data)
+            r = chat_learned()
+            assert r.exit_code == 5 and "Traceback" not in r.output, (what, r.output)
+            assert r.stderr.startswith("error: the learned predictor in") and "is damaged" in r.stderr, what
+            assert "promoe train-predictor" in r.stderr, what
     finally:
         saved.write_bytes(good)
+    assert chat_learned().exit_code == 0
 
 
 def test_prefetch_learned_without_training_explains(tiny_model):
@@ -109,3 +121,117 @@ def test_train_predictor_refuses_what_it_cannot_learn_from(tiny_model, tmp_path)
     assert r.exit_code == 2 and "a predictor needs at least 64" in r.stderr, r.output
     r = runner.invoke(app, ["train-predictor", path, "--prompts", str(tmp_path)])
     assert r.exit_code == 2 and "is a folder" in r.stderr, r.output
+
+
+def test_train_predictor_refuses_new_tokens_that_fill_the_context(tiny_model, home, tmp_path):
+    """Refused before anything loads: prompts cut to a token or two all record the same sequence,
+    and training on them would replace a good predictor."""
+    path = str(tiny_model("mixtral"))  # 256 positions
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(f.read_text()[:400] for f in SOURCES[:8]))
+    cases = {  # arguments -> the message's start, the hint
+        ("--context", "16"): ("--new-tokens 32 leaves no room for a prompt in a context of 16 tokens",
+                              "use --new-tokens 7 or less, or --context 41 or more"),
+        ("--context", "16", "--new-tokens", "10"): ("--new-tokens 10 leaves room for only 5 prompt tokens in a "
+                                                    "context of 16 tokens", "--context 19 or more"),
+        ("--new-tokens", "250"): ("--new-tokens 250 leaves room for only 5 prompt tokens in a context of 256 "
+                                  "tokens", "use --new-tokens 247 or less"),  # the model's positions, by default
+    }  # fmt: skip
+    for args, (message, hint) in cases.items():
+        r = runner.invoke(app, ["train-predictor", path, "--quant", "none", "--prompts", str(prompts), "--epochs", "1",
+                                *args])  # fmt: skip
+        assert r.exit_code == 2 and r.stderr.startswith(f"error: {message}"), (args, r.output)
+        assert "need at least 8" in r.stderr and hint in r.stderr, (args, r.output)
+        assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 2, r.output
+    assert not (home / "stores").exists()  # nothing converted, loaded or saved
+
+
+def test_prompt_room():
+    assert prompt_room(16, 7) == 8 and prompt_room(4096, 32) == 4063
+    with pytest.raises(UsageError, match="leaves room for only 7 prompt tokens") as e:
+        prompt_room(16, 8, positions=256)
+    assert e.value.hint == "use --new-tokens 7 or less, or --context 17 or more"
+    with pytest.raises(UsageError, match="no room for a prompt") as e:
+        prompt_room(512, 5000, positions=512)  # no larger context to suggest
+    assert e.value.hint == "use --new-tokens 503 or less"
+
+
+# -- the saved files ---------------------------------------------------------------------------
+
+SPEC = SimpleNamespace(expert_shape=SimpleNamespace(hidden=16), num_experts=8, moe_layers=[0, 1, 2], top_k=2)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """A predictor saved beside a stand-in store (``tmp_path/int4``); returns the store path."""
+    torch.manual_seed(0)
+    nets = {layer: LayerPredictor(16, 8, 2, 32) for layer in (0, 1)}
+    save_predictors(nets, {"lookahead": 2, "width": 32}, tmp_path, {"model": "stand-in"})
+    return tmp_path / "int4"
+
+
+def _overwrite(path: Path, byte: bytes) -> None:
+    data = path.read_bytes()
+    mid = len(data) // 2
+    path.write_bytes(data[:mid] + byte * 4096 + data[mid + 4096 :])
+
+
+def test_saved_predictor_carries_a_checksum_and_no_temporary_files(saved):
+    meta = json.loads((saved.parent / PREDICTOR_META).read_text())
+    assert len(meta["xxh3_128"]) == 32 and meta["layers"] == [0, 1]
+    assert sorted(p.name for p in saved.parent.iterdir()) == [PREDICTOR_META, PREDICTOR_FILE]
+    assert set(load_learned_predictor(saved, SPEC).nets) == {0, 1}
+
+
+@pytest.mark.parametrize("byte", [b"\xff", b"\x00"])  # NaN weights; finite zeros only the checksum sees
+def test_damaged_predictor_weights_are_refused(saved, byte):
+    _overwrite(saved.parent / PREDICTOR_FILE, byte)
+    with pytest.raises(StoreError, match=r"is damaged \(its checksum does not match\)") as e:
+        load_learned_predictor(saved, SPEC)
+    assert "promoe train-predictor" in e.value.hint
+
+
+def test_predictor_saved_before_checksums_still_loads_unless_its_weights_are_nan(saved):
+    meta_path = saved.parent / PREDICTOR_META
+    meta = json.loads(meta_path.read_text())
+    del meta["xxh3_128"]  # as an older promoe wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert set(load_learned_predictor(saved, SPEC).nets) == {0, 1}
+    _overwrite(saved.parent / PREDICTOR_FILE, b"\xff")
+    with pytest.raises(StoreError, match=r"is damaged \(some weights are not finite numbers\)"):
+        load_learned_predictor(saved, SPEC)
+
+
+def test_saving_again_never_leaves_a_pair_that_loads_wrongly(saved, monkeypatch):
+    """Each file is renamed into place: a crash while writing keeps the old predictor; one between
+    the two renames leaves new weights beside the old checksum, refused as damaged."""
+    torch.manual_seed(1)
+    nets = {layer: LayerPredictor(16, 8, 2, 32) for layer in (0, 1)}
+    old = load_learned_predictor(saved, SPEC).nets[0].net[0].weight.clone()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    real_write_bytes = Path.write_bytes
+
+    def write_bytes(self, data):  # half written, then the crash
+        real_write_bytes(self, data[: len(data) // 2])
+        crash()
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", write_bytes)
+        with pytest.raises(OSError):
+            save_predictors(nets, {"lookahead": 2, "width": 32}, saved.parent, {"model": "stand-in"})
+    assert torch.equal(load_learned_predictor(saved, SPEC).nets[0].net[0].weight, old)
+
+    real_replace = Path.replace
+
+    def replace(self, to):  # the weights renamed into place, then the crash
+        return crash() if Path(to).name == PREDICTOR_META else real_replace(self, to)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "replace", replace)
+        with pytest.raises(OSError):
+            save_predictors(nets, {"lookahead": 2, "width": 32}, saved.parent, {"model": "stand-in"})
+    with pytest.raises(StoreError, match="is damaged"):
+        load_learned_predictor(saved, SPEC)
