@@ -34,7 +34,7 @@ def chat(
         float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 for greedy decoding.")
     ] = 0.7,
     top_p: Annotated[
-        float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass, more than 0.")
+        float, typer.Option("--top-p", max=1.0, help="Nucleus sampling mass, more than 0 and at most 1.")
     ] = 0.95,
     seed: Annotated[
         int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed, for reproducible runs.")

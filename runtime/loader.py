@@ -102,7 +102,7 @@ def pick_device(name: str) -> torch.device:
     if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
         raise UnknownNameError(f"unknown device '{name}'", hint="use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but this torch build sees no CUDA device",
+        raise UsageError(f"--device {name} was asked for, but this torch build sees no CUDA device",
                           hint="use --device cpu, or install a CUDA build of torch")  # fmt: skip
     if dev.type == "cuda" and dev.index is not None:
         count = torch.cuda.device_count()
