@@ -92,7 +92,11 @@ def encode_messages(tokenizer, messages: Sequence[dict], chat_template: bool = T
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    text = "\n\n".join(m["content"] for m in messages)  # no template: plain continuation
+    # no template: plain continuation. An answer was generated straight after the text
+    # before it, so it is joined to it as it was; anything else starts a new paragraph.
+    text = ""
+    for m in messages:
+        text += ("" if m["role"] == "assistant" or not text else "\n\n") + m["content"]
     return list(tokenizer(text)["input_ids"])
 
 

@@ -232,3 +232,14 @@ def test_the_clock_on_cuda_waits_for_compute_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("device"))
     _Clock(torch.device("cuda")).now()
     assert synced == ["compute"]
+
+
+def test_without_a_template_an_answer_is_re_fed_as_it_was_generated(lm):
+    """The next turn's prompt holds the earlier answer exactly where the model wrote it,
+    straight after the text it continued; a new message starts a new paragraph."""
+    from runtime.generate import encode_messages
+
+    msgs = [{"role": "system", "content": "# utils"}, {"role": "user", "content": "def f(x):"},
+            {"role": "assistant", "content": "\n    return x"}, {"role": "user", "content": "def g(y):"}]  # fmt: skip
+    want = lm.tokenizer("# utils\n\ndef f(x):\n    return x\n\ndef g(y):")["input_ids"]
+    assert encode_messages(lm.tokenizer, msgs, chat_template=False) == list(want)
