@@ -61,9 +61,19 @@ def run() -> None:
     stderr, instead of the boxed panel Typer draws."""
     try:
         code = app(standalone_mode=False, prog_name="promoe")
-    except typer.TyperException as exc:  # the usage errors of Typer's (vendored) click
+    except _usage_error_class() as exc:
         code = _usage_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error_class() -> type[Exception]:
+    """click's ClickException: Typer's own (vendored) click since 0.2x, click itself before."""
+    vendored = getattr(typer, "TyperException", None)
+    if vendored is not None:
+        return vendored
+    import click
+
+    return click.ClickException
 
 
 def _usage_error(exc) -> int:

@@ -133,7 +133,8 @@ if os.environ["CUDA"] == "1":
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name}: {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), {os.cpu_count()} CPUs")
-for mod in ("triton", "bitsandbytes", "transformers", "accelerate", "pytest", "pytest_timeout"):
+for mod in ("triton", "bitsandbytes", "transformers", "accelerate", "typer", "rich", "prompt_toolkit",
+            "safetensors", "xxhash", "psutil", "tomli_w", "pytest", "pytest_timeout"):
     try:
         m = __import__(mod)
         print(f"{mod} {getattr(m, '__version__', '(no version)')}")
