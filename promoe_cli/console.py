@@ -30,6 +30,7 @@ def _width(stream) -> int | None:
     return None if tty or os.environ.get("COLUMNS") else 160
 
 
-# results (completions, tables, JSON) on stdout; progress, banners, notices and errors on stderr
+# results (completions, the tables of plan, bench and profile-device, JSON) on stdout; progress,
+# banners, notices, errors and what the chat's slash commands show on stderr
 out = Console(theme=THEME, highlight=False, soft_wrap=True, width=_width(sys.stdout))
 err = Console(theme=THEME, highlight=False, stderr=True, soft_wrap=True, width=_width(sys.stderr))
