@@ -137,7 +137,13 @@ for mod in ("triton", "bitsandbytes", "transformers", "accelerate", "typer", "ri
             "safetensors", "xxhash", "psutil", "tomli_w", "pytest", "pytest_timeout"):
     try:
         m = __import__(mod)
-        print(f"{mod} {getattr(m, '__version__', '(no version)')}")
+        try:
+            from importlib.metadata import version
+
+            v = version(mod.replace("_", "-"))
+        except Exception:  # not installed as a distribution of that name
+            v = getattr(m, "__version__", "(no version)")
+        print(f"{mod} {v}")
     except Exception as exc:  # a broken install says why instead of stopping the check
         print(f"{mod}: not importable ({type(exc).__name__}: {exc})")
 # Triton builds a small C launcher at its first kernel launch: it needs a C compiler and
