@@ -133,19 +133,22 @@ class _Detokenizer:
 def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
     """``logits [V]`` -> one token id (greedy at temperature 0, else top-p sampling).
 
-    Sampling runs on the host, with the host generator ``gen`` (a CUDA tensor cannot be
-    sampled with it), so a seed draws the same tokens from the same logits on any device;
-    the token is needed on the host anyway, and V floats are a small copy.
+    Softmax, sort and the nucleus cut run where the logits are; only the nucleus (often a
+    few dozen tokens; all V when top-p is 1) goes to the host, where the draw uses the
+    seed's host generator (a CUDA tensor cannot be sampled with it), so a seed draws the
+    same tokens from the same logits on any device.
     """
     if cfg.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / cfg.temperature, dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)  # [V]
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        keep = int((sorted_p.cumsum(-1) - sorted_p < cfg.top_p).sum())  # always keeps the top token
+        probs, order = sorted_p[:keep], order[:keep]  # [K]
+    else:
+        order = None
+    pick = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return pick if order is None else int(order[pick])
 
 
 class _Clock:
