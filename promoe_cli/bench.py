@@ -137,10 +137,13 @@ def bench(
             _refuse_with_trace(model=model, configs=configs, quality=quality, plot=plot, trace_out=trace_out)
             _replay(trace, policy, slots_per_layer, json_out)
             return
+        from promoe_cli.loading import check_output_file
+
+        check_output_file(trace_out, "--trace-out")  # before any work, not after the whole benchmark
         if plot is not None:
             from promoe_cli.bench_render import check_plot
 
-            check_plot(plot)  # before any work, not after the whole benchmark
+            check_plot(plot)
         from promoe_cli.loading import load_options, offline_environment, progress_display
 
         auto_link = link_bandwidth == "auto"

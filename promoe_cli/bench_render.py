@@ -75,10 +75,9 @@ def check_plot(path: Path) -> None:
             "--plot needs matplotlib, which is not installed", hint="pip install 'promoe[plot]'"
         ) from None
     del matplotlib
-    if path.is_dir():
-        raise UsageError(
-            f"--plot {path} is a folder", hint=f"name a file to write, e.g. --plot {path / 'bench.png'}"
-        )
+    from promoe_cli.loading import check_output_file
+
+    check_output_file(path, "--plot")
 
 
 def plot_report(report, path: Path) -> None:

@@ -73,6 +73,8 @@ def chat(
             raise UsageError(
                 "--top-p must be more than 0", hint="0.95 is usual; for greedy decoding use -t 0"
             )
+        from promoe_cli.loading import check_output_file
+
         for path, flag in ((stats_json, "--stats-json"), (trace_out, "--trace-out")):
             check_output_file(path, flag)  # before loading and generating, not after
 
@@ -147,18 +149,3 @@ def write_stats(path: Path, lm, done) -> None:
         "load_seconds": round(lm.timings["total_s"], 3),
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def check_output_file(path: Path | None, flag: str) -> None:
-    """A file promoe will write: not a folder, in a folder that exists (none is made)."""
-    from runtime.errors import UsageError
-
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder", hint=f"give a file path, e.g. {path / 'out.json'}")
-    if not path.parent.is_dir():
-        raise UsageError(
-            f"{flag} {path}: the folder {path.parent} does not exist",
-            hint="create it first, or give another path",
-        )

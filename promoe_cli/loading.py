@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.markup import escape
 from rich.progress import (
@@ -165,3 +166,18 @@ def banner(lm, profile: str | None = None) -> None:
                  f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip
     err.print(cache, soft_wrap=False)
     err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)
+
+
+def check_output_file(path: Path | None, flag: str) -> None:
+    """A file promoe will write: not a folder, in a folder that exists (none is made)."""
+    from runtime.errors import UsageError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder", hint=f"give a file path, e.g. {path / 'out.json'}")
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"{flag} {path}: the folder {path.parent} does not exist",
+            hint="create it first, or give another path",
+        )

@@ -59,21 +59,35 @@ def run() -> None:
     """The ``promoe`` command: the app, with a usage error of the command line (a value out
     of range, an unknown option) reported as every other error is, one line and a hint on
     stderr, instead of the boxed panel Typer draws."""
+    usage, abort = _click_exceptions()
     try:
         code = app(standalone_mode=False, prog_name="promoe")
-    except _usage_error_class() as exc:
+    except usage as exc:
         code = _usage_error(exc)
+    except abort:  # Ctrl-C or end of input while the command line is read
+        from promoe_cli.console import err
+
+        err.print("[warn]interrupted[/]")
+        code = 130
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _usage_error_class() -> type[Exception]:
-    """click's ClickException: Typer's own (vendored) click since 0.2x, click itself before."""
-    vendored = getattr(typer, "TyperException", None)
-    if vendored is not None:
-        return vendored
-    import click
-
-    return click.ClickException
+def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """click's usage-error and abort classes: those of Typer's vendored click (typer 0.2x)
+    and of click itself where it is installed (older typer raises those)."""
+    usage: list[type[BaseException]] = []
+    abort: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        usage.append(typer.TyperException)
+    abort.append(typer.Abort)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        usage.append(click.ClickException)
+        abort.append(click.exceptions.Abort)
+    return tuple(usage), tuple(abort)
 
 
 def _usage_error(exc) -> int:
@@ -81,8 +95,7 @@ def _usage_error(exc) -> int:
 
     from promoe_cli.console import err
 
-    if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``promoe``: the help is the answer
-        err.print(exc.format_message())
+    if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``promoe``: the help was printed
         return exc.exit_code
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "promoe"

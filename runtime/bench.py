@@ -259,7 +259,8 @@ def run_bench(
                         lm.close()
         except PromoeError as exc:
             res.status, res.note = "skipped", f"{exc}" + (f"; {exc.hint}" if exc.hint else "")
-            res.error = exc
+            res.error = exc.with_traceback(None)  # not its frames: they can hold pinned memory
+            exc.__context__ = exc.__cause__ = None
         results.append(res)
         if on_result:
             on_result(res)

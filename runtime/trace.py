@@ -77,7 +77,7 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
                 d = json.loads(line)
                 rec = TraceRecord(int(d["token"]), int(d["layer"]), tuple(int(e) for e in d["experts"]),
                                   tuple(float(w) for w in d.get("weights", [])))  # fmt: skip
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:  # 1e999: int(inf)
                 raise TraceError(
                     f"{p}:{n}: not a trace record ({exc.__class__.__name__}: {exc})",
                     hint='each line must look like {"token": 0, "layer": 0, "experts": [6, 5], "weights": [0.7, 0.3]}',

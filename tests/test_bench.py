@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -280,3 +281,38 @@ def test_plot_without_matplotlib_is_refused_before_any_work(tiny_model, tmp_path
     assert r.stderr.splitlines() == ["error: --plot needs matplotlib, which is not installed",
                                      "hint: pip install 'promoe[plot]'"]  # fmt: skip
     assert not png.exists()
+
+
+@pytest.mark.parametrize("flag", ["--trace-out", "--plot"])
+def test_output_paths_are_checked_before_any_work(tiny_model, tmp_path, monkeypatch, flag):
+    """A folder, or a file in a folder that does not exist, is refused before the benchmark
+    runs (--trace-out was written, and refused, only after it)."""
+    import types
+
+    import runtime.bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))  # installed or not
+
+    def no_work(*args, **kw):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(runtime.bench, "run_bench", no_work)
+    monkeypatch.setattr(runtime.bench, "calibrate_link", no_work)
+    for path, needle in ((tmp_path, "is a folder"), (tmp_path / "no" / "x.out", "does not exist")):
+        r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--configs", "lru", flag, str(path)])
+        assert r.exit_code == 2, r.output
+        assert r.stderr.startswith(f"error: {flag} {path}") and needle in r.stderr, r.stderr
+
+
+def test_a_skipped_configuration_keeps_its_error_without_its_frames(tiny_model):
+    """The error is kept for the report, not the frames of the failed load, which can hold
+    what it had allocated (page-locked layers) until the whole benchmark ends."""
+    from runtime.bench import run_bench
+    from runtime.errors import InsufficientMemoryError
+    from runtime.loader import LoadOptions
+
+    report = run_bench(str(tiny_model("mixtral")), LoadOptions(vram=1000, device="cpu"), ["lru"], gen_len=2,
+                       repeats=1)  # fmt: skip
+    (res,) = report.results
+    assert res.status == "skipped" and isinstance(res.error, InsufficientMemoryError)
+    assert res.error.__traceback__ is None and res.error.__context__ is None

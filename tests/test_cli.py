@@ -278,3 +278,15 @@ def test_a_file_given_as_the_model_is_called_a_file(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
     one_line_error(invoke("plan", f), 2, "is a file, not a model folder")
+
+
+def test_bare_promoe_prints_the_help_and_nothing_on_stderr(monkeypatch, capsys):
+    import sys
+
+    from promoe_cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["promoe"])
+    with pytest.raises(SystemExit):
+        run()
+    captured = capsys.readouterr()
+    assert "Usage: promoe" in captured.out and captured.err == ""

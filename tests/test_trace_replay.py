@@ -87,3 +87,14 @@ def test_bad_expert_ids_and_folders_are_refused(tmp_path):
         read_trace(bad)
     with pytest.raises(TraceError, match="is a folder, not a trace file"):
         read_trace(tmp_path)
+
+
+def test_a_number_too_large_for_an_id_is_refused_naming_the_line(tmp_path):
+    from runtime.trace import TraceError, read_trace
+
+    bad = tmp_path / "huge.jsonl"
+    bad.write_text(
+        '{"token": 0, "layer": 0, "experts": [1, 2]}\n{"token": 1, "layer": 0, "experts": [1, 1e999]}\n'
+    )
+    with pytest.raises(TraceError, match=r"huge.jsonl:2: not a trace record \(OverflowError"):
+        read_trace(bad)
