@@ -179,7 +179,7 @@ def bench(
                       "the link is set so that its copy takes 4x that[/]")  # fmt: skip
         with progress_display(not json_out) as progress:
             report = run_bench(model, opts, names, prompt_len=prompt_len, gen_len=gen_len, repeats=repeats,
-                               progress=progress, trace_out=trace_out, low_bit=low_bit,
+                               progress=progress, on_result=_announce, trace_out=trace_out, low_bit=low_bit,
                                low_bit_threshold=low_bit_threshold)  # fmt: skip
         failure = nothing_ran_error(report.results)
         if failure is not None:
@@ -231,6 +231,18 @@ def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out:
         share = "-" if r.low_bit_share is None else f"{r.low_bit_share:.1%}"
         table.add_row(r.name, f"{r.bits_per_weight:.2f}", f"{r.perplexity:.3f}", f"{r.agreement:.1%}", share)
     out.print(table)
+
+
+def _announce(res) -> None:
+    """One line on stderr as each configuration finishes: a long run stopped early (Ctrl-C, a
+    time limit) still leaves what it measured, and the table comes at the end."""
+    if res.status != "ok":  # why, in the table's notes (or the error, if nothing ran)
+        return
+    decode, hit = res.median("decode_tokens_per_s"), res.median("decode_hit_rate")
+    figures = [f"decode {decode:.1f} tok/s" if decode is not None else "decode -"]
+    if hit is not None:
+        figures.append(f"hit rate {hit:.3f}")
+    err.print(f"[dim]{res.name}: {', '.join(figures)}[/]")
 
 
 def _refuse_with_trace(*, model, configs, quality: bool, plot, trace_out) -> None:

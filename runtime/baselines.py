@@ -1,8 +1,8 @@
 """Baseline rows of ``promoe bench``: the same model in plain transformers, and with accelerate.
 
 They run the same timing loop as :func:`runtime.generate.stream_generate` (prefill, then
-greedy decode with a DynamicCache, clocks read after a device synchronize), on the
-prompts the promoe configurations used.
+greedy decode with a DynamicCache, clocks read after a device synchronize: a plain
+model has no side streams to wait for), on the prompts the promoe configurations used.
 """
 
 from __future__ import annotations

@@ -252,8 +252,9 @@ def _page_locked(t: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def _clear_cuda_error() -> None:
-    """Reset CUDA's last error after a failed call whose code was already handled here.
+def _clear_cuda_error() -> bool:
+    """Reset CUDA's last error after a failed call whose code was already handled here;
+    True if the cudart torch uses was found to do it.
 
     The runtime keeps it per thread until cudaGetLastError reads it, and torch checks that
     after every kernel launch, so a refused cudaHostRegister would otherwise surface as an
@@ -266,9 +267,10 @@ def _clear_cuda_error() -> None:
     for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"):
         try:
             ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL).cudaGetLastError()
-            return
+            return True
         except (OSError, AttributeError):
             continue
+    return False
 
 
 #: host memory left free when page-locking the store (the OS, the page cache, promoe itself)

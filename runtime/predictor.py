@@ -233,7 +233,7 @@ def train_predictors(
 
 
 def predictor_dir(store_path: Path) -> Path:
-    """Beside the expert stores of the model (``stores/<model>/``), shared by every quantization."""
+    """Beside the expert stores of the model (``stores/<model>-<hash>/``), shared by every quantization."""
     return Path(store_path).parent
 
 

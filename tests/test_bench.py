@@ -22,11 +22,11 @@ def bench_json(tiny_model, tmp_path_factory):
     r = runner.invoke(app, ["bench", str(path), "--prompt-len", "24", "--gen-len", "6", "--repeats", "2",
                             "--quant", "int8", "--json", "--trace-out", str(trace)])  # fmt: skip
     assert r.exit_code == 0, r.output
-    return json.loads(r.stdout), trace
+    return json.loads(r.stdout), trace, r.stderr
 
 
 def test_every_configuration_reports_every_field(bench_json):
-    data, _ = bench_json
+    data, *_ = bench_json
     by_name = {c["name"]: c for c in data["configs"]}
     assert list(by_name) == ["resident", "on-demand", "lru", "lfu", "arc", "cross-layer", "learned", "low-bit",
                              "host-misses", "transformers", "accelerate"]  # fmt: skip
@@ -47,7 +47,7 @@ def test_every_configuration_reports_every_field(bench_json):
 
 
 def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json):
-    data, _ = bench_json
+    data, *_ = bench_json
     by_name = {c["name"]: c for c in data["configs"]}
     res, od = by_name["resident"], by_name["on-demand"]
     assert res["hit_rate"]["min"] == 1.0 and res["bytes_per_token"]["max"] == 0
@@ -59,7 +59,7 @@ def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json):
 def test_trace_out_records_the_run(bench_json):
     from runtime.trace import read_trace
 
-    _, trace = bench_json
+    _, trace, _ = bench_json
     recs = read_trace(trace)
     assert {r.layer for r in recs} == {0, 1, 2, 3} and len({r.token for r in recs}) == 24 + 6 - 1
 
@@ -316,3 +316,16 @@ def test_a_skipped_configuration_keeps_its_error_without_its_frames(tiny_model):
     (res,) = report.results
     assert res.status == "skipped" and isinstance(res.error, InsufficientMemoryError)
     assert res.error.__traceback__ is None and res.error.__context__ is None
+
+
+def test_each_configuration_is_announced_as_it_finishes(bench_json):
+    """A run stopped early still leaves what it measured: one stderr line per configuration,
+    in the order they ran, with the decode figures the report holds."""
+    data, _, stderr = bench_json
+    ran = [c["name"] for c in data["configs"] if c["status"] == "ok"]
+    lines = [
+        line for line in stderr.splitlines() if line.split(":")[0] in {c["name"] for c in data["configs"]}
+    ]
+    assert [line.split(":")[0] for line in lines] == ran and "lfu" in ran
+    lfu = next(c for c in data["configs"] if c["name"] == "lfu")
+    assert f"lfu: decode {lfu['decode_tokens_per_s']['median']:.1f} tok/s" in stderr

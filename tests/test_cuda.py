@@ -155,3 +155,15 @@ def test_profile_device_measures_the_link():
     assert r.device_type == "cuda" and r.device_memory > 0 and pinned
     assert all(c.bandwidth > 1e9 for c in pinned)  # any PCIe or NVLink moves more than 1 GB/s
     assert 0 < r.latency < 1e-2 and r.matmul_flops > 0 and r.dequant
+
+
+def test_the_cuda_error_of_a_refused_page_lock_is_cleared():
+    """What _page_locked relies on after a refused cudaHostRegister: the cudart torch loaded
+    is found, and a refused registration leaves no error for the next kernel to report."""
+    from runtime.expert_store import _clear_cuda_error
+
+    torch.zeros(1, device="cuda")  # torch has loaded its cudart
+    err = int(torch.cuda.cudart().cudaHostRegister(0, 4096, 0))  # a null pointer: refused
+    assert err != 0
+    assert _clear_cuda_error()
+    torch.ones(1024, device="cuda").sum().item()  # the next kernel launch reports nothing

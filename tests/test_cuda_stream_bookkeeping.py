@@ -25,6 +25,7 @@ from runtime.transfer import CudaStreamCopy
 class FakeGPU:
     def __init__(self) -> None:
         self.recorded: list[FakeEvent] = []
+        self.synced: list[FakeStream] = []  # the streams synchronized, in order
         self.compute = FakeStream(name="compute")
 
     def finish(self) -> None:
@@ -63,6 +64,7 @@ class FakeStream:
         self.waits.append(event)
 
     def synchronize(self) -> None:
+        self.gpu.synced.append(self)
         self.gpu.finish()
 
 
@@ -251,6 +253,7 @@ def test_close_drops_queued_prefetches_and_waits_for_issued_copies(gpu):
     u = eng.submit(src[2], dst[2], slot=2, layer=1, urgent=True)
     assert not a.event.query() and not u.event.query()
     eng.close()
-    assert a.event.query() and u.event.query()  # both streams were synchronized
+    assert eng.stream in gpu.synced and eng.urgent in gpu.synced  # both copy streams waited for
+    assert a.event.query() and u.event.query()
     assert b.state == "cancelled" and not eng._pending
     assert landed(dst[1]) == 0

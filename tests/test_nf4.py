@@ -44,6 +44,7 @@ def test_reference_dequantize_equals_bitsandbytes(shape, dtype):
         # rounding differs from the CPU library's: a few values (2 of 131072 seen) one fp16
         # step apart. The CPU library agrees bit for bit (the branch below, as CI runs it).
         torch.testing.assert_close(ours, theirs, rtol=2**-10, atol=2**-24)
+        assert int((ours != theirs).sum()) <= ours.numel() // 1000  # a few, not a different rounding
     else:
         assert torch.equal(ours, theirs)
 
