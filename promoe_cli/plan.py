@@ -63,12 +63,9 @@ def plan(
 
 
 def _link(opts) -> str | None:
-    from runtime.sizes import format_bytes, format_duration
+    from runtime.sizes import format_link
 
-    if opts.link_bandwidth is None and not opts.link_latency:
-        return None
-    bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
-    return f"{bw} + {format_duration(opts.link_latency)} per copy"
+    return format_link(opts.link_bandwidth, opts.link_latency)
 
 
 def _json(lp, opts, profile: str | None) -> dict:

@@ -314,12 +314,10 @@ def nothing_ran_error(results: list[ConfigResult]) -> PromoeError | None:
 
 
 def _describe_link(opts: LoadOptions) -> str:
-    if opts.link_bandwidth is None and not opts.link_latency:
-        return "real"
-    from runtime.sizes import format_bytes, format_duration
+    from runtime.sizes import format_link
 
-    bw = f"{format_bytes(opts.link_bandwidth)}/s" if opts.link_bandwidth else "unlimited"
-    return f"emulated {bw}, {format_duration(opts.link_latency)} per copy"
+    link = format_link(opts.link_bandwidth, opts.link_latency)
+    return "real" if link is None else f"emulated {link}"
 
 
 def _route_note(runs: list[dict]) -> str:

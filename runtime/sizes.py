@@ -84,3 +84,11 @@ def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
+
+
+def format_link(bandwidth: float | None, latency: float | None) -> str | None:
+    """An emulated link: '8.0 GB/s, 20 us per copy'; None when there is none."""
+    if bandwidth is None and not latency:
+        return None
+    bw = f"{format_bytes(bandwidth)}/s" if bandwidth else "unlimited"
+    return f"{bw}, {format_duration(latency or 0.0)} per copy"

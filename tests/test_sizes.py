@@ -54,3 +54,11 @@ def test_format_duration():
     from runtime.sizes import format_duration
 
     assert [format_duration(t) for t in (2e-5, 0.02, 1.5)] == ["20 us", "20.0 ms", "1.50 s"]
+
+
+def test_format_link():
+    from runtime.sizes import format_link
+
+    assert format_link(None, None) is None and format_link(None, 0.0) is None
+    assert format_link(8e9, 2e-5) == "8.0 GB/s, 20 us per copy"
+    assert format_link(None, 0.02) == "unlimited, 20.0 ms per copy"
