@@ -84,6 +84,7 @@ def train_predictor(
         from runtime.conversation import context_limit, model_positions
         from runtime.errors import UsageError
         from runtime.generate import encode_prompt
+        from runtime.memory_plan import plan_load
         from runtime.predictor import (
             predictor_dir,
             prompt_room,
@@ -92,8 +93,11 @@ def train_predictor(
             train_predictors,
         )
 
-        planned, positions = _planned_context(model, context)
-        prompt_room(planned, new_tokens, positions)  # refused before anything is converted or loaded
+        planned = plan_load(model, opts)  # the loader's plan, from config.json alone
+        positions = getattr(planned.spec.config, "max_position_embeddings", None)
+        prompt_room(
+            planned.plan.context, new_tokens, positions
+        )  # refused before anything is converted or loaded
         lm = load(model, opts)
         try:
             most = len(lm.spec.moe_layers) - 1
@@ -116,19 +120,6 @@ def train_predictor(
         finally:
             lm.close()
         _report(meta, path, spec.top_k)
-
-
-def _planned_context(model: str | None, context: int | None) -> tuple[int, int | None]:
-    """The context the loader will plan (``--context``, or the model's positions up to the default)
-    and the model's positions, read from config.json alone."""
-    from types import SimpleNamespace
-
-    from runtime.checkpoint import Checkpoint
-    from runtime.memory_plan import default_context
-    from runtime.resolve import resolve_model
-
-    positions = Checkpoint(resolve_model(model).path).config.get("max_position_embeddings")
-    return default_context(SimpleNamespace(max_position_embeddings=positions), context), positions
 
 
 def _progress():
