@@ -93,11 +93,11 @@ def train_predictor(
             train_predictors,
         )
 
-        planned = plan_load(model, opts)  # the loader's plan, from config.json alone
-        positions = getattr(planned.spec.config, "max_position_embeddings", None)
+        # refused before anything is converted or loaded, by the loader's plan from config.json
+        planned = plan_load(model, opts)
         prompt_room(
-            planned.plan.context, new_tokens, positions
-        )  # refused before anything is converted or loaded
+            planned.plan.context, new_tokens, getattr(planned.spec.config, "max_position_embeddings", None)
+        )
         lm = load(model, opts)
         try:
             most = len(lm.spec.moe_layers) - 1
