@@ -133,20 +133,26 @@ class _Detokenizer:
 def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
     """``logits [V]`` -> one token id (greedy at temperature 0, else top-p sampling).
 
-    Softmax, sort and the nucleus cut run where the logits are; only the nucleus (often a
-    few dozen tokens; all V when top-p is 1) goes to the host, where the draw uses the
+    Softmax and the nucleus cut run where the logits are; only the nucleus (often a few
+    dozen tokens; all V when top-p is 1) goes to the host, where the draw uses the
     seed's host generator (a CUDA tensor cannot be sampled with it), so a seed draws the
     same tokens from the same logits on any device.
     """
     if cfg.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)  # [V]
+    order = None
     if cfg.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = int((sorted_p.cumsum(-1) - sorted_p < cfg.top_p).sum())  # always keeps the top token
-        probs, order = sorted_p[:keep], order[:keep]  # [K]
-    else:
-        order = None
+        # the nucleus from the k most likely tokens, k grown until they hold top-p: a sort
+        # of the few dozen that matter, not of the whole vocabulary (the same set, in order)
+        k = min(64, probs.numel())
+        while True:
+            top, order = probs.topk(k)  # [k], descending
+            if k == probs.numel() or float(top.sum()) >= cfg.top_p:
+                break
+            k = min(8 * k, probs.numel())
+        keep = int((top.cumsum(-1) - top < cfg.top_p).sum())  # always keeps the top token
+        probs, order = top[:keep], order[:keep]  # [K]
     pick = int(torch.multinomial(probs.cpu(), 1, generator=gen))
     return pick if order is None else int(order[pick])
 

@@ -243,3 +243,23 @@ def test_without_a_template_an_answer_is_re_fed_as_it_was_generated(lm):
             {"role": "assistant", "content": "\n    return x"}, {"role": "user", "content": "def g(y):"}]  # fmt: skip
     want = lm.tokenizer("# utils\n\ndef f(x):\n    return x\n\ndef g(y):")["input_ids"]
     assert encode_messages(lm.tokenizer, msgs, chat_template=False) == list(want)
+
+
+def test_the_nucleus_is_the_one_a_full_sort_gives():
+    """Top-p sampling from the k most likely tokens (k grown as needed) draws exactly what the
+    plain recipe draws: sort everything, keep the smallest prefix holding top-p, sample it."""
+    from runtime.generate import _sample
+
+    def reference(logits, cfg, gen):
+        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+        p, order = probs.sort(descending=True)
+        keep = int((p.cumsum(-1) - p < cfg.top_p).sum())
+        return int(order[int(torch.multinomial(p[:keep], 1, generator=gen))])
+
+    rng = torch.Generator().manual_seed(0)
+    for scale, top_p, vocab in [(0.1, 0.95, 5000), (3.0, 0.9, 8192), (10.0, 0.5, 300), (1.0, 0.999, 70)]:
+        cfg = SamplingConfig(max_new_tokens=1, temperature=0.7, top_p=top_p)
+        for trial in range(20):
+            logits = torch.randn(vocab, generator=rng) * scale
+            a, b = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+            assert _sample(logits, cfg, a) == reference(logits, cfg, b), (scale, top_p, trial)
