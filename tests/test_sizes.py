@@ -45,6 +45,8 @@ def test_a_needed_figure_rounds_up_so_that_it_is_enough():
     import random
 
     assert format_bytes(34_849_920) == "34.8 MB" and format_bytes(34_849_920, up=True) == "34.9 MB"
+    for n in (123_400, 34_800_000, 66_600_000, 1_100_000_000, 2_500_000_000, 7_300_000_000_000):
+        assert format_bytes(n, up=True) == format_bytes(n), n  # exact tenths print as they are
     rng = random.Random(0)
     for n in [rng.randrange(1, 10**13) for _ in range(2000)] + [999, 1000, 1001, 34_800_000]:
         assert parse_size(format_bytes(n, up=True)) >= n, n
