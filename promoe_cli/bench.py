@@ -249,14 +249,13 @@ def _refuse_with_trace(*, model, configs, quality: bool, plot, trace_out) -> Non
     """A trace replay runs no model: refuse the options that only mean something for one."""
     from runtime.errors import UsageError
 
-    given = [("a model", "the model", model is not None), ("--configs", "--configs", configs is not None),
-             ("--quality", "--quality", quality), ("--plot", "--plot", plot is not None),
-             ("--trace-out", "--trace-out", trace_out is not None)]  # fmt: skip
-    for what, drop, present in given:
+    given = {"a model": model is not None, "--configs": configs is not None, "--quality": quality,
+             "--plot": plot is not None, "--trace-out": trace_out is not None}  # fmt: skip
+    for what, present in given.items():
         if present:
             raise UsageError(
                 f"--trace replays a routing trace without running a model, so {what} cannot go with it",
-                hint=f"drop {drop}, or drop --trace to benchmark a model",
+                hint=f"drop {'the model' if what == 'a model' else what}, or drop --trace to benchmark a model",
             )
 
 
