@@ -36,35 +36,44 @@ def bench(
         int | None,
         typer.Option(
             "--prompt-len",
+            metavar="N",
             min=1,
             show_default=False,
             help="Prompt tokens per run. \\[default: 512, shortened so prompt and answer fit the context]",
         ),
     ] = None,
     gen_len: Annotated[
-        int, typer.Option("--gen-len", min=2, help="Generated tokens per run (end of text ignored).")
+        int,
+        typer.Option("--gen-len", metavar="N", min=2, help="Generated tokens per run (end of text ignored)."),
     ] = 128,
     configs: Annotated[
         list[str] | None,
         typer.Option(
             "--configs",
+            metavar="A,B,...",
             help="Comma-separated subset of: " + ", ".join(ALL_CONFIGS) + ". \\[default: all]",
         ),
     ] = None,  # fmt: skip
     repeats: Annotated[
-        int, typer.Option("--repeats", min=1, help="Timed runs per configuration (medians shown).")
+        int,
+        typer.Option("--repeats", metavar="N", min=1, help="Timed runs per configuration (medians shown)."),
     ] = 3,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", help="Write a PNG chart of tokens/s and hit rate (needs matplotlib)."),
+        typer.Option(
+            "--plot",
+            metavar="FILE.png",
+            help="Write a PNG chart of tokens/s and hit rate (needs matplotlib).",
+        ),
     ] = None,
     cache_fraction: Annotated[
         float,
         typer.Option(
             "--cache-fraction",
+            metavar="F",
             min=0.0,
             max=1.0,
             help="Without --vram/--profile: size the cache to hold this share of the experts.",
@@ -82,13 +91,18 @@ def bench(
     quality_tokens: Annotated[
         int,
         typer.Option(
-            "--quality-tokens", min=16, help="Tokens of text scored per format.", rich_help_panel="Quality"
+            "--quality-tokens",
+            metavar="N",
+            min=16,
+            help="Tokens of text scored per format.",
+            rich_help_panel="Quality",
         ),
     ] = 512,
     trace: Annotated[
         Path | None,
         typer.Option(
             "--trace",
+            metavar="FILE",
             help="Replay this routing trace instead of running a model.",
             rich_help_panel="Trace replay",
         ),
@@ -97,6 +111,7 @@ def bench(
         int,
         typer.Option(
             "--slots-per-layer",
+            metavar="S",
             min=1,
             help="Cache slots per layer for --trace.",
             rich_help_panel="Trace replay",
@@ -115,6 +130,7 @@ def bench(
         str | None,
         typer.Option(
             "--link-bandwidth",
+            metavar="BW|auto|off",
             help="Emulated link on the CPU: a speed like 8GB/s, 'auto' (a copy costs 4x one "
             "expert's compute) or 'off'. \\[default: auto on the CPU without a profile]",
             rich_help_panel="Expert cache and prefetch",
@@ -125,6 +141,7 @@ def bench(
         str,
         typer.Option(
             "--low-bit",
+            metavar="FORMAT",
             help="Format of the low-bit copies in the low-bit configuration.",
             rich_help_panel="Expert cache and prefetch",
         ),

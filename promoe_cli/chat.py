@@ -22,31 +22,57 @@ EXAMPLES = (
 )
 
 
+def _check_seed(value: int | None) -> int | None:
+    """The seed's range, checked here rather than with ``min``/``max``, which would print
+    9223372036854775807 in the help."""
+    if value is not None and not 0 <= value < 2**63:
+        raise typer.BadParameter("a seed is a whole number from 0 to 2^63-1")
+    return value
+
+
 def chat(
     model: o.ModelArg = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", help="Complete this prompt, print only the completion, exit.")
+        str | None,
+        typer.Option(
+            "--prompt", metavar="TEXT", help="Complete this prompt, print only the completion, exit."
+        ),
     ] = None,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate per answer.")
+        int,
+        typer.Option(
+            "--max-new-tokens", "-n", metavar="N", min=1, help="Most tokens to generate per answer."
+        ),
     ] = 256,
     temperature: Annotated[
-        float, typer.Option("--temperature", "-t", min=0.0, max=100.0, help="0 for greedy decoding.")
+        float,
+        typer.Option("--temperature", "-t", metavar="T", min=0.0, max=100.0, help="0 for greedy decoding."),
     ] = 0.7,
     top_p: Annotated[
-        float, typer.Option("--top-p", max=1.0, help="Nucleus sampling mass, more than 0 and at most 1.")
+        float,
+        typer.Option(
+            "--top-p", metavar="P", max=1.0, help="Nucleus sampling mass, more than 0 and at most 1."
+        ),
     ] = 0.95,
     seed: Annotated[
-        int | None, typer.Option("--seed", min=0, max=2**63 - 1, help="Sampling seed, for reproducible runs.")
+        int | None,
+        typer.Option(
+            "--seed",
+            metavar="S",
+            callback=_check_seed,
+            help="Sampling seed (0 to 2^63-1), for reproducible runs.",
+        ),
     ] = None,
     no_chat_template: Annotated[
         bool, typer.Option("--no-chat-template", help="Feed the text as is, no chat template.")
     ] = False,
     system: Annotated[
-        str | None, typer.Option("--system", help="System prompt (models whose template has one).")
+        str | None,
+        typer.Option("--system", metavar="TEXT", help="System prompt (models whose template has one)."),
     ] = None,
     stats_json: Annotated[
-        Path | None, typer.Option("--stats-json", help="Write the run's figures to this JSON file.")
+        Path | None,
+        typer.Option("--stats-json", metavar="PATH", help="Write the run's figures to this JSON file."),
     ] = None,
     trace_out: o.TraceOut = None,
     quant: o.Quant = "int4",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+import typer.core
 
 from promoe_cli.bench import EXAMPLES as BENCH_EXAMPLES
 from promoe_cli.bench import bench
@@ -17,8 +18,30 @@ from promoe_cli.profile_device import profile_device
 from promoe_cli.train_predictor import EXAMPLES as TRAIN_EXAMPLES
 from promoe_cli.train_predictor import train_predictor
 
+
+def _untyped_flags(params: list) -> list:
+    """Typer 0.2x labels every option with its type, a flag too (``--json <bool>``), which
+    reads as if the flag took a value: a flag gets no label. Each option's own ``metavar``
+    (``N``, ``SIZE``) labels the rest."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="promoe",
+    cls=_Group,
     help="Run large Mixture-of-Experts models on small GPUs: quantized experts in host memory, "
     "a predicted, prefetched expert cache on the device.",
     no_args_is_help=True,
@@ -27,11 +50,11 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES)(chat)
-app.command("train-predictor", epilog=TRAIN_EXAMPLES)(train_predictor)
-app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES)(plan)
-app.command("profile-device", epilog=PROFILE_EXAMPLES)(profile_device)
-app.command(no_args_is_help=False, epilog=BENCH_EXAMPLES)(bench)
+app.command(no_args_is_help=False, epilog=CHAT_EXAMPLES, cls=_Command)(chat)
+app.command("train-predictor", epilog=TRAIN_EXAMPLES, cls=_Command)(train_predictor)
+app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES, cls=_Command)(plan)
+app.command("profile-device", epilog=PROFILE_EXAMPLES, cls=_Command)(profile_device)
+app.command(no_args_is_help=False, epilog=BENCH_EXAMPLES, cls=_Command)(bench)
 
 
 def _version(value: bool) -> None:

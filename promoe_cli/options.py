@@ -17,18 +17,26 @@ ModelArg = Annotated[
         "(mixtral, qwen1.5-moe, qwen3-moe, olmoe, deepseek-v2-lite, phi-moe, gpt-oss). "
         "Default: the bundled tiny-code-moe.",
         show_default=False,
+        metavar="MODEL",
     ),
 ]
 Quant = Annotated[
     str,
     typer.Option(
-        "--quant", "-q", help="Expert format: none, int8, int4, int3, int2, nf4.", rich_help_panel=_LOAD
+        "--quant",
+        "-q",
+        metavar="FORMAT",
+        help="Expert format: none, int8, int4, int3, int2, nf4.",
+        rich_help_panel=_LOAD,
     ),
 ]
 Vram = Annotated[
     str | None,
     typer.Option(
-        "--vram", help="Device memory budget, e.g. 6GB or 5.5GiB (GB = 10^9 bytes).", rich_help_panel=_LOAD
+        "--vram",
+        metavar="SIZE",
+        help="Device memory budget, e.g. 6GB or 5.5GiB (GB = 10^9 bytes).",
+        rich_help_panel=_LOAD,
     ),
 ]
 Profile = Annotated[
@@ -36,44 +44,53 @@ Profile = Annotated[
     typer.Option(
         "--profile",
         "-p",
+        metavar="NAME",
         help="Device profile name (see 'promoe plan --help'); sizes the cache.",
         rich_help_panel=_LOAD,
     ),
 ]
 Context = Annotated[
     int | None,
-    typer.Option("--context", help="Tokens of context to plan the KV cache for \\[default: model max, at most 4096].",
+    typer.Option("--context", metavar="N", help="Tokens of context to plan the KV cache for \\[default: model max, at most 4096].",
                  rich_help_panel=_LOAD, min=16),
 ]  # fmt: skip
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].", rich_help_panel=_LOAD)]
+Device = Annotated[
+    str, typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda[:N].", rich_help_panel=_LOAD)
+]
 Dtype = Annotated[
     str | None,
     typer.Option(
         "--dtype",
+        metavar="DTYPE",
         help="Compute dtype \\[default: float32 on CPU, bfloat16/float16 on CUDA].",
         rich_help_panel=_LOAD,
     ),
 ]
 Policy = Annotated[
-    str, typer.Option("--policy", help="Eviction policy: lru, lfu or arc.", rich_help_panel=_CACHE)
+    str,
+    typer.Option(
+        "--policy", metavar="POLICY", help="Eviction policy: lru, lfu or arc.", rich_help_panel=_CACHE
+    ),
 ]
 SlotSplit = Annotated[
     str,
     typer.Option(
         "--slot-split",
+        metavar="SPLIT",
         help="Slots per layer: uniform, or shallow (early layers get more, Fate).",
         rich_help_panel=_CACHE,
     ),
 ]
 Prefetch = Annotated[
     str,
-    typer.Option("--prefetch", help="Expert predictor: cross-layer (Fate), learned (ProMoE; see train-predictor) or none.",
+    typer.Option("--prefetch", metavar="PREDICTOR", help="Expert predictor: cross-layer (Fate), learned (ProMoE; see train-predictor) or none.",
                  rich_help_panel=_CACHE),
 ]  # fmt: skip
 LinkBandwidth = Annotated[
     str | None,
     typer.Option(
         "--link-bandwidth",
+        metavar="BW",
         help="Emulate a host-to-device link of this speed on the CPU, e.g. 8GB/s.",
         rich_help_panel=_CACHE,
     ),
@@ -81,25 +98,29 @@ LinkBandwidth = Annotated[
 LinkLatency = Annotated[
     str | None,
     typer.Option(
-        "--link-latency", help="Per-copy latency of the emulated link, e.g. 20us.", rich_help_panel=_CACHE
+        "--link-latency",
+        metavar="T",
+        help="Per-copy latency of the emulated link, e.g. 20us.",
+        rich_help_panel=_CACHE,
     ),
 ]
 TraceOut = Annotated[
     Path | None,
     typer.Option(
         "--trace-out",
+        metavar="FILE",
         help="Record expert routing to this JSONL file (format of shared/traces).",
         rich_help_panel=_CACHE,
     ),
 ]
 LowBit = Annotated[
     str | None,
-    typer.Option("--low-bit", help="Serve misses of low gate weight from a low-bit copy in this format, e.g. int2 (HOBBIT).",
+    typer.Option("--low-bit", metavar="FORMAT", help="Serve misses of low gate weight from a low-bit copy in this format, e.g. int2 (HOBBIT).",
                  rich_help_panel=_CACHE),
 ]  # fmt: skip
 LowBitThreshold = Annotated[
     float,
-    typer.Option("--low-bit-threshold", min=0.0, max=1.0, help="Gate weight below which a miss may use the low-bit copy.",
+    typer.Option("--low-bit-threshold", metavar="W", min=0.0, max=1.0, help="Gate weight below which a miss may use the low-bit copy.",
                  rich_help_panel=_CACHE),
 ]  # fmt: skip
 HostMisses = Annotated[

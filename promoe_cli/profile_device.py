@@ -31,7 +31,9 @@ def profile_device(
             "--quick", help="Fewer and smaller measurements (copies up to 16 MB): a rough profile fast."
         ),
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda[:N].")
+    ] = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the measurements as JSON on stdout.")
     ] = False,

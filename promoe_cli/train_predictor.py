@@ -47,20 +47,27 @@ def read_prompts(path: Path | None) -> list[str]:
 def train_predictor(
     model: o.ModelArg = None,
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="Text file of prompts to record routing on.")
+        Path | None,
+        typer.Option("--prompts", metavar="FILE", help="Text file of prompts to record routing on."),
     ] = None,
     max_prompt_tokens: Annotated[
-        int, typer.Option("--max-prompt-tokens", min=8, help="Cut longer prompts.")
+        int, typer.Option("--max-prompt-tokens", metavar="N", min=8, help="Cut longer prompts.")
     ] = 256,
     new_tokens: Annotated[
-        int, typer.Option("--new-tokens", min=0, help="Greedy tokens generated per prompt, recorded too.")
+        int,
+        typer.Option(
+            "--new-tokens", metavar="N", min=0, help="Greedy tokens generated per prompt, recorded too."
+        ),
     ] = 32,
     lookahead: Annotated[
-        int, typer.Option("--lookahead", min=1, max=8, help="How many MoE layers ahead to predict.")
+        int,
+        typer.Option("--lookahead", metavar="N", min=1, max=8, help="How many MoE layers ahead to predict."),
     ] = 2,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per layer.")] = 30,
+    epochs: Annotated[
+        int, typer.Option("--epochs", metavar="N", min=1, help="Training epochs per layer.")
+    ] = 30,
     width: Annotated[
-        int, typer.Option("--width", min=8, help="Hidden width of each layer's predictor MLP.")
+        int, typer.Option("--width", metavar="N", min=8, help="Hidden width of each layer's predictor MLP.")
     ] = 128,
     no_chat_template: Annotated[
         bool, typer.Option("--no-chat-template", help="Record prompts as raw text.")

@@ -102,6 +102,24 @@ def test_help_lists_commands_and_examples():
     assert r.exit_code == 0 and "Examples" in r.stdout and "--vram" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["", "chat", "plan", "bench", "train-predictor", "profile-device"])
+def test_help_labels_values_not_flags(command):
+    """Each option that takes a value shows what it takes (``-n N``, ``--vram SIZE``); a flag
+    shows nothing there (Typer's own label, ``<bool>``, reads as a value to pass)."""
+    import re
+
+    r = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "<bool>" not in r.stdout
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"│ (--[a-z-]+)\s+(?:-\w\s+)?(\S+)", r.stdout)}
+    assert rows["--help"] != "<bool>" and not rows["--help"].startswith("<")
+    valued = [v for k, v in rows.items() if v.startswith("<")]
+    assert valued == [], valued  # every valued option has its own placeholder
+    if command == "chat":
+        assert rows["--max-new-tokens"] == "N" and rows["--vram"] == "SIZE" and rows["--seed"] == "S"
+        assert "9223372036854775807" not in r.stdout
+
+
 def test_unknown_slot_split(tiny_model):
     one_line_error(
         invoke("chat", tiny_model("mixtral"), "--slot-split", "deep", "--prompt", "x"), 2, "shallow"
@@ -240,7 +258,8 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(tiny_m
 @pytest.mark.parametrize(
     "argv,needle",
     [(["chat", "--context", "-1"], "Invalid value for '--context'"), (["chat", "-n", "0"], "'--max-new-tokens'"),
-     (["chat", "--nope"], "No such option: --nope"), (["plan", "--top-p", "2"], "No such option")],
+     (["chat", "--nope"], "No such option: --nope"), (["plan", "--top-p", "2"], "No such option"),
+     (["chat", "--seed", str(2**63)], "from 0 to 2^63-1"), (["chat", "--seed", "-1"], "'--seed'")],
 )  # fmt: skip
 def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, needle):
     """The `promoe` entry point reports Typer's own usage errors (out of range, unknown
