@@ -15,6 +15,8 @@ from promoe_cli.plan import EXAMPLES as PLAN_EXAMPLES
 from promoe_cli.plan import plan
 from promoe_cli.profile_device import EXAMPLES as PROFILE_EXAMPLES
 from promoe_cli.profile_device import profile_device
+from promoe_cli.stores import EXAMPLES as STORES_EXAMPLES
+from promoe_cli.stores import prune, remove, stores
 from promoe_cli.train_predictor import EXAMPLES as TRAIN_EXAMPLES
 from promoe_cli.train_predictor import train_predictor
 
@@ -55,6 +57,11 @@ app.command("train-predictor", epilog=TRAIN_EXAMPLES, cls=_Command)(train_predic
 app.command(no_args_is_help=False, epilog=PLAN_EXAMPLES, cls=_Command)(plan)
 app.command("profile-device", epilog=PROFILE_EXAMPLES, cls=_Command)(profile_device)
 app.command(no_args_is_help=False, epilog=BENCH_EXAMPLES, cls=_Command)(bench)
+stores_app = typer.Typer(cls=_Group, rich_markup_mode="rich")
+stores_app.callback(invoke_without_command=True, epilog=STORES_EXAMPLES)(stores)
+stores_app.command("rm", epilog=STORES_EXAMPLES, cls=_Command)(remove)
+stores_app.command("prune", epilog=STORES_EXAMPLES, cls=_Command)(prune)
+app.add_typer(stores_app, name="stores")
 
 
 def _version(value: bool) -> None:

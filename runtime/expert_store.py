@@ -149,12 +149,18 @@ def _check_shapes(tensors: dict[str, torch.Tensor], layout: ExpertLayout, layer:
 # -- locating, validating, converting ---------------------------------------------------
 
 
-def store_dir(home: Path, ckpt: Checkpoint, fmt: QuantFormat) -> Path:
-    src = str(ckpt.path.resolve())
+def model_dir(home: Path, checkpoint: Path) -> Path:
+    """``stores/<model>-<hash>``: every store (one per quantization) and the learned
+    predictor of the checkpoint at this path; the hash is of the resolved path."""
+    src = str(Path(checkpoint).resolve())
     m = re.search(r"models--([^/]+)", src)
-    slug = m.group(1) if m else ckpt.path.resolve().name
+    slug = m.group(1) if m else Path(src).name
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:60]
-    return home / "stores" / f"{slug}-{hashlib.sha256(src.encode()).hexdigest()[:12]}" / fmt.name
+    return home / "stores" / f"{slug}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
+
+
+def store_dir(home: Path, ckpt: Checkpoint, fmt: QuantFormat) -> Path:
+    return model_dir(home, ckpt.path) / fmt.name
 
 
 def _expected(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, layout: ExpertLayout) -> dict[str, Any]:
@@ -335,16 +341,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_owner(path: Path) -> int | None:
+    """The process id in the name of a conversion's temporary folder (``.int4.tmp-PID-…``)
+    or of a replaced store on its way out (``.int4.old-PID-…``); None for other names."""
+    m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)-[0-9a-f]+", path.name)
+    return int(m.group(1)) if m else None
+
+
 def _remove_dead_temporaries(final: Path) -> None:
     if not final.parent.is_dir():
         return
     for p in final.parent.glob(f".{final.name}.*-*"):
-        m = re.search(r"\.(?:tmp|old)-(\d+)-", p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        pid = temporary_owner(p)
+        if pid is not None and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
