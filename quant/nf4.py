@@ -81,6 +81,14 @@ class NF4(QuantFormat):
         w = w * parts["absmax"].float().unsqueeze(-1)
         return w.reshape(-1)[:n].reshape(out, n_in).to(dtype)
 
+    def row_block(self, parts, shape, start, stop):
+        """Rows of the flat layout: whole blocks of 64 (and bytes) only when a row is."""
+        n_in = shape[1]
+        if n_in % BLOCK:
+            return None
+        return {"q": parts["q"][start * n_in // 2 : stop * n_in // 2],
+                "absmax": parts["absmax"][start * n_in // BLOCK : stop * n_in // BLOCK]}  # fmt: skip
+
     def linear(self, x, parts, shape, bias=None):
         if not x.is_cuda or os.environ.get("PROMOE_KERNELS", "1") == "0":
             return super().linear(x, parts, shape, bias)

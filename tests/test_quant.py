@@ -76,6 +76,45 @@ def test_linear_matches_dequantized_matmul():
     torch.testing.assert_close(fmt.linear(x, parts, (48, 128), b), want)
 
 
+@pytest.mark.parametrize("name", list(BOUNDS))
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_linear_on_the_cpu_goes_a_block_of_rows_at_a_time(name, tokens, monkeypatch):
+    """A weight larger than CPU_BLOCK_ELEMENTS is dequantized in blocks of rows (never the
+    whole matrix at once), the last block short, and gives the whole matrix's product."""
+    import quant.base
+
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 32 * 128)  # 32 rows of 128
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(tokens)
+    w, x, b = (
+        torch.randn(77, 128, generator=g),
+        torch.randn(tokens, 128, generator=g),
+        torch.randn(77, generator=g),
+    )
+    parts = fmt.quantize(w.to(torch.bfloat16) if name == "none" else w)
+    want = x @ fmt.dequantize(parts, (77, 128), torch.float32).T + b
+    shapes = []
+    real = fmt.dequantize
+    monkeypatch.setattr(
+        fmt, "dequantize", lambda p, shape, dtype: shapes.append(shape) or real(p, shape, dtype)
+    )
+    got = fmt.linear(x, parts, (77, 128), b)
+    assert shapes == [(32, 128), (32, 128), (13, 128)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_rows_that_are_not_whole_blocks_are_dequantized_whole(monkeypatch):
+    import quant.base
+
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 16 * 96)
+    fmt = get_format("nf4")
+    w, x = torch.randn(40, 96), torch.randn(2, 96)  # a row of 96 is 1.5 blocks of 64
+    parts = fmt.quantize(w)
+    assert fmt.row_block(parts, (40, 96), 0, 16) is None
+    want = x @ fmt.dequantize(parts, (40, 96), torch.float32).T
+    torch.testing.assert_close(fmt.linear(x, parts, (40, 96)), want)
+
+
 def test_unknown_format_lists_the_known_ones():
     with pytest.raises(UnknownNameError) as exc:
         get_format("int5")
