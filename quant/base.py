@@ -59,6 +59,23 @@ class QuantFormat(ABC):
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantize ``weight [out, in]``; returns the parts named by :meth:`parts`."""
 
+    def quantize_into(self, weight: torch.Tensor, out: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Quantize ``weight [out, in]`` (as ``dtype``) into the part tensors ``out`` (views of
+        a store row). On the CPU a weight larger than ``CPU_BLOCK_ELEMENTS`` goes a block of
+        rows at a time (where :meth:`row_block` can cut it), so the float temporaries of
+        quantizing stay a block's size, not the matrix's (several times 704 MB for a Mixtral
+        expert matrix). Every format's rows quantize independently, so the bytes are the same."""
+        shape = (weight.shape[0], weight.shape[1])
+        rows = max(1, CPU_BLOCK_ELEMENTS // shape[1])
+        if weight.device.type != "cpu" or rows >= shape[0] or self.row_block(out, shape, 0, rows) is None:
+            blocks = [(0, shape[0], out)]
+        else:
+            blocks = [(r, min(r + rows, shape[0]), None) for r in range(0, shape[0], rows)]
+        for start, stop, dest in blocks:
+            dest = dest or self.row_block(out, shape, start, stop)
+            for name, t in self.quantize(weight[start:stop].to(dtype)).items():
+                dest[name].copy_(t.reshape(dest[name].shape))
+
     @abstractmethod
     def dequantize(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype

@@ -94,18 +94,14 @@ class ExpertLayout:
     def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """Quantize ``{"gate_up": W, "down": W, [biases]}`` into one uint8 row (``out`` if given)."""
         row = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
-        values: dict[str, torch.Tensor] = {}
+        views = self.views(row)
         for mat, mshape in self.shape.matrices().items():
             w = tensors[mat]
             if tuple(w.shape) != mshape:
                 raise ValueError(f"{mat}: expected shape {mshape}, got {tuple(w.shape)}")
-            for name, t in self.fmt.quantize(w.to(self.shape.dtype)).items():
-                values[f"{mat}.{name}"] = t
+            self.fmt.quantize_into(w, getattr(views, mat), self.shape.dtype)
         for name in self.shape.biases():
-            values[name] = tensors[name].to(self.shape.dtype)
-        for f in self.fields:
-            src = values[f.name].contiguous().view(-1).view(torch.uint8).cpu()
-            row[f.offset : f.offset + f.nbytes].copy_(src)
+            getattr(views, name).copy_(tensors[name])
         return row
 
     def views(self, row: torch.Tensor) -> ExpertWeights:

@@ -312,6 +312,7 @@ def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: 
         buf = torch.empty((spec.num_experts, layout.nbytes), dtype=torch.uint8)  # one layer of rows
         for e in range(spec.num_experts):
             tensors = read_expert(ckpt, spec, layer, e)
+            ckpt.close()  # unmap what was read: resident memory stays one expert, not a shard
             _check_shapes(tensors, layout, layer, e)
             if quantize_device is not None:
                 tensors = {k: v.to(quantize_device) for k, v in tensors.items()}
@@ -323,7 +324,6 @@ def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: 
         save_file({"experts": buf}, tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "xxh3_128": _checksum(buf)}
         del buf
-        ckpt.close()  # unmap the shards read so far: keeps resident memory near the store's size
     manifest = {**expected, "files": files, "conversion_seconds": round(time.perf_counter() - t0, 3),
                 "created_unix": int(time.time())}  # fmt: skip
     for name in files:

@@ -103,6 +103,26 @@ def test_linear_on_the_cpu_goes_a_block_of_rows_at_a_time(name, tokens, monkeypa
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(BOUNDS))
+def test_quantizing_a_block_of_rows_at_a_time_gives_the_same_bytes(name, monkeypatch):
+    """What a store row holds is the same whether the weight is quantized whole or, on the
+    CPU, a block of rows at a time (the last block short)."""
+    import quant.base
+
+    fmt = get_format(name)
+    w = torch.randn(77, 128, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = fmt.quantize(w)
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 32 * 128)
+    out = {k: torch.full_like(v, 7) for k, v in whole.items()}
+    shapes = []
+    real = fmt.quantize
+    monkeypatch.setattr(fmt, "quantize", lambda x: shapes.append(tuple(x.shape)) or real(x))
+    fmt.quantize_into(w, out, torch.bfloat16)
+    assert shapes == [(32, 128), (32, 128), (13, 128)]
+    for k, v in whole.items():
+        assert torch.equal(out[k], v), k
+
+
 def test_nf4_rows_that_are_not_whole_blocks_are_dequantized_whole(monkeypatch):
     import quant.base
 
