@@ -53,7 +53,7 @@ def remove(
     quant: Annotated[
         str | None,
         typer.Option(
-            "--quant", "-q", metavar="FORMAT", help="Remove only this format's store. [default: all]"
+            "--quant", "-q", metavar="FORMAT", help="Remove only this format's store. \\[default: all]"
         ),
     ] = None,
     dry_run: Annotated[

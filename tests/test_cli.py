@@ -102,7 +102,10 @@ def test_help_lists_commands_and_examples():
     assert r.exit_code == 0 and "Examples" in r.stdout and "--vram" in r.stdout
 
 
-@pytest.mark.parametrize("command", ["", "chat", "plan", "bench", "train-predictor", "profile-device"])
+@pytest.mark.parametrize(
+    "command",
+    ["", "chat", "plan", "bench", "train-predictor", "profile-device", "stores", "stores rm", "stores prune"],
+)
 def test_help_labels_values_not_flags(command):
     """Each option that takes a value shows what it takes (``-n N``, ``--vram SIZE``); a flag
     shows nothing there (Typer's own label, ``<bool>``, reads as a value to pass)."""
