@@ -71,8 +71,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=3584)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    build(args.out, args)
+    if args.build_only:
+        build(args.out, args)
+        return
+    # built in a process of its own: a child forked from a process that grew to GBs while
+    # building would report that as its own peak (Linux carries the RSS high-water mark
+    # over fork and exec)
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--build-only"], check=True)
     ckpt_bytes = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as home:
         convert = child(args.out, args.quant, Path(home))

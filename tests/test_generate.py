@@ -263,3 +263,22 @@ def test_the_nucleus_is_the_one_a_full_sort_gives():
             logits = torch.randn(vocab, generator=rng) * scale
             a, b = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
             assert _sample(logits, cfg, a) == reference(logits, cfg, b), (scale, top_p, trial)
+
+
+@pytest.mark.parametrize("room_for_all", [True, False])
+def test_a_cache_that_holds_the_model_is_filled_at_load(tiny_model, room_for_all):
+    """When every expert fits, loading copies them all, so the first answer never misses;
+    with one slot per layer fewer, nothing is copied before it is needed."""
+    path = tiny_model("mixtral")
+    from runtime.checkpoint import Checkpoint
+    from runtime.model_spec import describe_model
+
+    n = describe_model(Checkpoint(path)).num_experts
+    lm = load_small(path, quant="int8", slots_per_layer=n if room_for_all else n - 1, predictor="none")
+    try:
+        loaded = sum(len(lm.cache.resident(layer)) for layer in lm.spec.moe_layers)
+        assert loaded == (lm.spec.total_experts if room_for_all else 0)
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0))
+        assert (done.stats.misses == 0) == room_for_all
+    finally:
+        lm.close()
