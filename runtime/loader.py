@@ -213,7 +213,7 @@ def load_model(
         learned_path=store.path)  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
-    if not plan.in_place and cache.num_slots >= spec.total_experts:
+    if opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts:
         cache.fill()  # the cache holds the model: copy it now, not miss by miss in the first answer
     timings["weights_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
