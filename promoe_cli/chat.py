@@ -25,7 +25,9 @@ EXAMPLES = (
 def _check_seed(value: int | None) -> int | None:
     """The seed's range, checked here rather than with ``min``/``max``, which would print
     9223372036854775807 in the help."""
-    if value is not None and not 0 <= value < 2**63:
+    from runtime.generate import SEED_LIMIT
+
+    if value is not None and not 0 <= value < SEED_LIMIT:
         raise typer.BadParameter("a seed is a whole number from 0 to 2^63-1")
     return value
 

@@ -71,8 +71,10 @@ def _parse_setting(name: str, value: str) -> tuple[str, object]:
     if key == "max-new-tokens":
         return "max_new_tokens", number(int, lambda v: v >= 1, "a whole number of at least 1")
     if key == "seed":
+        from runtime.generate import SEED_LIMIT
+
         return "seed", None if value.lower() == "none" else number(
-            int, lambda v: 0 <= v < 2**63, "a whole number (0 to 2^63-1) or none"
+            int, lambda v: 0 <= v < SEED_LIMIT, "a whole number (0 to 2^63-1) or none"
         )
     raise SettingError(f"no setting '{name}': temperature, top-p, max-new-tokens, seed")
 

@@ -27,9 +27,14 @@ def stores(
     ] = False,
 ) -> None:
     """List the expert stores promoe converted (in $PROMOE_HOME/stores), with their sizes."""
-    if ctx.invoked_subcommand is not None:
-        return
     with handle_errors():
+        if ctx.invoked_subcommand is not None:
+            if as_json:
+                from runtime.errors import UsageError
+
+                raise UsageError("--json goes with the listing (promoe stores --json)",
+                                 hint=f"promoe stores {ctx.invoked_subcommand} --help lists its options")  # fmt: skip
+            return
         from runtime.resolve import promoe_home
         from runtime.store_catalog import list_stores
 
@@ -70,10 +75,11 @@ def remove(
         found = _find(home, model)
         what = found.name if quant is None else f"{found.name}/{quant}"
         freed = remove_store(found, quant, dry_run=dry_run)
-        if dry_run:
-            out.print(f"would remove {what} ({format_bytes(freed)})")
-        else:
-            out.print(f"removed {what} ({format_bytes(freed)} freed)")
+        out.print(f"would remove {what} ({format_bytes(freed)})" if dry_run else
+                  f"removed {what} ({format_bytes(freed)} freed)")  # fmt: skip
+        if quant is None and found.predictor_bytes:
+            err.print(f"{'this would remove' if dry_run else 'this removed'} its learned predictor too; "
+                      "promoe train-predictor makes a new one (stores are converted again by themselves)")  # fmt: skip
 
 
 def prune(
@@ -89,16 +95,12 @@ def prune(
 
         todo = prune_stores(promoe_home(), dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
-        for m, size in todo:
-            why = (
-                f"its checkpoint {m.source} is gone"
-                if m.orphaned
-                else "leftovers of an interrupted conversion"
-            )
-            out.print(f"{verb} {m.name} ({format_bytes(size)}): {why}")
-        total = format_bytes(sum(size for _, size in todo))
-        out.print(f"{verb} nothing: every store's checkpoint is in place" if not todo else
-                  f"{'would free' if dry_run else 'freed'} {total}")  # fmt: skip
+        for p in todo:
+            out.print(f"{verb} {p.name} ({format_bytes(p.nbytes)}): {p.reason}")
+        if not todo:
+            out.print(f"{verb} nothing: no store's checkpoint is gone, and nothing was left behind")
+        else:
+            out.print(f"{'would free' if dry_run else 'freed'} {format_bytes(sum(p.nbytes for p in todo))}")
 
 
 def _find(home, target: str):
@@ -106,6 +108,8 @@ def _find(home, target: str):
     from runtime.resolve import resolve_model
     from runtime.store_catalog import find
 
+    if not target.strip():
+        raise UsageError("name the model whose stores to remove", hint="'promoe stores' lists them by name")
     found = find(home, target)
     if found is None:
         try:
@@ -123,21 +127,27 @@ def _json(m) -> dict:
         "name": m.name,
         "path": str(m.path),
         "checkpoint": None if m.source is None else str(m.source),
-        "orphaned": m.orphaned,
+        "checkpoint_state": m.checkpoint,
         "bytes": m.nbytes,
         "formats": {f.quant: {"bytes": f.nbytes, "complete": f.complete} for f in m.formats},
         "predictor_bytes": m.predictor_bytes,
         "leftover_bytes": m.leftover_bytes,
-        "converting": list(m.converting),
+        "busy": [
+            {"store": what, "kind": "converting" if kind == "tmp" else "removing", "pid": pid}
+            for what, kind, pid in m.busy
+        ],
     }
 
 
 def _render(models, home) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from runtime.sizes import format_bytes
+    from runtime.store_catalog import root_leftovers
 
-    if not models:
+    stray = root_leftovers(home)
+    if not models and not stray:
         err.print(f"no stores yet in {home / 'stores'}: the first chat with a model converts its experts")
         return
     table = Table(title=f"Expert stores in {home / 'stores'}", title_justify="left")
@@ -146,20 +156,24 @@ def _render(models, home) -> None:
     for m in models:
         forms = ", ".join(f"{f.quant} {format_bytes(f.nbytes)}" + ("" if f.complete else " (incomplete)")
                           for f in m.formats) or "-"  # fmt: skip
-        if m.converting:
-            forms += f" (converting, process {m.converting[0]})"
-        elif m.leftover_bytes:
-            forms += f" (+{format_bytes(m.leftover_bytes)} left by an interrupted conversion)"
-        source = "unknown" if m.source is None else str(m.source)
-        if m.orphaned:
+        for what, kind, pid in m.busy:
+            forms += f" ({what}: {'converting' if kind == 'tmp' else 'being removed'}, process {pid})"
+        if m.leftover_bytes:
+            forms += f" (+{format_bytes(m.leftover_bytes)} left by an interrupted conversion or removal)"
+        source = escape("unknown" if m.source is None else str(m.source))
+        if m.checkpoint == "gone":
             source = f"[warn]{source} (gone)[/]"
+        elif m.checkpoint == "unknown" and m.source is not None:
+            source += " (not reachable)"
         predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
-        table.add_row(m.name, source, forms, predictor, format_bytes(m.nbytes))
+        table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
     out.print(table)
-    total = sum(m.nbytes for m in models)
-    orphans = [m for m in models if m.orphaned]
-    line = f"{len(models)} model(s), {format_bytes(total)}"
-    if orphans:
-        line += (f"; {len(orphans)} whose checkpoint is gone ({format_bytes(sum(m.nbytes for m in orphans))}):"
-                 " promoe stores prune")  # fmt: skip
+    line = f"{len(models)} model(s), {format_bytes(sum(m.nbytes for m in models) + stray)}"
+    gone = [m for m in models if m.checkpoint == "gone"]
+    if gone:
+        line += f"; {len(gone)} whose checkpoint is gone ({format_bytes(sum(m.nbytes for m in gone))})"
+    if stray:
+        line += f"; {format_bytes(stray)} left by a removal cut short"
+    if gone or stray or any(m.leftover_bytes for m in models):
+        line += ": promoe stores prune"
     err.print(line)

@@ -74,6 +74,11 @@ class QuantFormat(ABC):
         for start, stop, dest in blocks:
             dest = dest or self.row_block(out, shape, start, stop)
             for name, t in self.quantize(weight[start:stop].to(dtype)).items():
+                if (
+                    t.dtype != dest[name].dtype or t.numel() != dest[name].numel()
+                ):  # parts() and quantize() disagree
+                    raise ValueError(f"{self.name} part {name}: quantize gave {t.dtype} x {t.numel()}, "
+                                     f"the layout holds {dest[name].dtype} x {dest[name].numel()}")  # fmt: skip
                 dest[name].copy_(t.reshape(dest[name].shape))
 
     @abstractmethod
@@ -106,8 +111,13 @@ class QuantFormat(ABC):
         self, parts: dict[str, torch.Tensor], shape: tuple[int, int], start: int, stop: int
     ) -> dict[str, torch.Tensor] | None:
         """The parts of rows ``[start, stop)`` of the weight, as views (a weight of shape
-        ``(stop - start, in)``), or None where the layout cannot be cut there. Default: every
-        part is row-major with one row per output row."""
+        ``(stop - start, in)``), or None if this weight's layout cannot be cut at row
+        boundaries (then it is always handled whole). Default None: a format opts in."""
+        return None
+
+    @staticmethod
+    def rows_of_row_major(parts: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+        """:meth:`row_block` for a format whose every part has one row per output row."""
         return {k: v[start:stop] for k, v in parts.items()}
 
     def nbytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:

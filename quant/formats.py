@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from quant import kernels
 from quant.base import Part, QuantFormat
@@ -48,6 +49,14 @@ class NoQuant(QuantFormat):
 
     def dequantize(self, parts, shape, dtype):
         return parts["w"].to(dtype)
+
+    def row_block(self, parts, shape, start, stop):
+        return self.rows_of_row_major(parts, start, stop)
+
+    def linear(self, x, parts, shape, bias=None):
+        if parts["w"].dtype == x.dtype:  # nothing to convert: one GEMM on the weight itself
+            return F.linear(x, parts["w"], bias)
+        return super().linear(x, parts, shape, bias)
 
 
 class GroupwiseInt(QuantFormat):
@@ -121,6 +130,9 @@ class GroupwiseInt(QuantFormat):
             q = unpack_float(parts["q"], self.bits, n_pad).reshape(out, n_pad // g, g)
             w = q.mul_(scale).add_(parts["zero"].float().unsqueeze(-1))  # q is ours to overwrite
         return w.reshape(out, n_pad)[:, :n_in].to(dtype)
+
+    def row_block(self, parts, shape, start, stop):
+        return self.rows_of_row_major(parts, start, stop)
 
     def linear(self, x, parts, shape, bias=None):
         if kernels.groupwise_supported(self.bits, self.group_size, self.symmetric) and kernels.use_kernels(x):

@@ -246,8 +246,6 @@ def run_bench(
                     try:
                         if prompts is None:
                             prompts = bench_prompts(lm.tokenizer, prompt_len, repeats)
-                        if name == "resident":
-                            lm.cache.fill()
                         _run_promoe(lm, prompts[0][: max(prompt_len // 4, 8)], min(gen_len, 8))  # warm-up
                         res.runs = [_run_promoe(lm, p, gen_len) for p in prompts[1:]]
                         if name in PREFETCHING:
@@ -353,6 +351,7 @@ def _load_for(name: str, base: LoadOptions, best_policy: str, header: dict, low_
     lm = load_model(str(header["path"]), opts)
     if name == "resident" and emulated_budget(base):
         header["resident_note"] = "upper bound: the emulated budget is lifted"
+    # with a slot for every expert, load_model has filled the cache: resident is preloaded
     if name == "resident" and lm.cache.num_slots < spec.total_experts:
         lm.close()
         header["skip_note"] = (f"every expert does not fit the budget ({lm.cache.num_slots} of "

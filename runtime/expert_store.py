@@ -20,13 +20,10 @@ changed) or a corrupt one (a checksum or size mismatch) is rebuilt.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +40,10 @@ from runtime.errors import CheckpointError, InsufficientMemoryError, StoreError
 from runtime.expert_layout import ExpertLayout, ExpertWeights
 from runtime.model_spec import ModelSpec
 from runtime.sizes import format_bytes
+from runtime.store_paths import MANIFEST, discard, model_dir, remove_dead_temporaries, temporary_name
 
 STORE_FORMAT = "promoe-expert-store"
 STORE_VERSION = 1
-MANIFEST = "manifest.json"
 
 #: progress(description, completed, total)
 ProgressFn = Callable[[str, int, int], None]
@@ -147,16 +144,6 @@ def _check_shapes(tensors: dict[str, torch.Tensor], layout: ExpertLayout, layer:
 
 
 # -- locating, validating, converting ---------------------------------------------------
-
-
-def model_dir(home: Path, checkpoint: Path) -> Path:
-    """``stores/<model>-<hash>``: every store (one per quantization) and the learned
-    predictor of the checkpoint at this path; the hash is of the resolved path."""
-    src = str(Path(checkpoint).resolve())
-    m = re.search(r"models--([^/]+)", src)
-    slug = m.group(1) if m else Path(src).name
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:60]
-    return home / "stores" / f"{slug}-{hashlib.sha256(src.encode()).hexdigest()[:12]}"
 
 
 def store_dir(home: Path, ckpt: Checkpoint, fmt: QuantFormat) -> Path:
@@ -341,34 +328,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def temporary_owner(path: Path) -> int | None:
-    """The process id in the name of a conversion's temporary folder (``.int4.tmp-PID-…``)
-    or of a replaced store on its way out (``.int4.old-PID-…``); None for other names."""
-    m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)-[0-9a-f]+", path.name)
-    return int(m.group(1)) if m else None
-
-
-def _remove_dead_temporaries(final: Path) -> None:
-    if not final.parent.is_dir():
-        return
-    for p in final.parent.glob(f".{final.name}.*-*"):
-        pid = temporary_owner(p)
-        if pid is not None and not pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def open_store(
     ckpt: Checkpoint,
     spec: ModelSpec,
@@ -383,7 +342,7 @@ def open_store(
     layout = ExpertLayout(spec.expert_shape, fmt)
     final = store_dir(home, ckpt, fmt)
     expected = _expected(ckpt, spec, fmt, layout)
-    _remove_dead_temporaries(final)
+    remove_dead_temporaries(final.parent, final.name)
     reason = "no store yet"
     t0 = time.perf_counter()
     if (final / MANIFEST).is_file():
@@ -405,15 +364,14 @@ def open_store(
     action = "converted" if reason == "no store yet" else "rebuilt"
     title = "Converting experts" if action == "converted" else f"Rebuilding expert store ({reason})"
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_name(final, "tmp")
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
         manifest = _convert(ckpt, spec, layout, expected, tmp, quantize_device, progress, title)
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # a leftover at worst, cleared next time
+                discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives, Ctrl-C included

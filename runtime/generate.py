@@ -22,6 +22,9 @@ from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
 from runtime.stats import ExpertStats
 from runtime.trace import TraceWriter
 
+#: seeds are 0 to SEED_LIMIT - 1: what a torch.Generator takes as a signed 64-bit seed
+SEED_LIMIT = 2**63
+
 
 @dataclass(frozen=True)
 class SamplingConfig:

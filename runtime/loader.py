@@ -215,6 +215,7 @@ def load_model(
         rt.prefetcher = Prefetcher(predictor, cache)
     if opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts:
         cache.fill()  # the cache holds the model: copy it now, not miss by miss in the first answer
+        cache.stats.reset()  # the figures count from the first answer, as for every cache
     timings["weights_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return LoadedModel(model, tokenizer, spec, resolved, store, report, cache, plan, rt, device, dtype, opts,

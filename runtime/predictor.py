@@ -30,9 +30,8 @@ from torch import nn
 
 from runtime.errors import StoreError, UsageError
 from runtime.prefetch import Predictor
+from runtime.store_paths import PREDICTOR_FILE, PREDICTOR_META
 
-PREDICTOR_FILE = "predictor.safetensors"
-PREDICTOR_META = "predictor.json"
 MIN_PROMPT_TOKENS = 8  # the least --max-prompt-tokens allows: prompts cut shorter all start alike
 
 

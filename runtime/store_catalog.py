@@ -1,32 +1,38 @@
 """What promoe keeps under ``$PROMOE_HOME/stores``: list it, remove it, prune it.
 
 Each converted checkpoint has a folder ``stores/<model>-<hash>`` (see
-``expert_store.model_dir``) holding one expert store per quantization (``int4/``,
+``store_paths.model_dir``) holding one expert store per quantization (``int4/``,
 ``int2/``...: a manifest naming the checkpoint it came from, and one file per layer) and
 perhaps a learned predictor. A store is as large as the checkpoint's experts at that
-width, 24 GB for Mixtral-8x7B in int4, and is rebuilt whenever it is needed again, so
-removing one loses only the time to convert it. A store is *orphaned* when the checkpoint
-it came from is no longer at its path (moved, deleted, or an old snapshot in the
-Hugging Face cache that was pruned): nothing will use it again.
+width, 24 GB for Mixtral-8x7B in int4, and is converted again whenever it is needed; a
+learned predictor is not (``promoe train-predictor`` makes it).
 
-Removal first renames the folder to a hidden temporary name that ``open_store`` treats as
-a dead process's leftover, so a removal cut short never leaves a half-deleted store that
-looks usable. A folder in which a conversion is still running is not removed.
+A model's checkpoint is *gone* when the folder that held it is still there but the
+checkpoint is not (deleted, moved, an old Hugging Face snapshot pruned): nothing will
+use its stores again, and ``prune`` removes them. When not even that folder exists (an
+unmounted drive, say), or no manifest names the checkpoint, it is *unknown*: listed, and
+removed only by name. Nothing is removed while a live process works in the folder.
+Torch is never imported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UsageError
-from runtime.expert_store import MANIFEST, model_dir, pid_alive, temporary_owner
-from runtime.predictor import PREDICTOR_FILE, PREDICTOR_META
+from runtime.store_paths import (
+    MANIFEST,
+    PREDICTOR_FILE,
+    PREDICTOR_META,
+    discard,
+    model_dir,
+    parse_temporary,
+    remove_dead_temporaries,
+    temporary_alive,
+    tree_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,11 @@ class StoredFormat:
 @dataclass(frozen=True)
 class StoredModel:
     path: Path  # stores/<model>-<hash>
-    source: Path | None  # the checkpoint its stores came from (None: no manifest says)
+    source: Path | None  # the checkpoint its stores came from (None: nothing says)
     formats: tuple[StoredFormat, ...]
     predictor_bytes: int  # the learned predictor's files; 0 when there is none
-    leftover_bytes: int  # temporaries of conversions whose process is gone
-    converting: tuple[int, ...]  # ids of live processes converting into this folder
+    leftover_bytes: int  # temporaries whose process is gone
+    busy: tuple[tuple[str, str, int], ...]  # (store name, "tmp" or "old", pid) of live temporaries
 
     @property
     def name(self) -> str:
@@ -54,57 +60,59 @@ class StoredModel:
         return sum(f.nbytes for f in self.formats) + self.predictor_bytes + self.leftover_bytes
 
     @property
-    def orphaned(self) -> bool:
-        """True when no checkpoint will use these stores again: its folder is gone."""
-        return self.source is None or not (self.source / "config.json").is_file()
+    def checkpoint(self) -> str:
+        """ "present", "gone" (its folder's parent is there, the checkpoint is not) or "unknown"."""
+        if self.source is None:
+            return "unknown"
+        if (self.source / "config.json").is_file():
+            return "present"
+        return "gone" if self.source.parent.is_dir() else "unknown"
 
 
-def _tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):  # removed while we looked
-                total += os.lstat(os.path.join(root, f)).st_size
-    return total
+@dataclass(frozen=True)
+class Pruned:
+    name: str
+    nbytes: int
+    reason: str
 
 
-def _manifest(store: Path) -> dict | None:
+def _source(data: object, *keys: str) -> Path | None:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return Path(data) if isinstance(data, str) and data else None
+
+
+def _read_json(path: Path) -> object:
     try:
-        data = json.loads((store / MANIFEST).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def describe(path: Path) -> StoredModel:
     """What one ``stores/<model>-<hash>`` folder holds."""
-    formats, sources, converting = [], [], []
+    formats, sources, busy = [], [], []
     leftover = 0
     for entry in sorted(path.iterdir()):
-        pid = temporary_owner(entry)
-        if pid is not None:
-            if pid_alive(pid):
-                converting.append(pid)
+        parsed = parse_temporary(entry)
+        if parsed is not None:
+            if temporary_alive(entry):
+                busy.append(parsed)
             else:
-                leftover += _tree_bytes(entry)
+                leftover += tree_bytes(entry)
         elif entry.is_dir() and not entry.name.startswith("."):
-            manifest = _manifest(entry)
-            source = (manifest or {}).get("source", {}).get("path") if manifest else None
-            if isinstance(source, str):
-                sources.append(Path(source))
-            formats.append(StoredFormat(entry.name, _tree_bytes(entry), manifest is not None))
+            manifest = _read_json(entry / MANIFEST)
+            source = _source(manifest, "source", "path")
+            if source is not None:
+                sources.append(source)
+            formats.append(StoredFormat(entry.name, tree_bytes(entry), isinstance(manifest, dict)))
     if not sources:  # a predictor alone also names its checkpoint
-        try:
-            model = json.loads((path / PREDICTOR_META).read_text()).get("source", {}).get("model")
-        except (OSError, ValueError, AttributeError):
-            model = None
-        if isinstance(model, str):
-            sources.append(Path(model))
-    predictor = sum(_tree_bytes(path / f) for f in (PREDICTOR_FILE, PREDICTOR_META) if (path / f).is_file())
-    return StoredModel(path, sources[0] if sources else None, tuple(formats), predictor, leftover,
-                       tuple(converting))  # fmt: skip
+        source = _source(_read_json(path / PREDICTOR_META), "source", "model")
+        sources += [source] if source is not None else []
+    predictor = sum(tree_bytes(path / f) for f in (PREDICTOR_FILE, PREDICTOR_META) if (path / f).is_file())
+    return StoredModel(
+        path, sources[0] if sources else None, tuple(formats), predictor, leftover, tuple(busy)
+    )
 
 
 def list_stores(home: Path) -> list[StoredModel]:
@@ -114,6 +122,14 @@ def list_stores(home: Path) -> list[StoredModel]:
         return []
     found = [describe(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return sorted(found, key=lambda m: (-m.nbytes, m.name))
+
+
+def root_leftovers(home: Path) -> int:
+    """Bytes of whole model folders whose removal was cut short (they are only pruned)."""
+    root = home / "stores"
+    if not root.is_dir():
+        return 0
+    return sum(tree_bytes(p) for p in root.iterdir() if parse_temporary(p) and not temporary_alive(p))
 
 
 def find(home: Path, target: str) -> StoredModel | None:
@@ -127,16 +143,18 @@ def find(home: Path, target: str) -> StoredModel | None:
 
 
 def remove(model: StoredModel, quant: str | None = None, *, dry_run: bool = False) -> int:
-    """Delete the model's stores (or only its ``quant`` store); returns the bytes freed
-    (with ``dry_run``, that would be freed, and nothing is deleted).
+    """Delete the model's stores and predictor (or only its ``quant`` store); returns the
+    bytes freed (with ``dry_run``, that would be freed, and nothing is deleted).
 
-    Raises UsageError while a conversion runs into the folder, or when it has no ``quant``
-    store."""
-    if model.converting:
-        raise UsageError(
-            f"a conversion into {model.path} is running (process {model.converting[0]})",
-            hint="wait for it to finish or stop it, then remove the store",
-        )
+    Raises UsageError while a live process converts (or removes) what would be removed,
+    when the model has no ``quant`` store, or when the folder is a symbolic link (promoe
+    deletes only what it made, not what a link points at)."""
+    busy = [b for b in model.busy if quant is None or b[0] == quant]
+    if busy:
+        what, kind, pid = busy[0]
+        doing = "a conversion into" if kind == "tmp" else "a removal of"
+        raise UsageError(f"{doing} {model.name}/{what} is running (process {pid})",
+                         hint="let it finish or stop it, then run this again")  # fmt: skip
     if quant is None:
         target, freed = model.path, model.nbytes
     else:
@@ -146,36 +164,31 @@ def remove(model: StoredModel, quant: str | None = None, *, dry_run: bool = Fals
             raise UsageError(f"{model.name} has no {quant} store (it has: {have})",
                              hint="'promoe stores' lists every store")  # fmt: skip
         target, freed = model.path / quant, fmt.nbytes
+    if target.is_symlink():
+        raise UsageError(f"{target} is a link to {target.resolve()}: promoe removes only what it made",
+                         hint=f"delete {target.resolve()} yourself if it holds the store, then the link")  # fmt: skip
     if dry_run:
         return freed
-    # Renamed first, to a name open_store clears as a dead process's leftover (our pid is
-    # gone once we exit), so a removal cut short is never mistaken for a store.
-    doomed = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.replace(target, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    discard(target)
     if quant is not None and not any(model.path.iterdir()):  # its last store
         model.path.rmdir()
     return freed
 
 
-def _drop_dead_leftovers(path: Path) -> None:
-    for entry in path.iterdir():
-        pid = temporary_owner(entry)
-        if pid is not None and not pid_alive(pid):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def prune(home: Path, *, dry_run: bool = False) -> list[tuple[StoredModel, int]]:
-    """Remove every orphaned model folder, and dead conversions' leftovers everywhere;
-    returns what went (with ``dry_run``, would go) and how many bytes each freed."""
+def prune(home: Path, *, dry_run: bool = False) -> list[Pruned]:
+    """Remove the model folders whose checkpoint is gone, and the leftovers of interrupted
+    conversions and removals; returns what went (with ``dry_run``, would go)."""
     done = []
     for model in list_stores(home):
-        if model.orphaned and not model.converting:
-            done.append((model, remove(model, dry_run=dry_run)))
+        if model.checkpoint == "gone" and not model.busy and not model.path.is_symlink():
+            done.append(
+                Pruned(model.name, remove(model, dry_run=dry_run), f"its checkpoint {model.source} is gone")
+            )
         elif model.leftover_bytes:
-            if not dry_run:
-                _drop_dead_leftovers(model.path)
-            done.append((model, model.leftover_bytes))
-    if (home / "stores").is_dir() and not dry_run:  # a removal of a whole folder cut short
-        _drop_dead_leftovers(home / "stores")
+            freed = model.leftover_bytes if dry_run else remove_dead_temporaries(model.path)
+            done.append(Pruned(model.name, freed, "leftovers of an interrupted conversion or removal"))
+    stray = root_leftovers(home)
+    if stray:
+        freed = stray if dry_run else remove_dead_temporaries(home / "stores")
+        done.append(Pruned("(stores)", freed, "model folders whose removal was cut short"))
     return done

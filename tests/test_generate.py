@@ -278,6 +278,7 @@ def test_a_cache_that_holds_the_model_is_filled_at_load(tiny_model, room_for_all
     try:
         loaded = sum(len(lm.cache.resident(layer)) for layer in lm.spec.moe_layers)
         assert loaded == (lm.spec.total_experts if room_for_all else 0)
+        assert lm.cache.stats.total().bytes_moved == 0  # the figures count from the first answer
         done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0))
         assert (done.stats.misses == 0) == room_for_all
     finally:

@@ -123,6 +123,55 @@ def test_quantizing_a_block_of_rows_at_a_time_gives_the_same_bytes(name, monkeyp
         assert torch.equal(out[k], v), k
 
 
+def test_a_format_that_does_not_opt_in_is_handled_whole(monkeypatch):
+    """Cutting by rows is opt-in (row_block): a format with a layout of its own, which
+    does not declare how rows are cut, is dequantized and quantized whole."""
+    import quant.base
+    from quant.base import Part, QuantFormat
+
+    class Flat(QuantFormat):  # the weight stored flat, as bytes of float32
+        name = "flat"
+
+        def parts(self, shape, dtype):
+            return [Part("b", (shape[0] * shape[1] * 4,), torch.uint8)]
+
+        def quantize(self, weight):
+            return {"b": weight.float().contiguous().reshape(-1).view(torch.uint8)}
+
+        def dequantize(self, parts, shape, dtype):
+            return parts["b"].view(torch.float32).reshape(shape).to(dtype)
+
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 16 * 64)
+    fmt, w, x = Flat(), torch.randn(80, 64), torch.randn(3, 64)
+    out = {"b": torch.empty(80 * 64 * 4, dtype=torch.uint8)}
+    fmt.quantize_into(w, out, torch.float32)
+    assert torch.equal(fmt.dequantize(out, (80, 64), torch.float32), w)
+    torch.testing.assert_close(fmt.linear(x, out, (80, 64)), x @ w.T)
+
+
+def test_quantize_into_refuses_parts_that_disagree_with_the_layout():
+    fmt = get_format("int4")
+    w = torch.randn(8, 64)
+    good = fmt.quantize(w)
+    out = {
+        **{k: torch.empty_like(v) for k, v in good.items()},
+        "scale": torch.empty(8, 1, dtype=torch.float32),
+    }
+    with pytest.raises(ValueError, match="part scale"):
+        fmt.quantize_into(w, out, torch.float32)
+
+
+def test_none_in_the_compute_dtype_is_one_matmul_on_the_weight_itself(monkeypatch):
+    import quant.base
+
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 16 * 64)
+    fmt = get_format("none")
+    w, x = torch.randn(80, 64), torch.randn(2, 64)
+    parts = fmt.quantize(w)
+    monkeypatch.setattr(fmt, "dequantize", lambda *a: pytest.fail("converted a weight already in x's dtype"))
+    torch.testing.assert_close(fmt.linear(x, parts, (80, 64)), x @ w.T)
+
+
 def test_nf4_rows_that_are_not_whole_blocks_are_dequantized_whole(monkeypatch):
     import quant.base
 

@@ -53,7 +53,7 @@ def test_the_listing_names_each_store_its_checkpoint_and_its_size(checkpoint, ho
     models = _listing(home)
     assert list(models) == [folder.name]
     m = models[folder.name]
-    assert m["checkpoint"] == str(checkpoint.resolve()) and not m["orphaned"]
+    assert m["checkpoint"] == str(checkpoint.resolve()) and m["checkpoint_state"] == "present"
     assert set(m["formats"]) == {"int8", "int4"}
     for quant, info in m["formats"].items():
         assert info["complete"] and info["bytes"] == _disk_bytes(folder / quant)
@@ -120,25 +120,30 @@ def test_a_running_conversion_is_not_removed(checkpoint, home):
     assert (folder / "int4").is_dir() and live.is_dir()
 
 
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+
+
 def test_prune_removes_orphans_and_dead_leftovers_only(checkpoint, tiny_model, home):
     _convert(checkpoint, home, "int4")
     kept = tiny_model("olmoe")
     _convert(kept, home, "int4")
     orphan, keep = model_dir(home, checkpoint), model_dir(home, kept)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
-    leftover = keep / f".int8.tmp-{dead}-deadbeef"
+    leftover = keep / f".int8.tmp-{_dead_pid()}-deadbeef"
     leftover.mkdir()
     (leftover / "layer-000.safetensors").write_bytes(b"x" * 1000)
-    shutil.rmtree(checkpoint.parent)  # the checkpoint is gone: its store is an orphan
+    shutil.rmtree(checkpoint)  # the checkpoint is gone (its folder's parent is still there)
 
     models = _listing(home)
-    assert models[orphan.name]["orphaned"] and not models[keep.name]["orphaned"]
+    assert models[orphan.name]["checkpoint_state"] == "gone"
+    assert models[keep.name]["checkpoint_state"] == "present"
     assert models[keep.name]["leftover_bytes"] == 1000
 
     r = runner.invoke(app, ["stores", "prune", "--dry-run"])
     assert r.exit_code == 0 and orphan.is_dir() and leftover.is_dir()
     assert f"would remove {orphan.name}" in r.stdout and "is gone" in r.stdout
+    assert f"would remove {keep.name} (1.0 KB)" in r.stdout
 
     r = runner.invoke(app, ["stores", "prune"])
     assert r.exit_code == 0, r.output
@@ -148,3 +153,130 @@ def test_prune_removes_orphans_and_dead_leftovers_only(checkpoint, tiny_model, h
 
     r = runner.invoke(app, ["stores", "prune"])
     assert r.exit_code == 0 and "removed nothing" in r.stdout
+
+
+def test_a_checkpoint_out_of_reach_is_unknown_and_never_pruned(checkpoint, home):
+    """Not even the folder that held the checkpoint is there (an unmounted drive, say): its
+    stores may be used again, so prune leaves them; rm by name still removes them."""
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    shutil.rmtree(checkpoint.parent)
+    assert _listing(home)[folder.name]["checkpoint_state"] == "unknown"
+    r = runner.invoke(app, ["stores", "prune"])
+    assert r.exit_code == 0 and "removed nothing" in r.stdout and folder.is_dir()
+    assert runner.invoke(app, ["stores", "rm", folder.name]).exit_code == 0 and not folder.exists()
+
+
+def test_a_manifest_that_names_no_checkpoint_is_listed_not_pruned(checkpoint, home):
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    (folder / "int4" / MANIFEST).write_text(json.dumps({"source": "not a dict"}))
+    m = _listing(home)[folder.name]
+    assert m["checkpoint"] is None and m["checkpoint_state"] == "unknown"
+    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "unknown" in r.stdout
+    r = runner.invoke(app, ["stores", "prune"])
+    assert r.exit_code == 0 and folder.is_dir()
+
+
+def test_a_removal_cut_short_is_listed_and_pruned(checkpoint, home):
+    """A whole model's folder on its way out (renamed, not yet deleted, its process gone)
+    is counted in the listing and removed by prune, which says so."""
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    stray = folder.parent / f".{folder.name}.old-{_dead_pid()}-0badf00d"
+    os.replace(folder, stray)
+    size = _disk_bytes(stray)
+    r = runner.invoke(app, ["stores"])
+    assert r.exit_code == 0 and "left by a removal cut short" in r.stderr and "prune" in r.stderr
+    r = runner.invoke(app, ["stores", "prune", "--dry-run"])
+    assert "would remove (stores)" in r.stdout and stray.is_dir()
+    r = runner.invoke(app, ["stores", "prune"])
+    assert r.exit_code == 0 and not stray.exists()
+    from runtime.sizes import format_bytes
+
+    assert "removed (stores)" in r.stdout and f"freed {format_bytes(size)}" in r.stdout
+
+
+def test_a_linked_store_folder_is_not_followed(checkpoint, home, tmp_path):
+    """promoe removes only what it made: a model folder that is a link (to a bigger disk)
+    is refused, and what it points at stays."""
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    elsewhere = tmp_path / "big-disk" / folder.name
+    elsewhere.parent.mkdir()
+    shutil.move(folder, elsewhere)
+    folder.symlink_to(elsewhere, target_is_directory=True)
+    assert folder.name in _listing(home)
+    r = runner.invoke(app, ["stores", "rm", folder.name])
+    assert r.exit_code == 2 and "is a link to" in r.stderr
+    assert (elsewhere / "int4" / MANIFEST).is_file() and folder.is_symlink()
+
+
+def test_only_what_a_live_process_works_on_is_refused(checkpoint, home):
+    _convert(checkpoint, home, "int4")
+    _convert(checkpoint, home, "int2")
+    folder = model_dir(home, checkpoint)
+    (folder / f".int8.tmp-{os.getpid()}-0123abcd").mkdir()  # this process is alive
+    r = runner.invoke(app, ["stores", "rm", folder.name, "--quant", "int8"])
+    assert r.exit_code == 2 and "has no int8 store" not in r.stderr and "conversion into" in r.stderr
+    r = runner.invoke(app, ["stores", "rm", folder.name, "--quant", "int2"])
+    assert r.exit_code == 0 and not (folder / "int2").exists()
+    r = runner.invoke(app, ["stores", "rm", folder.name])
+    assert r.exit_code == 2 and (folder / "int4").is_dir()
+
+
+def test_a_reused_process_id_does_not_keep_a_leftover_alive(tmp_path, monkeypatch):
+    """After a reboot the id in a dead conversion's name may belong to another process: a
+    process that started after the temporary last changed is not its owner."""
+    import time
+
+    import psutil
+
+    from runtime.store_paths import temporary_alive
+
+    t = tmp_path / f".int4.tmp-{os.getppid()}-0123abcd"
+    t.mkdir()
+    assert temporary_alive(t)  # our parent started before it, and is alive
+
+    class Later:
+        def __init__(self, pid):
+            pass
+
+        def create_time(self):
+            return time.time() + 60
+
+    monkeypatch.setattr(psutil, "Process", Later)
+    assert not temporary_alive(t)
+
+
+def test_rm_needs_a_name_and_json_goes_with_the_listing(checkpoint, home):
+    _convert(checkpoint, home, "int4")
+    r = runner.invoke(app, ["stores", "rm", ""])
+    assert r.exit_code == 2 and "name the model" in r.stderr
+    assert (model_dir(home, checkpoint) / "int4").is_dir()
+    r = runner.invoke(app, ["stores", "--json", "prune"])
+    assert r.exit_code == 2 and "--json goes with the listing" in r.stderr
+
+
+def test_rm_of_a_whole_model_says_its_predictor_went_too(checkpoint, home):
+    from runtime.store_paths import PREDICTOR_FILE, PREDICTOR_META
+
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    (folder / PREDICTOR_FILE).write_bytes(b"w" * 100)
+    (folder / PREDICTOR_META).write_text(json.dumps({"source": {"model": str(checkpoint)}}))
+    assert _listing(home)[folder.name]["predictor_bytes"] == _disk_bytes(folder) - _disk_bytes(
+        folder / "int4"
+    )
+    r = runner.invoke(app, ["stores", "rm", str(checkpoint)])
+    assert r.exit_code == 0 and "learned predictor" in r.stderr and "train-predictor" in r.stderr
+    assert not folder.exists()
+
+
+def test_the_listing_does_not_load_torch(home):
+    r = subprocess.run([sys.executable, "-c", "import sys; from promoe_cli.main import run; sys.argv = "
+                        "['promoe', 'stores']\ntry:\n    run()\nexcept SystemExit:\n    pass\n"
+                        "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"
