@@ -36,12 +36,13 @@ def stores(
                                  hint=f"promoe stores {ctx.invoked_subcommand} --help lists its options")  # fmt: skip
             return
         from runtime.resolve import promoe_home
-        from runtime.store_catalog import list_stores
+        from runtime.store_catalog import list_stores, root_leftovers
 
         home = promoe_home()
         models = list_stores(home)
         if as_json:
-            out.print_json(json.dumps({"stores": str(home / "stores"), "models": [_json(m) for m in models]}))
+            out.print_json(json.dumps({"stores": str(home / "stores"), "models": [_json(m) for m in models],
+                                       "leftover_bytes": root_leftovers(home)}))  # fmt: skip
         else:
             _render(models, home)
 
@@ -87,7 +88,7 @@ def prune(
         bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
     ] = False,
 ) -> None:
-    """Remove the stores whose checkpoint is gone, and what interrupted conversions left."""
+    """Remove the stores whose checkpoint is gone, and what interrupted conversions and removals left."""
     with handle_errors():
         from runtime.resolve import promoe_home
         from runtime.sizes import format_bytes

@@ -189,6 +189,7 @@ def test_a_removal_cut_short_is_listed_and_pruned(checkpoint, home):
     size = _disk_bytes(stray)
     r = runner.invoke(app, ["stores"])
     assert r.exit_code == 0 and "left by a removal cut short" in r.stderr and "prune" in r.stderr
+    assert json.loads(runner.invoke(app, ["stores", "--json"]).stdout)["leftover_bytes"] == size
     r = runner.invoke(app, ["stores", "prune", "--dry-run"])
     assert "would remove (stores)" in r.stdout and stray.is_dir()
     r = runner.invoke(app, ["stores", "prune"])
