@@ -204,17 +204,20 @@ def load_model(
         mlp = model.model.layers[layer].mlp
         mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
     _materialize(model, spec, ckpt, device, dtype, progress)
-    if not plan.in_place:  # in place nothing ever misses: no low-bit store, no calibration
+    # in place, or in a cache with a slot for every expert (filled below), every expert is
+    # always resident: nothing misses (no low-bit store, no calibration), nothing to predict
+    holds_all = opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts
+    always_resident = plan.in_place or holds_all
+    if not always_resident:
         rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
     ckpt.close()
-    # in place, every expert is always resident: nothing to predict or copy
-    predictor = None if plan.in_place else make_predictor(
+    predictor = None if always_resident else make_predictor(
         opts.predictor, model=model, spec=spec, extra=opts.predictor_extra, lookahead=opts.lookahead,
         learned_path=store.path)  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
-    if opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts:
-        cache.fill()  # the cache holds the model: copy it now, not miss by miss in the first answer
+    if holds_all:
+        cache.fill()  # copied now, not miss by miss in the first answer
         cache.stats.reset()  # the figures count from the first answer, as for every cache
     timings["weights_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start

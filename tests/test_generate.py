@@ -267,17 +267,21 @@ def test_the_nucleus_is_the_one_a_full_sort_gives():
 
 @pytest.mark.parametrize("room_for_all", [True, False])
 def test_a_cache_that_holds_the_model_is_filled_at_load(tiny_model, room_for_all):
-    """When every expert fits, loading copies them all, so the first answer never misses;
-    with one slot per layer fewer, nothing is copied before it is needed."""
+    """When every expert fits, loading copies them all, so the first answer never misses
+    and nothing predicts or handles misses; with one slot per layer fewer, nothing is
+    copied before it is needed."""
     path = tiny_model("mixtral")
     from runtime.checkpoint import Checkpoint
     from runtime.model_spec import describe_model
 
     n = describe_model(Checkpoint(path)).num_experts
-    lm = load_small(path, quant="int8", slots_per_layer=n if room_for_all else n - 1, predictor="none")
+    lm = load_small(path, quant="int8", slots_per_layer=n if room_for_all else n - 1, predictor="cross-layer",
+                    host_misses=True)  # fmt: skip
     try:
         loaded = sum(len(lm.cache.resident(layer)) for layer in lm.spec.moe_layers)
         assert loaded == (lm.spec.total_experts if room_for_all else 0)
+        # nothing can miss: no predictor runs, no miss handler was built
+        assert (lm.runtime.prefetcher is None and lm.runtime.miss_handler is None) == room_for_all
         assert lm.cache.stats.total().bytes_moved == 0  # the figures count from the first answer
         done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0))
         assert (done.stats.misses == 0) == room_for_all

@@ -25,7 +25,7 @@ from runtime.predictor import (
     save_predictors,
     train_predictors,
 )
-from tests.helpers import greedy_ids, load_small, reference_model
+from tests.helpers import budget_for_slots, greedy_ids, load_small, reference_model
 
 runner = CliRunner()
 SOURCES = sorted((Path(__file__).resolve().parents[1] / "runtime").glob("*.py"))
@@ -83,9 +83,10 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
         lm.close()
     good = saved.read_bytes()
 
-    def chat_learned():  # a link: with no budget and no link, the CPU reads experts in place and predicts nothing
-        return runner.invoke(app, ["chat", str(path), "--quant", "none", "--prefetch", "learned", "--link-bandwidth",
-                                   "1GB/s", "--prompt", "x"])  # fmt: skip
+    def chat_learned():  # a budget of 2 slots a layer: with none the CPU reads experts in place, and
+        # with room for every expert nothing is predicted either
+        return runner.invoke(app, ["chat", str(path), "--quant", "none", "--prefetch", "learned", "--vram",
+                                   str(budget_for_slots(path, "none", 2)), "--prompt", "x"])  # fmt: skip
 
     mid = len(good) // 2  # inside the tensor data, past the header
     damaged = {"truncated": good[:mid], "4 KB overwritten with 0xFF (NaN weights)": good[:mid] + b"\xff" * 4096
@@ -103,7 +104,8 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
 
 
 def test_prefetch_learned_without_training_explains(tiny_model):
-    r = runner.invoke(app, ["chat", str(tiny_model("phimoe")), "--prefetch", "learned", "--link-bandwidth", "1GB/s",
+    path = tiny_model("phimoe")
+    r = runner.invoke(app, ["chat", str(path), "--prefetch", "learned", "--vram", str(budget_for_slots(path, "int4", 2)),
                             "--prompt", "x"])  # fmt: skip
     assert r.exit_code == 2
     assert r.stderr.startswith("error: no learned predictor") and "train-predictor" in r.stderr
