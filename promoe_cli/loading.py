@@ -161,6 +161,9 @@ def banner(lm, profile: str | None = None) -> None:
     )
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
         cache = f"all {total} experts read in place from host memory · {where}, {budget}"
+    elif lm.runtime.prefetcher is None and n >= total:  # filled at load: nothing to evict or predict
+        cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
+                 f"{where}, {budget}{link}")  # fmt: skip
     else:
         cache = (f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
                  f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip

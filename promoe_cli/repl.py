@@ -147,7 +147,12 @@ class ChatSession:
 
         lm = self.lm
         n, total = lm.cache.num_slots, lm.spec.total_experts
-        prefetch = "none (experts read in place)" if lm.plan.in_place else lm.options.predictor
+        if lm.plan.in_place:
+            prefetch = "none (experts read in place)"
+        elif lm.runtime.prefetcher is None and n >= total:
+            prefetch = "none (every expert loaded)"
+        else:
+            prefetch = lm.options.predictor
         title = (f"Expert cache since start · {_plural(self.answers, 'answer')} · {n} of {total} experts "
                  f"resident ({100 * n / total:.0f}%) · policy {lm.options.policy} · prefetch {prefetch}")  # fmt: skip
         err.print(f"[bold]{title}[/]", soft_wrap=False)

@@ -415,3 +415,22 @@ def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
         assert "prefetch none (experts read in place)" in capsys.readouterr().err
     finally:
         lm.close()
+
+
+def test_stats_and_banner_of_a_cache_that_holds_the_model_name_no_predictor(tiny_model, capsys):
+    """With a slot for every expert the cache is filled at load and nothing is predicted:
+    neither the banner nor /stats names a predictor or an eviction policy at work."""
+    from promoe_cli.loading import banner
+    from runtime.loader import LoadOptions, load_model
+
+    lm = load_model(str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu", predictor="cross-layer",
+                                                            link_bandwidth=1e9))  # fmt: skip
+    try:
+        assert not lm.plan.in_place and lm.cache.num_slots == lm.spec.total_experts
+        banner(lm)
+        chat(lm, "/stats")
+        err = capsys.readouterr().err
+        assert "all loaded" in err and "prefetch cross-layer" not in err
+        assert "prefetch none (every expert loaded)" in err
+    finally:
+        lm.close()
