@@ -51,6 +51,15 @@ class QuantFormat(ABC):
         """The settings that change the stored bytes (recorded in a store's manifest)."""
         return {}
 
+    @property
+    def store_name(self) -> str:
+        """The folder of this format's store (a layout of a format for one device differs)."""
+        return self.name
+
+    def block_rows(self, rows: int) -> int:
+        """How many rows a block of about ``rows`` rows holds in this layout (see row_block)."""
+        return rows
+
     @abstractmethod
     def parts(self, shape: tuple[int, int], dtype: torch.dtype) -> list[Part]:
         """The tensors :meth:`quantize` returns for a weight of ``shape`` and ``dtype``."""
@@ -66,7 +75,7 @@ class QuantFormat(ABC):
         quantizing stay a block's size, not the matrix's (several times 704 MB for a Mixtral
         expert matrix). Every format's rows quantize independently, so the bytes are the same."""
         shape = (weight.shape[0], weight.shape[1])
-        rows = max(1, CPU_BLOCK_ELEMENTS // shape[1])
+        rows = self.block_rows(max(1, CPU_BLOCK_ELEMENTS // shape[1]))
         if weight.device.type != "cpu" or rows >= shape[0] or self.row_block(out, shape, 0, rows) is None:
             blocks = [(0, shape[0], out)]
         else:
@@ -97,7 +106,7 @@ class QuantFormat(ABC):
         """``x [T, in] -> [T, out]``. Default: dequantize, then one GEMM; on the CPU, a weight
         larger than ``CPU_BLOCK_ELEMENTS`` a block of rows at a time (see there)."""
         n_out, n_in = shape
-        rows = max(1, CPU_BLOCK_ELEMENTS // n_in)
+        rows = self.block_rows(max(1, CPU_BLOCK_ELEMENTS // n_in))
         if x.device.type != "cpu" or rows >= n_out or self.row_block(parts, shape, 0, rows) is None:
             return F.linear(x, self.dequantize(parts, shape, x.dtype), bias)
         y = x.new_empty(*x.shape[:-1], n_out)  # [T, out]

@@ -147,7 +147,7 @@ def _check_shapes(tensors: dict[str, torch.Tensor], layout: ExpertLayout, layer:
 
 
 def store_dir(home: Path, ckpt: Checkpoint, fmt: QuantFormat) -> Path:
-    return model_dir(home, ckpt.path) / fmt.name
+    return model_dir(home, ckpt.path) / fmt.store_name
 
 
 def _expected(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, layout: ExpertLayout) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from quant import available_formats, get_format
+from quant.cpu_int4 import cpu_variant
 from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
@@ -189,6 +190,8 @@ def load_model(
     _check_non_expert_shapes(spec, ckpt)
     tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
+    if plan.in_place:  # the CPU computes from the host store: int4 in torch's CPU layout, if it runs here
+        fmt = cpu_variant(fmt, list(spec.expert_shape.matrices().values()))
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,
                                progress=progress)  # fmt: skip

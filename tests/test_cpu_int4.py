@@ -1,0 +1,110 @@
+"""int4 in torch's CPU layout: the reference dequantizer, torch's kernel against it, and
+when the loader picks it (experts read in place on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant import get_format
+from quant.cpu_int4 import Int4CpuPacked, cpu_variant, kernel_available
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="this torch has no CPU int4 kernel")
+SHAPES = [(64, 64), (192, 256), (128, 640)]
+
+
+def _weight(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_layout_holds_int4s_codes_scales_and_zeros(shape):
+    """Dequantized, the CPU layout is int4's own weight, up to the bf16 rounding of its
+    scales and shifted zeros."""
+    w = _weight(shape)
+    int4, cpu = get_format("int4"), Int4CpuPacked()
+    want = int4.dequantize(int4.quantize(w), shape, torch.float32)
+    got = cpu.dequantize(cpu.quantize(w), shape, torch.float32)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    assert ((got - w.float()).norm() / w.float().norm()).item() < 0.12  # int4's own bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_the_kernel_equals_its_reference(shape, tokens):
+    cpu = Int4CpuPacked()
+    g = torch.Generator().manual_seed(tokens)
+    parts = cpu.quantize(_weight(shape, seed=tokens))
+    x, b = torch.randn(tokens, shape[1], generator=g), torch.randn(shape[0], generator=g)
+    want = x @ cpu.dequantize(parts, shape, torch.float32).T + b
+    got = cpu.linear(x, parts, shape, b)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 activations
+
+
+@needs_kernel
+def test_without_kernels_it_is_the_reference_a_block_of_rows_at_a_time(monkeypatch):
+    import quant.base
+
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 100 * 64)  # 100 rows: blocks of 64
+    monkeypatch.setenv("PROMOE_KERNELS", "0")
+    cpu, shape = Int4CpuPacked(), (192, 64)
+    parts = cpu.quantize(_weight(shape))
+    shapes = []
+    real = cpu.dequantize
+    monkeypatch.setattr(cpu, "dequantize", lambda p, s, d: shapes.append(s) or real(p, s, d))
+    x = torch.randn(2, 64)
+    got = cpu.linear(x, parts, shape)
+    assert shapes == [(64, 64)] * 3
+    torch.testing.assert_close(got, x @ real(parts, shape, torch.float32).T)
+
+
+@needs_kernel
+def test_quantizing_a_block_of_rows_at_a_time_gives_the_same_bytes(monkeypatch):
+    import quant.base
+
+    cpu, w = Int4CpuPacked(), _weight((320, 128), seed=2)
+    whole = cpu.quantize(w)
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 130 * 128)  # 130 rows: blocks of 128, then 64
+    out = {k: torch.zeros_like(v) for k, v in whole.items()}
+    cpu.quantize_into(w, out, torch.bfloat16)
+    for k, v in whole.items():
+        assert torch.equal(out[k], v), k
+    assert cpu.row_block(whole, (320, 128), 32, 96) is None  # not whole blocks of 64 rows
+
+
+def test_the_loader_s_choice(monkeypatch):
+    shapes = [(192, 64), (64, 128)]
+    assert isinstance(cpu_variant(get_format("int4"), shapes), Int4CpuPacked) == kernel_available()
+    for other in ("int8", "nf4", "int3", "int2", "none"):
+        assert cpu_variant(get_format(other), shapes).name == other
+    assert not isinstance(cpu_variant(get_format("int4"), [(192, 64), (64, 96)]), Int4CpuPacked)
+    monkeypatch.setenv("PROMOE_KERNELS", "0")
+    assert not isinstance(cpu_variant(get_format("int4"), shapes), Int4CpuPacked)
+
+
+@needs_kernel
+def test_in_place_int4_uses_the_cpu_layout_and_stays_near_int4(tiny_model):
+    """Experts read in place go through torch's kernel, from a store of their own; the
+    logits stay within 2% of int4's reference path (slots, same codes, fp16 scales)."""
+    from runtime.loader import LoadOptions, load_model
+    from tests.helpers import budget_for_slots
+
+    path = tiny_model("mixtral", intermediate_size=128)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 128, 64, 3]])
+    logits = {}
+    for name, opts in {"in place": LoadOptions(quant="int4", device="cpu"),
+                       "slots": LoadOptions(quant="int4", device="cpu", vram=budget_for_slots(path, "int4", 8),
+                                            predictor="none")}.items():  # fmt: skip
+        lm = load_model(str(path), opts)
+        try:
+            assert (lm.store.path.name == "int4-cpu") == (name == "in place")
+            assert isinstance(lm.runtime.fmt, Int4CpuPacked) == (name == "in place")
+            with torch.inference_mode():
+                logits[name] = lm.model(ids).logits.float()
+        finally:
+            lm.close()
+    a, b = logits["in place"], logits["slots"]
+    assert ((a - b).norm() / b.norm()).item() < 0.02
