@@ -21,6 +21,7 @@ supported MoE). :meth:`dequantize` is the plain-torch reference on any device.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from typing import Any
 
@@ -34,20 +35,39 @@ BLOCK_ROWS = 64  # the kernel's layout goes in blocks of 64 output rows
 
 
 @functools.cache
-def kernel_available() -> bool:
-    """Whether this torch has the CPU int4 kernel (a private aten op) and it runs."""
+def _probe() -> str | None:
+    """A digest of how this torch packs a fixed pattern, if its CPU int4 kernel (a private
+    aten op) is there, runs, and packs as :func:`_unpack_codes` reads; else None."""
     ops = torch.ops.aten
     if not (
         hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
     ):
-        return False
+        return None
+    codes = (torch.arange(128 * 128, dtype=torch.int32) * 7 % 16).reshape(128, 128)
     try:
-        q = ops._convert_weight_to_int4pack_for_cpu(torch.zeros(64, 64, dtype=torch.int32), 8)
-        ops._weight_int4pack_mm_for_cpu(torch.zeros(1, 64, dtype=torch.bfloat16), q, GROUP,
-                                        torch.zeros(1, 64, 2, dtype=torch.bfloat16))  # fmt: skip
+        q = ops._convert_weight_to_int4pack_for_cpu(codes, 8)
+        ops._weight_int4pack_mm_for_cpu(torch.zeros(1, 128, dtype=torch.bfloat16), q, GROUP,
+                                        torch.zeros(2, 128, 2, dtype=torch.bfloat16))  # fmt: skip
     except (RuntimeError, NotImplementedError):
-        return False
-    return True
+        return None
+    if (
+        q.dtype != torch.uint8
+        or tuple(q.shape) != (128, 64)
+        or not torch.equal(_unpack_codes(q, 128, 128), codes)
+    ):
+        return None  # another layout than the one this module reads
+    return hashlib.sha256(q.numpy().tobytes()).hexdigest()[:16]
+
+
+def kernel_available() -> bool:
+    """Whether this torch has the CPU int4 kernel, and it packs as this module reads."""
+    return _probe() is not None
+
+
+def _unpack_codes(q: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The 4-bit codes ``[N, K]`` (uint8) of the kernel's layout ``q`` (see module doc)."""
+    b = q.reshape(n // BLOCK_ROWS, k, BLOCK_ROWS // 2)  # [N/64, K, 32]
+    return torch.cat([b & 0xF, b >> 4], dim=-1).transpose(1, 2).reshape(n, k)
 
 
 def fits(shape: tuple[int, int]) -> bool:
@@ -67,7 +87,9 @@ class Int4CpuPacked(QuantFormat):
         self._int4 = GroupwiseInt(4, group_size=GROUP)
 
     def params(self) -> dict[str, Any]:
-        return {**self._int4.params(), "layout": "torch-cpu-int4pack", "scale_dtype": "bfloat16"}
+        # the digest of how this torch packs: a torch that packs otherwise makes the store stale
+        return {**self._int4.params(), "layout": "torch-cpu-int4pack", "scale_dtype": "bfloat16",
+                "packing": _probe()}  # fmt: skip
 
     def parts(self, shape, dtype):
         n, k = shape
@@ -88,8 +110,7 @@ class Int4CpuPacked(QuantFormat):
 
     def dequantize(self, parts, shape, dtype):
         n, k = shape
-        b = parts["q"].reshape(n // BLOCK_ROWS, k, BLOCK_ROWS // 2)  # [N/64, K, 32]
-        codes = torch.cat([b & 0xF, b >> 4], dim=-1).transpose(1, 2).reshape(n, k)  # [N, K]
+        codes = _unpack_codes(parts["q"], n, k)  # [N, K]
         sz = parts["sz"].float()  # [G, N, 2]
         scale, zero = sz[..., 0].T.unsqueeze(-1), sz[..., 1].T.unsqueeze(-1)  # [N, G, 1]
         w = (codes.float().reshape(n, k // GROUP, GROUP) - 8).mul_(scale).add_(zero)

@@ -108,3 +108,21 @@ def test_in_place_int4_uses_the_cpu_layout_and_stays_near_int4(tiny_model):
             lm.close()
     a, b = logits["in place"], logits["slots"]
     assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+@needs_kernel
+def test_a_torch_that_packs_otherwise_makes_the_store_stale_or_is_not_used(tiny_model, home, monkeypatch):
+    import quant.cpu_int4 as cpu_int4
+    from runtime.checkpoint import Checkpoint
+    from runtime.expert_store import open_store
+    from runtime.model_spec import describe_model
+
+    ckpt = Checkpoint(tiny_model("mixtral", intermediate_size=128))
+    spec = describe_model(ckpt)
+    _, first = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+    assert first.action == "converted" and first.path.name == "int4-cpu"
+    monkeypatch.setattr(cpu_int4, "_probe", lambda: "another-packing")
+    _, again = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+    assert again.action == "rebuilt" and "quantization settings changed" in again.reason
+    monkeypatch.setattr(cpu_int4, "_probe", lambda: None)  # no kernel, or one that packs unlike _unpack_codes
+    assert not isinstance(cpu_variant(get_format("int4"), [(256, 64), (64, 128)]), Int4CpuPacked)
