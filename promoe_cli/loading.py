@@ -148,6 +148,7 @@ def banner(lm, profile: str | None = None) -> None:
     link = ""
     if lm.device.type == "cpu" and opts.link_bandwidth:
         link = f" · emulated link {format_bytes(opts.link_bandwidth)}/s"
+    kernel = "torch's CPU int4 kernel, " if lm.store.path.name == "int4-cpu" else ""
     store = {
         "reused": "expert store reused",
         "converted": f"experts converted in {rep.seconds:.1f}s, stored in {rep.path}",
@@ -156,12 +157,14 @@ def banner(lm, profile: str | None = None) -> None:
     err.print(
         f"[bold accent]{escape(lm.name)}[/]  {spec.arch.name} · {spec.num_layers} layers · "
         f"{spec.num_experts} experts, top-{spec.top_k} · [bold]{opts.quant}[/] experts "
-        f"({format_bytes(plan.expert_bytes)} each)",
+        f"({kernel}{format_bytes(plan.expert_bytes)} each)",
         soft_wrap=False,
     )
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
         cache = f"all {total} experts read in place from host memory · {where}, {budget}"
-    elif lm.runtime.prefetcher is None and n >= total:  # filled at load: nothing to evict or predict
+    elif (
+        opts.retain and lm.runtime.prefetcher is None and n >= total
+    ):  # filled at load: nothing to evict or predict
         cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
                  f"{where}, {budget}{link}")  # fmt: skip
     else:

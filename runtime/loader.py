@@ -190,7 +190,7 @@ def load_model(
     _check_non_expert_shapes(spec, ckpt)
     tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
-    if plan.in_place:  # the CPU computes from the host store: int4 in torch's CPU layout, if it runs here
+    if device.type == "cpu":  # the CPU computes every expert: int4 in torch's CPU layout, if it runs here
         fmt = cpu_variant(fmt, list(spec.expert_shape.matrices().values()))
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,

@@ -86,28 +86,74 @@ def test_the_loader_s_choice(monkeypatch):
 
 
 @needs_kernel
-def test_in_place_int4_uses_the_cpu_layout_and_stays_near_int4(tiny_model):
-    """Experts read in place go through torch's kernel, from a store of their own; the
-    logits stay within 2% of int4's reference path (slots, same codes, fp16 scales)."""
+def test_the_cpu_as_device_uses_the_cpu_layout_and_stays_near_int4(tiny_model, monkeypatch):
+    """With the CPU as the device (experts read in place, or slots within a budget), int4
+    experts go through torch's kernel, from a store of their own; the logits stay within
+    2% of int4's reference path (the int4 store: same codes, fp16 scales, fp32 compute)."""
     from runtime.loader import LoadOptions, load_model
     from tests.helpers import budget_for_slots
 
     path = tiny_model("mixtral", intermediate_size=128)
     ids = torch.tensor([[5, 17, 42, 99, 7, 128, 64, 3]])
+    slots = LoadOptions(quant="int4", device="cpu", vram=budget_for_slots(path, "int4", 2), predictor="none")
+    runs = {"in place": ("1", LoadOptions(quant="int4", device="cpu")), "slots": ("1", slots),
+            "reference": ("0", LoadOptions(quant="int4", device="cpu"))}  # fmt: skip
     logits = {}
-    for name, opts in {"in place": LoadOptions(quant="int4", device="cpu"),
-                       "slots": LoadOptions(quant="int4", device="cpu", vram=budget_for_slots(path, "int4", 8),
-                                            predictor="none")}.items():  # fmt: skip
+    for name, (kernels, opts) in runs.items():
+        monkeypatch.setenv("PROMOE_KERNELS", kernels)
         lm = load_model(str(path), opts)
         try:
-            assert (lm.store.path.name == "int4-cpu") == (name == "in place")
-            assert isinstance(lm.runtime.fmt, Int4CpuPacked) == (name == "in place")
+            assert (lm.store.path.name == "int4-cpu") == (name != "reference")
+            assert isinstance(lm.runtime.fmt, Int4CpuPacked) == (name != "reference")
             with torch.inference_mode():
                 logits[name] = lm.model(ids).logits.float()
         finally:
             lm.close()
-    a, b = logits["in place"], logits["slots"]
-    assert ((a - b).norm() / b.norm()).item() < 0.02
+    want = logits["reference"]
+    for name in ("in place", "slots"):
+        assert ((logits[name] - want).norm() / want.norm()).item() < 0.02, name
+
+
+def test_the_kernel_is_used_wherever_torch_has_it():
+    """Not a skip where it should run: on x86 CPUs torch 2.13 packs in one of LAYOUTS."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2", "DEFAULT"):
+        pytest.skip("another CPU: its layout is not known here")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 kernel")
+    assert kernel_available()
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_each_cpu_s_layout_is_read_right(capability):
+    """torch packs for AVX-512, AVX2 and the plain build differently; each is found and
+    read right (torch told, as for a CPU without AVX-512, to use the lesser code)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from quant import get_format\n"
+        "from quant.cpu_int4 import Int4CpuPacked, _probe\n"
+        f"assert _probe() == {capability!r}, _probe()\n"
+        "cpu, int4 = Int4CpuPacked(), get_format('int4')\n"
+        "w = torch.randn(128, 192).bfloat16(); x = torch.randn(3, 192)\n"
+        "p = cpu.quantize(w)\n"
+        "ref = int4.dequantize(int4.quantize(w), (128, 192), torch.float32)\n"
+        "got = cpu.dequantize(p, (128, 192), torch.float32)\n"
+        "assert ((got - ref).norm() / ref.norm()) < 1e-2\n"
+        "y, want = cpu.linear(x, p, (128, 192)), x @ got.T\n"
+        "assert ((y - want).norm() / want.norm()) < 1e-2\n"
+        "print('ok')\n"
+    )
+    import os
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if "no CPU int4 kernel" in r.stderr or (
+        r.returncode and "_probe() == " in r.stderr and "None" in r.stderr
+    ):
+        pytest.skip("this torch has no CPU int4 kernel")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 @needs_kernel
@@ -121,7 +167,14 @@ def test_a_torch_that_packs_otherwise_makes_the_store_stale_or_is_not_used(tiny_
     spec = describe_model(ckpt)
     _, first = open_store(ckpt, spec, Int4CpuPacked(), home=home)
     assert first.action == "converted" and first.path.name == "int4-cpu"
-    monkeypatch.setattr(cpu_int4, "_probe", lambda: "another-packing")
+
+    def first_layout(home):
+        import json
+
+        return json.loads((first.path / "manifest.json").read_text())["quant"]["params"]["packing"]
+
+    other = "avx2" if first_layout(home) != "avx2" else "default"  # as packed on another CPU
+    monkeypatch.setattr(cpu_int4, "_probe", lambda: other)
     _, again = open_store(ckpt, spec, Int4CpuPacked(), home=home)
     assert again.action == "rebuilt" and "quantization settings changed" in again.reason
     monkeypatch.setattr(cpu_int4, "_probe", lambda: None)  # no kernel, or one that packs unlike _unpack_codes
