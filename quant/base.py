@@ -83,9 +83,8 @@ class QuantFormat(ABC):
         for start, stop, dest in blocks:
             dest = dest or self.row_block(out, shape, start, stop)
             for name, t in self.quantize(weight[start:stop].to(dtype)).items():
-                if (
-                    t.dtype != dest[name].dtype or t.numel() != dest[name].numel()
-                ):  # parts() and quantize() disagree
+                # what quantize() returns must be what parts() laid out: copy_ would convert
+                if t.dtype != dest[name].dtype or t.numel() != dest[name].numel():
                     raise ValueError(f"{self.name} part {name}: quantize gave {t.dtype} x {t.numel()}, "
                                      f"the layout holds {dest[name].dtype} x {dest[name].numel()}")  # fmt: skip
                 dest[name].copy_(t.reshape(dest[name].shape))
