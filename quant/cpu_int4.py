@@ -86,6 +86,11 @@ def _probe() -> str | None:
     return None
 
 
+def _kernel_mm(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 kernel: ``x [T, K]`` bf16 times the weight packed in ``q``/``sz``."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, GROUP, sz)
+
+
 def kernel_available() -> bool:
     """Whether this torch has the CPU int4 kernel, packing in a layout this module reads."""
     return _probe() is not None
@@ -156,7 +161,7 @@ class Int4CpuPacked(QuantFormat):
         x2 = x.reshape(-1, shape[1]).to(torch.bfloat16).contiguous()  # [T, K]
         # the kernel ignores strides: a view that is not contiguous would be misread
         q, sz = parts["q"].contiguous(), parts["sz"].contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, q, GROUP, sz).to(x.dtype)  # [T, N]
+        y = _kernel_mm(x2, q, sz).to(x.dtype)  # [T, N]
         if bias is not None:
             y = y + bias.to(x.dtype)
         return y.reshape(*lead, shape[0])

@@ -45,6 +45,21 @@ def test_the_kernel_equals_its_reference(shape, tokens):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_linear_runs_the_kernel_unless_kernels_are_off(kernels, monkeypatch):
+    import quant.cpu_int4 as cpu_int4
+
+    calls = []
+    real = cpu_int4._kernel_mm
+    monkeypatch.setattr(cpu_int4, "_kernel_mm", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setenv("PROMOE_KERNELS", kernels)
+    cpu = Int4CpuPacked()
+    parts = cpu.quantize(_weight((128, 64)))
+    cpu.linear(torch.randn(1, 64), parts, (128, 64))
+    assert calls == ([torch.bfloat16] if kernels == "1" else [])
+
+
+@needs_kernel
 def test_without_kernels_it_is_the_reference_a_block_of_rows_at_a_time(monkeypatch):
     import quant.base
 
