@@ -30,8 +30,8 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 #: On the CPU, :meth:`QuantFormat.linear` dequantizes a large weight in blocks of rows of
 #: about this many elements (8 MB in float32), each multiplied while it is still in cache,
-#: instead of writing the whole matrix out first: 3x faster for a Mixtral expert matrix
-#: at one token on a 2-core CPU, and no temporary of the whole matrix (704 MB in float32).
+#: instead of writing the whole matrix out first: 2x to 3x faster for a Mixtral expert
+#: matrix at one token on a 2-core CPU, and no temporary of the whole matrix (704 MB in float32).
 CPU_BLOCK_ELEMENTS = 2**21
 
 

@@ -23,12 +23,12 @@ rebuilt, never misread.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
 from quant.base import Part, QuantFormat
+from quant.kernels import kernels_enabled
 from quant.packing import unpack
 
 GROUP = 64
@@ -155,7 +155,7 @@ class Int4CpuPacked(QuantFormat):
         return max(BLOCK_ROWS, rows // BLOCK_ROWS * BLOCK_ROWS)
 
     def linear(self, x, parts, shape, bias=None):
-        if x.device.type != "cpu" or os.environ.get("PROMOE_KERNELS", "1") == "0" or self.layout != _probe():
+        if x.device.type != "cpu" or not kernels_enabled() or self.layout != _probe():
             return super().linear(x, parts, shape, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, shape[1]).to(torch.bfloat16).contiguous()  # [T, K]
@@ -173,7 +173,6 @@ def cpu_variant(fmt: QuantFormat, shapes: list[tuple[int, int]]) -> QuantFormat:
     from quant.formats import GroupwiseInt
 
     plain_int4 = isinstance(fmt, GroupwiseInt) and fmt.params() == GroupwiseInt(4, group_size=GROUP).params()
-    enabled = os.environ.get("PROMOE_KERNELS", "1") != "0"
-    if plain_int4 and enabled and all(fits(s) for s in shapes) and kernel_available():
+    if plain_int4 and kernels_enabled() and all(fits(s) for s in shapes) and kernel_available():
         return Int4CpuPacked()
     return fmt

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from quant.base import Part, QuantFormat
-from quant.kernels import DECODE_MAX_TOKENS
+from quant.kernels import DECODE_MAX_TOKENS, kernels_enabled
 
 BLOCK = 64
 
@@ -90,7 +89,7 @@ class NF4(QuantFormat):
                 "absmax": parts["absmax"][start * n_in // BLOCK : stop * n_in // BLOCK]}  # fmt: skip
 
     def linear(self, x, parts, shape, bias=None):
-        if not x.is_cuda or os.environ.get("PROMOE_KERNELS", "1") == "0":
+        if not x.is_cuda or not kernels_enabled():
             return super().linear(x, parts, shape, bias)
         lead = x.shape[:-1]
         return self.bnb_linear(x.reshape(-1, shape[1]), parts, shape, bias).reshape(*lead, shape[0])

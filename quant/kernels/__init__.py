@@ -7,7 +7,8 @@ the kernel module only when the answer is yes; otherwise it runs its plain-torch
 reference (``dequantize`` + ``F.linear``), which the kernel tests compare against.
 
 ``PROMOE_KERNELS=0`` in the environment turns the kernels off (the reference path runs
-on CUDA too), for debugging and for A/B timings.
+on CUDA too, and torch's CPU int4 kernel is not used either), for debugging and for A/B
+timings; :func:`kernels_enabled` reads it.
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
+def kernels_enabled() -> bool:
+    """False when ``PROMOE_KERNELS=0``: every format then runs its plain-torch reference.
+    Read at each call, so it can be switched while a model is loaded."""
+    return os.environ.get("PROMOE_KERNELS", "1") != "0"
+
+
 def use_kernels(x: torch.Tensor) -> bool:
     """True when ``x`` lives on a CUDA device of compute capability 7.5 or newer, triton
     imports, and kernels are not disabled."""
     return (
         x.is_cuda
-        and os.environ.get("PROMOE_KERNELS", "1") != "0"
+        and kernels_enabled()
         and triton_available()
         and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
     )
