@@ -148,7 +148,9 @@ def banner(lm, profile: str | None = None) -> None:
     link = ""
     if lm.device.type == "cpu" and opts.link_bandwidth:
         link = f" · emulated link {format_bytes(opts.link_bandwidth)}/s"
-    kernel = "torch's CPU int4 kernel, " if lm.store.path.name == "int4-cpu" else ""
+    from quant.cpu_int4 import Int4CpuPacked
+
+    kernel = "torch's CPU int4 kernel, " if isinstance(lm.runtime.fmt, Int4CpuPacked) else ""
     store = {
         "reused": "expert store reused",
         "converted": f"experts converted in {rep.seconds:.1f}s, stored in {rep.path}",
@@ -162,9 +164,7 @@ def banner(lm, profile: str | None = None) -> None:
     )
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
         cache = f"all {total} experts read in place from host memory · {where}, {budget}"
-    elif (
-        opts.retain and lm.runtime.prefetcher is None and n >= total
-    ):  # filled at load: nothing to evict or predict
+    elif lm.all_loaded:  # filled at load: nothing to evict or predict
         cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
                  f"{where}, {budget}{link}")  # fmt: skip
     else:

@@ -149,7 +149,7 @@ class ChatSession:
         n, total = lm.cache.num_slots, lm.spec.total_experts
         if lm.plan.in_place:
             prefetch = "none (experts read in place)"
-        elif lm.options.retain and lm.runtime.prefetcher is None and n >= total:
+        elif lm.all_loaded:
             prefetch = "none (every expert loaded)"
         else:
             prefetch = lm.options.predictor

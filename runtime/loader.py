@@ -87,8 +87,19 @@ class LoadedModel:
     def name(self) -> str:
         return self.resolved.label
 
+    @property
+    def all_loaded(self) -> bool:
+        """Every expert was copied into the cache at load (it has a slot for each): nothing
+        is evicted, predicted or missed from then on."""
+        return holds_every_expert(self.options, self.plan, self.cache, self.spec)
+
     def close(self) -> None:
         self.cache.transfer.close()
+
+
+def holds_every_expert(opts: LoadOptions, plan: MemoryPlan, cache: ExpertCache, spec: ModelSpec) -> bool:
+    """A cache that keeps experts (not on-demand mode) with a slot for every one of them."""
+    return opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts
 
 
 def pick_device(name: str) -> torch.device:
@@ -209,7 +220,7 @@ def load_model(
     _materialize(model, spec, ckpt, device, dtype, progress)
     # in place, or in a cache with a slot for every expert (filled below), every expert is
     # always resident: nothing misses (no low-bit store, no calibration), nothing to predict
-    holds_all = opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts
+    holds_all = holds_every_expert(opts, plan, cache, spec)
     always_resident = plan.in_place or holds_all
     if not always_resident:
         rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)

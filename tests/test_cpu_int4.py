@@ -194,3 +194,20 @@ def test_a_torch_that_packs_otherwise_makes_the_store_stale_or_is_not_used(tiny_
     assert again.action == "rebuilt" and "quantization settings changed" in again.reason
     monkeypatch.setattr(cpu_int4, "_probe", lambda: None)  # no kernel, or one that packs unlike _unpack_codes
     assert not isinstance(cpu_variant(get_format("int4"), [(256, 64), (64, 128)]), Int4CpuPacked)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_the_banner_names_the_kernel_only_when_it_runs(kernels, tiny_model, monkeypatch, capsys):
+    from promoe_cli.loading import banner
+    from runtime.loader import LoadOptions, load_model
+
+    monkeypatch.setenv("PROMOE_KERNELS", kernels)
+    lm = load_model(
+        str(tiny_model("mixtral", intermediate_size=128)), LoadOptions(quant="int4", device="cpu")
+    )
+    try:
+        banner(lm)
+        assert ("torch's CPU int4 kernel" in capsys.readouterr().err) == (kernels == "1")
+    finally:
+        lm.close()
