@@ -150,7 +150,9 @@ def banner(lm, profile: str | None = None) -> None:
         link = f" · emulated link {format_bytes(opts.link_bandwidth)}/s"
     from quant.cpu_int4 import Int4CpuPacked
 
-    kernel = "torch's CPU int4 kernel, " if isinstance(lm.runtime.fmt, Int4CpuPacked) else ""
+    kernel = ""
+    if isinstance(lm.runtime.fmt, Int4CpuPacked):  # the CPU computes experts with torch's int4 kernel
+        kernel = "torch's CPU int4 kernel, " if lm.device.type == "cpu" else "torch's CPU int4 layout, "
     store = {
         "reused": "expert store reused",
         "converted": f"experts converted in {rep.seconds:.1f}s, stored in {rep.path}",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from quant.base import Part, QuantFormat
-from quant.kernels import kernels_enabled
+from quant.kernels import kernels_enabled, use_kernels
 from quant.packing import unpack
 
 GROUP = 64
@@ -133,9 +133,9 @@ class Int4CpuPacked(QuantFormat):
         if self.layout != _probe():
             raise RuntimeError(f"this torch does not pack in the {self.layout} layout")
         n, k = weight.shape
-        p = self._int4.quantize(weight)
-        codes = unpack(p["q"], 4, k).to(torch.int32)  # [N, K]
-        scale, zero = p["scale"].float(), p["zero"].float()  # [N, G]
+        p = self._int4.quantize(weight)  # on the weight's device (a GPU converts faster) ...
+        codes = unpack(p["q"].cpu(), 4, k).to(torch.int32)  # [N, K]; ... torch packs on the CPU
+        scale, zero = p["scale"].cpu().float(), p["zero"].cpu().float()  # [N, G]
         sz = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1)  # [G, N, 2]
         return {"q": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8),
                 "sz": sz.to(torch.bfloat16).contiguous()}  # fmt: skip
@@ -155,6 +155,11 @@ class Int4CpuPacked(QuantFormat):
         return max(BLOCK_ROWS, rows // BLOCK_ROWS * BLOCK_ROWS)
 
     def linear(self, x, parts, shape, bias=None):
+        if use_kernels(x):  # beside a GPU (--host-misses): Triton kernels that read this layout
+            from quant.kernels.cpu_layout import linear
+
+            block, pairing = LAYOUTS[self.layout]
+            return linear(x, parts, shape, bias, block=block, halves=pairing == "halves")
         if x.device.type != "cpu" or not kernels_enabled() or self.layout != _probe():
             return super().linear(x, parts, shape, bias)
         lead = x.shape[:-1]
@@ -168,8 +173,9 @@ class Int4CpuPacked(QuantFormat):
 
 
 def cpu_variant(fmt: QuantFormat, shapes: list[tuple[int, int]]) -> QuantFormat:
-    """``fmt`` for experts the CPU computes (the CPU is the device): int4 in torch's CPU
-    layout where that kernel runs and every matrix fits it, else ``fmt`` itself."""
+    """``fmt`` for experts the CPU computes (the CPU is the device, or misses computed on
+    the host beside a GPU, which then reads this layout with :mod:`quant.kernels.cpu_layout`):
+    int4 in torch's CPU layout where that kernel runs and every matrix fits it, else ``fmt``."""
     from quant.formats import GroupwiseInt
 
     plain_int4 = isinstance(fmt, GroupwiseInt) and fmt.params() == GroupwiseInt(4, group_size=GROUP).params()

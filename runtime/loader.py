@@ -91,15 +91,27 @@ class LoadedModel:
     def all_loaded(self) -> bool:
         """Every expert was copied into the cache at load (it has a slot for each): nothing
         is evicted, predicted or missed from then on."""
-        return holds_every_expert(self.options, self.plan, self.cache, self.spec)
+        return holds_every_expert(self.options, self.plan, self.spec)
 
     def close(self) -> None:
         self.cache.transfer.close()
 
 
-def holds_every_expert(opts: LoadOptions, plan: MemoryPlan, cache: ExpertCache, spec: ModelSpec) -> bool:
+def holds_every_expert(opts: LoadOptions, plan: MemoryPlan, spec: ModelSpec) -> bool:
     """A cache that keeps experts (not on-demand mode) with a slot for every one of them."""
-    return opts.retain and not plan.in_place and cache.num_slots >= spec.total_experts
+    return opts.retain and not plan.in_place and plan.slots >= spec.total_experts
+
+
+def expert_format(fmt, spec: ModelSpec, device: torch.device, opts: LoadOptions, plan: MemoryPlan):
+    """The format the experts are stored and computed in: ``fmt``, or int4 in torch's CPU
+    layout (where its kernel runs here) when the CPU computes experts: every one (the CPU
+    is the device), or, with ``--host-misses`` beside a GPU, the misses it is quicker at.
+    The GPU then reads that layout too (:mod:`quant.kernels.cpu_layout`): one host store,
+    not a second copy of it. A cache that holds every expert never misses: ``fmt`` stays."""
+    misses = not (plan.in_place or holds_every_expert(opts, plan, spec))
+    if device.type == "cpu" or (opts.host_misses and misses):
+        return cpu_variant(fmt, list(spec.expert_shape.matrices().values()))
+    return fmt
 
 
 def pick_device(name: str) -> torch.device:
@@ -201,8 +213,7 @@ def load_model(
     _check_non_expert_shapes(spec, ckpt)
     tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
-    if device.type == "cpu":  # the CPU computes every expert: int4 in torch's CPU layout, if it runs here
-        fmt = cpu_variant(fmt, list(spec.expert_shape.matrices().values()))
+    fmt = expert_format(fmt, spec, device, opts, plan)
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,
                                progress=progress)  # fmt: skip
@@ -220,7 +231,7 @@ def load_model(
     _materialize(model, spec, ckpt, device, dtype, progress)
     # in place, or in a cache with a slot for every expert (filled below), every expert is
     # always resident: nothing misses (no low-bit store, no calibration), nothing to predict
-    holds_all = holds_every_expert(opts, plan, cache, spec)
+    holds_all = holds_every_expert(opts, plan, spec)
     always_resident = plan.in_place or holds_all
     if not always_resident:
         rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)

@@ -9,7 +9,8 @@
 #      transformers, slots never race compute, formats on CUDA agree with the CPU
 #   6. promoe bench on the bundled model, with the kernels and without (PROMOE_KERNELS=0)
 #   7. promoe bench on a random model with Mixtral-8x7B's expert shapes (4096x14336, 8 experts,
-#      top-2; 4 layers), built there: real copies of 88 MB int4 experts, kernels on and off
+#      top-2; 4 layers), built there: real copies of 88 MB int4 experts, kernels on and off,
+#      then LFU against host-misses (misses computed by the CPU when that beats the copy)
 #
 #   scripts/gpu_check.sh              on a machine with a CUDA GPU and a CUDA build of torch
 #   scripts/gpu_check.sh --sweep      the same; the kernel benchmark also times the GEMV's
@@ -232,6 +233,10 @@ if [ -f "$BIG/config.json" ]; then
         --configs on-demand,lfu,cross-layer,resident,transformers "${BIG_BENCH[@]}"
     PROMOE_KERNELS=0 step "the same, PROMOE_KERNELS=0" 120 "$LOGS/mixtral_shapes.txt" "${PROMOE[@]}" bench \
         "$BIG" --configs cross-layer,resident "${BIG_BENCH[@]}"
+    # misses computed by the host's CPU (torch's int4 kernel) where that beats the copy; the
+    # GPU reads the same store in torch's CPU layout (quant/kernels/cpu_layout.py)
+    step "promoe bench, Mixtral shapes, host misses" 150 "$LOGS/mixtral_shapes.txt" "${PROMOE[@]}" bench \
+        "$BIG" --configs lfu,host-misses "${BIG_BENCH[@]}"
 else
     skip "promoe bench, Mixtral shapes" "no model was built"
 fi

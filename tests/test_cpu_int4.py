@@ -211,3 +211,33 @@ def test_the_banner_names_the_kernel_only_when_it_runs(kernels, tiny_model, monk
         assert ("torch's CPU int4 kernel" in capsys.readouterr().err) == (kernels == "1")
     finally:
         lm.close()
+
+
+@needs_kernel
+def test_host_misses_beside_a_gpu_keep_one_store_in_the_cpu_layout(tiny_model, monkeypatch):
+    """With --host-misses on a GPU, the CPU computes misses from the host store, so the store
+    is in torch's CPU layout (the GPU reads it too): only while experts can miss."""
+    from runtime.checkpoint import Checkpoint
+    from runtime.loader import LoadOptions, expert_format
+    from runtime.memory_plan import default_context, plan_memory
+    from runtime.model_spec import describe_model
+    from tests.helpers import budget_for_slots
+
+    path = tiny_model("mixtral", intermediate_size=128)
+    spec, int4 = describe_model(Checkpoint(path)), get_format("int4")
+    ctx = default_context(spec.config, None)
+    few = plan_memory(spec, int4, budget=budget_for_slots(path, "int4", 2), dtype=torch.float32, context=ctx)
+    every = plan_memory(spec, int4, budget=None, dtype=torch.float32, context=ctx)
+    assert few.slots < spec.total_experts <= every.slots
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+
+    def stored(device, plan, **kw):
+        return expert_format(int4, spec, device, LoadOptions(quant="int4", **kw), plan).store_name
+
+    assert stored(cuda, few, host_misses=True) == "int4-cpu"
+    assert stored(cuda, few) == "int4"  # no host misses: the GPU's own layout
+    assert stored(cuda, every, host_misses=True) == "int4"  # nothing can miss
+    assert stored(cuda, every, host_misses=True, retain=False) == "int4-cpu"  # on-demand: everything misses
+    assert stored(cpu, few) == "int4-cpu"
+    monkeypatch.setenv("PROMOE_KERNELS", "0")
+    assert stored(cuda, few, host_misses=True) == "int4"

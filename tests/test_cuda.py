@@ -147,6 +147,45 @@ def test_quantized_experts_on_cuda_agree_with_the_cpu(tiny_model, quant):
         gpu.close()
 
 
+def test_host_misses_on_cuda_compute_from_the_cpu_layout(tiny_model, monkeypatch):
+    """--host-misses beside a GPU: one host store in torch's CPU layout; misses computed by the
+    CPU from it, hits by the GPU's kernels for that layout; logits as the CPU's int4-cpu."""
+    import quant.kernels.cpu_layout as kc
+    import runtime.miss
+    from quant.cpu_int4 import Int4CpuPacked, kernel_available
+
+    if not kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    gpu_calls = []
+    real = kc.gemv
+    monkeypatch.setattr(kc, "gemv", lambda *a, **k: gpu_calls.append(1) or real(*a, **k))
+    real_calibrate = runtime.miss.calibrate
+
+    def slow_link(*a, **k):  # a link so slow that every single-token miss is computed on the host
+        cost = real_calibrate(*a, **k)
+        cost.link_bandwidth = 1e3
+        return cost
+
+    monkeypatch.setattr(runtime.miss, "calibrate", slow_link)
+    path = tiny_model("mixtral", intermediate_size=128)
+    x = torch.tensor([PROMPT])
+    cpu = load_model(str(path), LoadOptions(quant="int4", device="cpu"))
+    gpu = load_cuda(path, quant="int4", slots=2, host_misses=True)
+    try:
+        assert gpu.store.path.name == "int4-cpu" and isinstance(gpu.runtime.fmt, Int4CpuPacked)
+        with torch.inference_mode():
+            want = cpu.model(input_ids=x).logits[0].float()
+            got = gpu.model(input_ids=x.to("cuda")).logits[0].float().cpu()
+            for t in PROMPT[:4]:  # one token at a time: the GEMV on the GPU, misses on the host
+                gpu.model(input_ids=torch.tensor([[t]], device="cuda"))
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
+        st = gpu.cache.stats.total()
+        assert st.cpu_computed > 0 and gpu_calls
+    finally:
+        cpu.close()
+        gpu.close()
+
+
 def test_profile_device_measures_the_link():
     from runtime.device_probe import QUICK, probe_device
 

@@ -141,6 +141,31 @@ def test_bench_runs_on_cpu_with_a_stub_timer(monkeypatch):
     }
 
 
+def test_bench_times_int4_in_the_cpu_layout(monkeypatch):
+    """The GPU benchmark's int4-cpu rows (the store --host-misses keeps): quantized on the
+    CPU and moved to the bench's device, with a dequant+mm path where triton imports."""
+    from quant.cpu_int4 import Int4CpuPacked, kernel_available
+    from quant.kernels import bench
+
+    if not kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "HIDDEN", 64)
+    monkeypatch.setattr(bench, "INTER", 128)
+    monkeypatch.setattr(bench, "SHAPES", [(128, 64), (64, 128)])
+    monkeypatch.setattr(bench, "triton_available", lambda: INTERPRET)
+    assert isinstance(bench.bench_format("int4-cpu"), Int4CpuPacked)
+
+    def timer(fn):
+        fn()
+        return 0.5  # ms
+
+    rows = bench.bench_linears(timer, ["int4-cpu"], bandwidth=100.0)
+    paths = {r["path"] for r in rows if r["format"] == "int4-cpu"}
+    assert paths == ({"fused", "dequant+mm", "reference"} if INTERPRET else {"fused", "reference"})
+    assert {r["format"] for r in bench.bench_layer(timer, ["int4-cpu"])} == {"bf16", "int4-cpu"}
+
+
 # -- Triton interpreter (CPU) ----------------------------------------------------------
 @interpret
 @pytest.mark.parametrize("name", ["int4", "int8"])
@@ -180,6 +205,109 @@ def test_interpreted_groupwise_linear(name, T):
     fmt, parts, x, bias, ref = _case(name, (40, 200), T, with_bias=True)
     y = groupwise_linear(x, parts, (40, 200), bias, bits=fmt.bits, group_size=fmt.group_size)
     assert _rel(y, ref) <= RTOL
+
+
+# int4 in torch's CPU layout (quant.cpu_int4), read on the GPU beside --host-misses: parts
+# packed here in each layout torch uses on some CPU, not only this one's
+CPU_LAYOUT_SHAPES = [(64, 64), (128, 192), (192, 128)]
+
+
+def _cpu_layout_case(layout: str, shape: tuple[int, int], seed: int = 0):
+    """Int4CpuPacked(layout) and its parts for random codes, scales and zeros (packed here as
+    torch packs them on a CPU with that layout: per block of rows, column-major, two rows a byte)."""
+    from quant.cpu_int4 import LAYOUTS, Int4CpuPacked, _unpack_codes
+
+    N, K = shape
+    block, pairing = LAYOUTS[layout]
+    g = _gen(seed)
+    codes = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+    b = codes.reshape(N // block, block, K).transpose(1, 2)  # [N/B, K, B]
+    lo, hi = (
+        (b[..., : block // 2], b[..., block // 2 :]) if pairing == "halves" else (b[..., 0::2], b[..., 1::2])
+    )
+    q = (lo | hi << 4).contiguous().reshape(N, K // 2)
+    assert torch.equal(_unpack_codes(q, N, K, layout), codes)  # the reference reads what was packed
+    scale = torch.rand(K // 64, N, generator=g) * 0.02 + 0.005
+    sz = torch.stack([scale, torch.randn(K // 64, N, generator=g) * 0.05], -1).to(torch.bfloat16)
+    return Int4CpuPacked(layout), {"q": q, "sz": sz}, block, pairing == "halves"
+
+
+@interpret
+@pytest.mark.parametrize("layout", ["avx512", "avx2", "default"])
+@pytest.mark.parametrize("T", DECODE_T)
+def test_interpreted_cpu_layout_gemv(layout, T):
+    from quant.kernels.cpu_layout import gemv
+
+    for shape, with_bias, split_k in itertools.product(CPU_LAYOUT_SHAPES, (False, True), (None, 2)):
+        fmt, parts, block, halves = _cpu_layout_case(layout, shape, seed=T)
+        x = torch.randn(T, shape[1], generator=_gen(T))
+        bias = torch.randn(shape[0], generator=_gen(T + 1)) if with_bias else None
+        ref = F.linear(x, fmt.dequantize(parts, shape, torch.float32), bias)
+        for dtype in (torch.float32, torch.float16):
+            b = bias.to(dtype) if with_bias else None
+            y = gemv(x.to(dtype), parts, shape, b, block=block, halves=halves, split_k=split_k)
+            case = f"{shape=} {with_bias=} {split_k=} {dtype=}"
+            assert y.shape == (T, shape[0]) and y.dtype == dtype, case
+            assert _rel(y, ref) <= RTOL, case
+
+
+@interpret
+@pytest.mark.parametrize("layout", ["avx512", "avx2", "default"])
+@pytest.mark.parametrize("shape", CPU_LAYOUT_SHAPES)
+def test_interpreted_cpu_layout_dequantize_and_linear(layout, shape):
+    from quant.kernels.cpu_layout import dequantize, linear
+
+    fmt, parts, block, halves = _cpu_layout_case(layout, shape)
+    want = fmt.dequantize(parts, shape, torch.float32)
+    torch.testing.assert_close(dequantize(parts, shape, torch.float32, block=block, halves=halves), want)
+    for T in (1, 8, 16, 100):  # the GEMV, then dequantize + F.linear
+        x = torch.randn(T, shape[1], generator=_gen(T))
+        assert _rel(linear(x, parts, shape, None, block=block, halves=halves), F.linear(x, want)) <= RTOL
+
+
+@interpret
+def test_interpreted_host_misses_read_one_store_in_the_cpu_layout(tiny_model, monkeypatch):
+    """The GPU side of --host-misses, with Triton's interpreter standing in for the GPU:
+    experts in the cache's slots go through the int4-cpu kernels (a spy on them), misses
+    through torch's CPU kernel on the host, and the logits equal the in-place CPU model's."""
+    import quant.cpu_int4
+    from quant.cpu_int4 import kernel_available
+    from runtime.loader import LoadOptions, load_model
+    from runtime.miss import MissHandler
+    from tests.helpers import load_small
+
+    if not kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    path = tiny_model("mixtral", intermediate_size=128)
+    x = torch.tensor([[5, 17, 42, 99, 7, 128, 64, 3]])
+    ref = load_model(str(path), LoadOptions(quant="int4", device="cpu"))
+    try:
+        with torch.inference_mode():
+            want = [ref.model(input_ids=x).logits, ref.model(input_ids=x[:, :1]).logits]
+    finally:
+        ref.close()
+    # the "GPU" computes in float16, the host in float32: the device's activations (and only
+    # they) go to the Triton kernels, as use_kernels picks CUDA tensors
+    calls = []
+    device_side = lambda t: t.dtype == torch.float16 and not calls.append(t.shape[0])  # noqa: E731
+    monkeypatch.setattr(quant.cpu_int4, "use_kernels", device_side)
+    # a miss of one token is computed on the host, a bigger one copied into a slot (the cost
+    # model's choice is tested in test_miss.py)
+    monkeypatch.setattr(
+        MissHandler, "route", lambda self, layer, expert, tokens, w: "host" if tokens == 1 else "copy"
+    )
+    lm = load_small(path, quant="int4", slots_per_layer=2, predictor="none", host_misses=True,
+                    dtype="float16", max_slots=8)  # fmt: skip
+    try:
+        assert lm.store.path.name == "int4-cpu"
+        with torch.inference_mode():
+            got = [lm.model(input_ids=x).logits, lm.model(input_ids=x[:, :1]).logits]
+        assert calls, "the slots were not read by the int4-cpu kernels"
+        for g, w in zip(got, want, strict=True):
+            assert _rel(g, w) < 2e-2  # bf16 activations on the host, fp16 on the "device"
+        assert lm.cache.stats.total().cpu_computed > 0
+    finally:
+        lm.close()
 
 
 # -- CUDA ------------------------------------------------------------------------------
@@ -251,6 +379,37 @@ def test_cuda_dispatch_takes_the_kernels(monkeypatch, T):
     calls.clear()
     assert _rel(fmt.linear(x, parts, (256, 512), bias), ref) <= RTOL
     assert calls == []
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("T", DECODE_T + PREFILL_T)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_cpu_layout_linear_matches_reference(monkeypatch, T, dtype):
+    """int4 in torch's CPU layout, read on the GPU: each layout, through Int4CpuPacked.linear's
+    dispatch, which must take the kernels (a spy on them)."""
+    import quant.kernels.cpu_layout as kc
+
+    calls = []
+    for fn in ("gemv", "dequantize"):
+        real = getattr(kc, fn)
+        monkeypatch.setattr(kc, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
+    for i, (layout, shape, with_bias) in enumerate(
+        itertools.product(
+            ["avx512", "avx2", "default"], [(256, 512), (4096, 1024), (192, 2880)], (False, True)
+        )
+    ):
+        fmt, parts, _, _ = _cpu_layout_case(layout, shape, seed=i)
+        x = torch.randn(T, shape[1], generator=_gen(i))
+        bias = torch.randn(shape[0], generator=_gen(i + 1)) if with_bias else None
+        ref = F.linear(x, fmt.dequantize(parts, shape, torch.float32), bias)
+        calls.clear()
+        y = fmt.linear(x.to("cuda", dtype), {k: v.cuda() for k, v in parts.items()}, shape,
+                       bias.to("cuda", dtype) if with_bias else None)  # fmt: skip
+        case = f"{layout} {shape=} {with_bias=}"
+        assert y.shape == (T, shape[0]) and y.dtype == dtype and y.is_cuda, case
+        assert _rel(y, ref) <= RTOL, case
+        assert calls == (["gemv"] if T <= 8 else ["dequantize"]), case
 
 
 @pytest.mark.cuda

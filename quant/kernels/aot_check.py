@@ -1,6 +1,7 @@
 """Compile every kernel variant ahead of time, no GPU needed: ``python -m quant.kernels.aot_check``.
 
-Builds each Triton kernel of :mod:`quant.kernels.groupwise` for the given CUDA
+Builds each Triton kernel of :mod:`quant.kernels.groupwise` and
+:mod:`quant.kernels.cpu_layout` for the given CUDA
 capabilities (default 75 80 87 90: T4, A100, Jetson Orin, H100) with every dtype,
 bias and token-block combination the launchers can produce, including the
 specializations Triton makes when an integer argument equals 1. Prints registers and
@@ -23,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from quant.kernels import cpu_layout as kc
 from quant.kernels import groupwise as kg
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -39,6 +41,9 @@ INTS_GEMV = (
     "stride_ot",
 )
 INTS_DEQUANT = ("N", "K", "stride_qn", "stride_sn", "stride_wn")
+INTS_CPU_GEMV = ("T", "N", "K", "groups_per_split", "stride_xt", "stride_os", "stride_ot")
+#: torch's CPU int4 layouts (quant.cpu_int4.LAYOUTS): rows per block, and whether a byte holds row halves
+CPU_LAYOUTS = ((64, True), (32, True), (32, False))
 
 
 def variants():
@@ -65,6 +70,33 @@ def variants():
         consts = {"GROUP": 64, "BLOCK_N": kg.DEQUANT_BLOCK_N, "BLOCK_K": kg.DEQUANT_BLOCK_K}
         kernel = kg._int4_dequant_kernel if bits == 4 else kg._int8_dequant_kernel
         yield f"dequant int{bits} w={wdt}", kernel, sig, consts, kg.DEQUANT_WARPS
+    for (block, halves), xdt, ones, bias, block_t in itertools.product(
+        CPU_LAYOUTS, PTR, (False, True), (False, True), (1, 2, 4, 8)
+    ):
+        sig = {"x_ptr": PTR[xdt], "q_ptr": "*u8", "sz_ptr": "*bf16", "bias_ptr": PTR[xdt],
+               "out_ptr": PTR[xdt] if bias else "*fp32"} | {a: "i32" for a in INTS_CPU_GEMV}  # fmt: skip
+        consts = {"BLOCK": block, "HALVES": halves, "BLOCK_T": block_t, "HAS_BIAS": bias}
+        if ones:
+            consts |= {"T": 1, "groups_per_split": 1}
+        label = f"gemv int4-cpu B={block} halves={halves} x={xdt} BLOCK_T={block_t} bias={bias} ones={ones}"
+        yield label, kc._gemv_kernel, sig, consts, kc.GEMV_WARPS
+    for (block, halves), wdt in itertools.product(CPU_LAYOUTS, PTR):
+        sig = {
+            "q_ptr": "*u8",
+            "sz_ptr": "*bf16",
+            "w_ptr": PTR[wdt],
+            "N": "i32",
+            "K": "i32",
+            "stride_wn": "i32",
+        }
+        consts = {"BLOCK": block, "HALVES": halves}
+        yield (
+            f"dequant int4-cpu B={block} halves={halves} w={wdt}",
+            kc._dequant_kernel,
+            sig,
+            consts,
+            kc.DEQUANT_WARPS,
+        )
 
 
 def resource_usage(cubin: bytes) -> str:

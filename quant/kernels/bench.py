@@ -39,7 +39,7 @@ from quant.kernels import triton_available
 
 HIDDEN, INTER = 4096, 14336  # Mixtral-8x7B hidden and expert intermediate sizes
 SHAPES = [(INTER, HIDDEN), (HIDDEN, INTER)]  # [N, K]: gate or up (w1/w3), and down (w2)
-FORMATS = ["int4", "int8", "nf4"]
+FORMATS = ["int4", "int8", "nf4", "int4-cpu"]  # int4-cpu: torch's CPU int4 layout (--host-misses)
 TOP_K = 2
 DEVICE = "cuda"  # the tests run the bench functions on "cpu" with a stub timer
 
@@ -77,21 +77,44 @@ def copy_bandwidth(timer: Timer, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def bench_format(name: str) -> QuantFormat:
+    """A format by name; ``int4-cpu`` is int4 in torch's CPU layout (the store ``--host-misses`` keeps)."""
+    if name == "int4-cpu":
+        from quant.cpu_int4 import Int4CpuPacked
+
+        return Int4CpuPacked()
+    return get_format(name)
+
+
+def quantize(fmt: QuantFormat, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``fmt``'s parts of ``w`` on ``w``'s device (int4-cpu packs on the CPU)."""
+    return {k: v.to(w.device) for k, v in fmt.quantize(w).items()}
+
+
 def linear_paths(fmt: QuantFormat, parts: dict, shape: tuple[int, int]) -> dict[str, Callable]:
     """``{path: fn(x) -> y}`` for one quantized matrix."""
+    from quant.cpu_int4 import LAYOUTS, Int4CpuPacked
     from quant.formats import GroupwiseInt
 
     paths = {"fused": lambda x: fmt.linear(x, parts, shape)}
-    if isinstance(fmt, GroupwiseInt):
-        if not triton_available():
-            return {**paths, "reference": lambda x: QuantFormat.linear(fmt, x, parts, shape)}
-        from quant.kernels.groupwise import dequantize
+    if isinstance(fmt, Int4CpuPacked):
+        if triton_available():
+            from quant.kernels import cpu_layout
 
-        def dequant_mm(x):
-            w = dequantize(parts, shape, x.dtype, bits=fmt.bits, group_size=fmt.group_size)
-            return F.linear(x, w)
+            block, pairing = LAYOUTS[fmt.layout]
+            halves = pairing == "halves"
+            paths["dequant+mm"] = lambda x: F.linear(
+                x, cpu_layout.dequantize(parts, shape, x.dtype, block=block, halves=halves)
+            )
+    elif isinstance(fmt, GroupwiseInt):
+        if triton_available():
+            from quant.kernels.groupwise import dequantize
 
-        paths["dequant+mm"] = dequant_mm
+            def dequant_mm(x):
+                w = dequantize(parts, shape, x.dtype, bits=fmt.bits, group_size=fmt.group_size)
+                return F.linear(x, w)
+
+            paths["dequant+mm"] = dequant_mm
     else:  # nf4: bitsandbytes' own dequantize kernel
         import bitsandbytes.functional as bnbf
 
@@ -111,8 +134,8 @@ def bench_linears(timer: Timer, names: list[str], bandwidth: float) -> list[dict
         ms = timer(lambda w=w, x=x: F.linear(x, w))
         rows.append(_row("bf16", "dense", shape, w.numel() * 2, ms, bandwidth))
         for name in names:
-            fmt = get_format(name)
-            parts = fmt.quantize(w)
+            fmt = bench_format(name)
+            parts = quantize(fmt, w)
             nbytes = fmt.nbytes(shape, torch.bfloat16)
             for path, fn in linear_paths(fmt, parts, shape).items():
                 ms = timer(lambda fn=fn, x=x: fn(x))
@@ -155,8 +178,8 @@ def bench_layer(timer: Timer, names: list[str]) -> list[dict]:
     linears = [{m: (lambda a, w=e[m]: F.linear(a, w)) for m in mats} for e in dense]
     rows.append({"format": "bf16", "path": "dense", "ms": timer(lambda: layer(linears))})
     for name in names:
-        fmt = get_format(name)
-        experts = [{m: linear_paths(fmt, fmt.quantize(e[m]), mats[m]) for m in mats} for e in dense]
+        fmt = bench_format(name)
+        experts = [{m: linear_paths(fmt, quantize(fmt, e[m]), mats[m]) for m in mats} for e in dense]
         for path in experts[0]["gate_up"]:
             linears = [{m: e[m][path] for m in mats} for e in experts]
             rows.append({"format": name, "path": path, "ms": timer(lambda linears=linears: layer(linears))})
@@ -210,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("bitsandbytes is not installed: nf4 left out", file=sys.stderr)
             names.remove("nf4")
+    if "int4-cpu" in names:
+        from quant.cpu_int4 import kernel_available
+
+        if not kernel_available():
+            print("this torch has no CPU int4 kernel promoe reads: int4-cpu left out", file=sys.stderr)
+            names.remove("int4-cpu")
 
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
@@ -221,15 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device-to-device copy: {bandwidth:.0f} GB/s (read + write)\n")
         linears = bench_linears(timer, names, bandwidth)
         print(f"one linear, T = 1 (median of {args.iters}, L2 flushed before each)")
-        print(f"{'format':6} {'path':11} {'N x K':>12} {'MB read':>8} {'us':>9} {'GB/s':>7} {'of copy':>8}")
+        print(f"{'format':8} {'path':11} {'N x K':>12} {'MB read':>8} {'us':>9} {'GB/s':>7} {'of copy':>8}")
         for r in linears:
             n, k = r["shape"]
-            print(f"{r['format']:6} {r['path']:11} {f'{n}x{k}':>12} {r['bytes'] / 1e6:8.1f} "
+            print(f"{r['format']:8} {r['path']:11} {f'{n}x{k}':>12} {r['bytes'] / 1e6:8.1f} "
                   f"{r['ms'] * 1e3:9.1f} {r['GB/s']:7.0f} {r['of_copy']:8.0%}")  # fmt: skip
         layer = bench_layer(timer, names)
         print(f"\none decode layer's experts: top-{TOP_K}, T = 1, gate_up + SiLU gate + down")
         for r in layer:
-            print(f"{r['format']:6} {r['path']:11} {r['ms'] * 1e3:9.1f} us")
+            print(f"{r['format']:8} {r['path']:11} {r['ms'] * 1e3:9.1f} us")
         sweeps = sweep(timer, bandwidth) if args.sweep else []
         if sweeps:
             print("\nGEMV alternatives, T = 1 (best first per format and shape)")
