@@ -19,7 +19,7 @@ from runtime.conversation import PromptTooLongError, context_limit, model_positi
 from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadedModel
 from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
-from runtime.stats import ExpertStats
+from runtime.stats import LayerCounters
 from runtime.trace import TraceWriter
 
 #: seeds are 0 to SEED_LIMIT - 1: what a torch.Generator takes as a signed 64-bit seed
@@ -174,9 +174,9 @@ class _Clock:
 
 
 def _snapshot(
-    lm: LoadedModel, before: ExpertStats, n_prompt: int, n_gen: int, t: dict[str, float]
+    lm: LoadedModel, before: LayerCounters, n_prompt: int, n_gen: int, t: dict[str, float]
 ) -> GenerationStats:
-    tot = lm.cache.stats.since(before).total()
+    tot = lm.cache.stats.total().since(before)
     decode_tokens = t["steps"]  # decode forwards timed so far (the first token comes from prefill)
     mem = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else lm.plan.device_total
     return GenerationStats(
@@ -232,7 +232,7 @@ def stream_generate(
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     detok = _Detokenizer(lm.tokenizer)
     clock = _Clock(lm.device)
-    before = lm.cache.stats.copy()
+    before = lm.cache.stats.total()
     if rt.prefetcher is not None:
         rt.prefetcher.reset()
     if rt.tracer is not None:

@@ -41,8 +41,12 @@ class LayerCounters:
     stall_s: float = 0.0
 
     def add(self, other: LayerCounters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in _NAMES:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def since(self, earlier: LayerCounters) -> LayerCounters:
+        """What was counted after ``earlier`` (these counters, taken before)."""
+        return LayerCounters(**{name: getattr(self, name) - getattr(earlier, name) for name in _NAMES})
 
     @property
     def hit_rate(self) -> float:
@@ -78,17 +82,5 @@ class ExpertStats:
     def reset(self) -> None:
         self.layers.clear()
 
-    def copy(self) -> ExpertStats:
-        out = ExpertStats()
-        for k, c in self.layers.items():
-            out.layer(k).add(c)
-        return out
 
-    def since(self, earlier: ExpertStats) -> ExpertStats:
-        """Counters accumulated after ``earlier`` (a :meth:`copy` taken before)."""
-        out = self.copy()
-        for k, c in earlier.layers.items():
-            mine = out.layer(k)
-            for f in fields(mine):
-                setattr(mine, f.name, getattr(mine, f.name) - getattr(c, f.name))
-        return out
+_NAMES = tuple(f.name for f in fields(LayerCounters))  # read once: fields() is slow, this runs per token

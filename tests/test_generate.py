@@ -42,6 +42,17 @@ def test_events_stream_text_and_live_stats(lm):
     assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 and s.ttft_s > 0
 
 
+def test_each_generation_counts_only_its_own_expert_uses(lm):
+    """The stats of a generation are the cache's counters since it started, not since load."""
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True)
+    start = lm.cache.stats.total().uses
+    first = generate(lm, PROMPT, cfg).stats
+    second = generate(lm, PROMPT, cfg).stats
+    assert first.uses == second.uses > 0  # the same prompt and tokens: the same uses
+    assert lm.cache.stats.total().uses == start + first.uses + second.uses
+    assert second.hits + second.late + second.misses == second.uses
+
+
 def test_seeded_sampling_is_reproducible(lm):
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     a, b = generate(lm, PROMPT, cfg), generate(lm, PROMPT, cfg)
