@@ -3,8 +3,10 @@
 ``torch.ops.aten._weight_int4pack_mm_for_cpu`` multiplies bf16 activations by 4-bit
 weights 12x to 20x faster on a CPU than dequantizing and multiplying in plain torch
 (0.2 -> 0.017 ms for the bundled model's 512x256 gate_up, 158 -> 8.8 ms for a Mixtral
-28672x4096 one, 2-core VM with AVX-512). It reads its own layout, so when the CPU is
-the device its int4 store is kept in that layout (``int4-cpu``):
+28672x4096 one, 2-core VM with AVX-512). It reads its own layout, so when the CPU
+computes experts (it is the device, or computes misses beside a GPU with
+``--host-misses``, whose GPU then reads this layout too: :mod:`quant.kernels.cpu_layout`)
+the int4 store is kept in that layout (``int4-cpu``):
 
 * ``q`` ``uint8 [N, K/2]``: the 4-bit codes as ``_convert_weight_to_int4pack_for_cpu``
   packs them, which depends on the CPU torch runs on (found at first use, see
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from quant import base
 from quant.base import Part, QuantFormat
 from quant.kernels import kernels_enabled, use_kernels
 from quant.packing import unpack
@@ -105,7 +108,7 @@ class Int4CpuPacked(QuantFormat):
 
     name = "int4"
     store_name = "int4-cpu"
-    description = "int4 in torch's CPU layout (the CPU as the device)"
+    description = "int4 in torch's CPU layout (for experts the CPU computes)"
 
     def __init__(self, layout: str | None = None) -> None:
         from quant.formats import GroupwiseInt
@@ -134,11 +137,15 @@ class Int4CpuPacked(QuantFormat):
             raise RuntimeError(f"this torch does not pack in the {self.layout} layout")
         n, k = weight.shape
         p = self._int4.quantize(weight)  # on the weight's device (a GPU converts faster) ...
-        codes = unpack(p["q"].cpu(), 4, k).to(torch.int32)  # [N, K]; ... torch packs on the CPU
+        packed = p["q"].cpu()  # [N, K/2], two codes a byte; ... torch packs on the CPU,
+        q = torch.empty((n, k // 2), dtype=torch.uint8)
+        rows = self.block_rows(max(1, base.CPU_BLOCK_ELEMENTS // k))  # ... a block of rows at a time:
+        for r in range(0, n, rows):  # int32 codes of a whole Mixtral matrix would take 470 MB
+            codes = unpack(packed[r : r + rows], 4, k).to(torch.int32)  # [rows, K]
+            q[r : r + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
         scale, zero = p["scale"].cpu().float(), p["zero"].cpu().float()  # [N, G]
         sz = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1)  # [G, N, 2]
-        return {"q": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8),
-                "sz": sz.to(torch.bfloat16).contiguous()}  # fmt: skip
+        return {"q": q, "sz": sz.to(torch.bfloat16).contiguous()}
 
     def dequantize(self, parts, shape, dtype):
         n, k = shape

@@ -241,3 +241,23 @@ def test_host_misses_beside_a_gpu_keep_one_store_in_the_cpu_layout(tiny_model, m
     assert stored(cpu, few) == "int4-cpu"
     monkeypatch.setenv("PROMOE_KERNELS", "0")
     assert stored(cuda, few, host_misses=True) == "int4"
+
+
+@needs_kernel
+def test_packing_a_block_of_rows_at_a_time_gives_the_same_bytes(monkeypatch):
+    """quantize() of a whole matrix (as a conversion on a GPU calls it) packs its codes for
+    torch a block of rows at a time, keeping int32 codes to a block's size: same bytes."""
+    import quant.base
+    import quant.cpu_int4 as cpu_int4
+
+    cpu, w = Int4CpuPacked(), _weight((320, 128), seed=3)
+    whole = cpu.quantize(w)
+    sizes = []
+    real = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    monkeypatch.setattr(quant.base, "CPU_BLOCK_ELEMENTS", 130 * 128)  # blocks of 128 rows, then 64
+    monkeypatch.setattr(cpu_int4.torch.ops.aten, "_convert_weight_to_int4pack_for_cpu",
+                        lambda c, k: sizes.append(c.shape[0]) or real(c, k), raising=False)  # fmt: skip
+    blocks = cpu.quantize(w)
+    assert sizes == [128, 128, 64]
+    for k, v in whole.items():
+        assert torch.equal(blocks[k], v), k

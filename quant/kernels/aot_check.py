@@ -46,22 +46,37 @@ INTS_CPU_GEMV = ("T", "N", "K", "groups_per_split", "stride_xt", "stride_os", "s
 CPU_LAYOUTS = ((64, True), (32, True), (32, False))
 
 
+#: what a GEMV writes: one split writes x's dtype, with a bias or without; split-K writes
+#: fp32 partial sums and adds no bias (the launcher then passes ``out`` as the unused bias)
+OUTPUTS = (("x", False), ("x", True), ("fp32", False))
+
+
+def _gemv_outputs(xdt: str, out: str, bias: bool) -> dict[str, str]:
+    out_ty = PTR[xdt] if out == "x" else "*fp32"
+    return {"bias_ptr": PTR[xdt] if bias else out_ty, "out_ptr": out_ty}
+
+
 def variants():
     """``(label, kernel, signature, constants, num_warps)`` for every build the launchers can ask for."""
-    for bits, xdt, ones, bias, block_t in itertools.product(
-        (4, 8), PTR, (False, True), (False, True), (1, 2, 4, 8)
+    for bits, xdt, ones, (out, bias), block_t in itertools.product(
+        (4, 8), PTR, (False, True), OUTPUTS, (1, 2, 4, 8)
     ):
         block_n, warps = kg.GEMV_CONFIG[bits]
         sig = {"x_ptr": PTR[xdt], "q_ptr": "*u8" if bits == 4 else "*i8", "scale_ptr": "*fp16"}
         if bits == 4:
             sig["zero_ptr"] = "*fp16"
-        sig |= {"bias_ptr": PTR[xdt], "out_ptr": PTR[xdt] if bias else "*fp32"}  # split-K: fp32, no bias
-        sig |= {a: "i32" for a in INTS_GEMV}
+        sig |= _gemv_outputs(xdt, out, bias) | {a: "i32" for a in INTS_GEMV}
         consts = {"GROUP": 64, "BLOCK_T": block_t, "BLOCK_N": block_n, "HAS_BIAS": bias}
         if ones:  # T == 1 and one group per split: Triton turns integer arguments equal to 1 into constants
             consts |= {"T": 1, "groups_per_split": 1}
         kernel = kg._int4_gemv_kernel if bits == 4 else kg._int8_gemv_kernel
-        yield f"gemv int{bits} x={xdt} BLOCK_T={block_t} bias={bias} ones={ones}", kernel, sig, consts, warps
+        yield (
+            f"gemv int{bits} x={xdt} out={out} BLOCK_T={block_t} bias={bias} ones={ones}",
+            kernel,
+            sig,
+            consts,
+            warps,
+        )
     for bits, wdt in itertools.product((4, 8), PTR):
         sig = {"q_ptr": "*u8" if bits == 4 else "*i8", "scale_ptr": "*fp16"}
         if bits == 4:
@@ -70,15 +85,15 @@ def variants():
         consts = {"GROUP": 64, "BLOCK_N": kg.DEQUANT_BLOCK_N, "BLOCK_K": kg.DEQUANT_BLOCK_K}
         kernel = kg._int4_dequant_kernel if bits == 4 else kg._int8_dequant_kernel
         yield f"dequant int{bits} w={wdt}", kernel, sig, consts, kg.DEQUANT_WARPS
-    for (block, halves), xdt, ones, bias, block_t in itertools.product(
-        CPU_LAYOUTS, PTR, (False, True), (False, True), (1, 2, 4, 8)
+    for (block, halves), xdt, ones, (out, bias), block_t in itertools.product(
+        CPU_LAYOUTS, PTR, (False, True), OUTPUTS, (1, 2, 4, 8)
     ):
-        sig = {"x_ptr": PTR[xdt], "q_ptr": "*u8", "sz_ptr": "*bf16", "bias_ptr": PTR[xdt],
-               "out_ptr": PTR[xdt] if bias else "*fp32"} | {a: "i32" for a in INTS_CPU_GEMV}  # fmt: skip
+        sig = {"x_ptr": PTR[xdt], "q_ptr": "*u8", "sz_ptr": "*bf16"}
+        sig |= _gemv_outputs(xdt, out, bias) | {a: "i32" for a in INTS_CPU_GEMV}
         consts = {"BLOCK": block, "HALVES": halves, "BLOCK_T": block_t, "HAS_BIAS": bias}
         if ones:
             consts |= {"T": 1, "groups_per_split": 1}
-        label = f"gemv int4-cpu B={block} halves={halves} x={xdt} BLOCK_T={block_t} bias={bias} ones={ones}"
+        label = f"gemv int4-cpu B={block} halves={halves} x={xdt} out={out} BLOCK_T={block_t} bias={bias} ones={ones}"
         yield label, kc._gemv_kernel, sig, consts, kc.GEMV_WARPS
     for (block, halves), wdt in itertools.product(CPU_LAYOUTS, PTR):
         sig = {
