@@ -109,10 +109,13 @@ def progress_display(enabled: bool = True, title: str | None = None):
 
     With a ``title``, a spinner line (the title and the time so far) stays up throughout;
     each phase reported (converting experts, loading the store, the non-expert weights)
-    gets a bar under it. Nothing is shown when stderr is not a terminal.
+    gets a bar under it. When stderr is not a terminal, only a conversion's start is said.
     """
-    if not enabled or not err.is_terminal:
+    if not enabled:
         yield None
+        return
+    if not err.is_terminal:  # no bars; a line now and then while a long conversion runs
+        yield _conversion_notes()
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _Count(), TimeElapsedColumn(),
                _Remaining()]  # fmt: skip
@@ -129,12 +132,48 @@ def progress_display(enabled: bool = True, title: str | None = None):
         yield update
 
 
+#: without a terminal, a conversion still running after this many seconds says so, and
+#: then how far it got every NOTE_EVERY_S seconds (a quick one stays quiet)
+NOTE_AFTER_S, NOTE_EVERY_S = 3.0, 30.0
+
+
+def _conversion_notes():
+    """A progress callback for stderr that is not a terminal: plain lines, only for the
+    conversions (which can take minutes for a large model), and only once they run long."""
+    import time
+
+    started: dict[str, float] = {}
+    last: dict[str, float] = {}
+
+    def note(desc: str, done: int, total: int) -> None:
+        if not desc.startswith(("Converting", "Rebuilding")):
+            return
+        now = time.monotonic()
+        t0 = started.setdefault(desc, now)
+        due = last.get(desc, t0 + NOTE_AFTER_S - NOTE_EVERY_S) + NOTE_EVERY_S
+        if now >= due and done < total:
+            last[desc] = now
+            err.print(
+                f"[dim]{escape(desc)}: {done}/{total} experts, {now - t0:.0f}s so far[/]", soft_wrap=True
+            )
+
+    return note
+
+
 def load(ref: str | None, opts, *, show_progress: bool = True):
     from runtime.loader import load_model
 
     title = f"Loading {escape(ref) if ref else 'the default model'}"
     with progress_display(show_progress, title) as progress:
-        return load_model(ref, opts, progress=progress)
+        lm = load_model(ref, opts, progress=progress)
+    if lm.resolved.source == "random":  # said every time, --prompt included: its answers are nonsense
+        err.print(
+            "[warn]warning:[/] the bundled model (models/tiny-code-moe) is not here, so this is a random "
+            "model that writes nonsense; pass a model folder, or run promoe from a full checkout "
+            "(pip install -e .; a plain pip install does not carry the model)",
+            soft_wrap=True,
+        )
+    return lm
 
 
 def banner(lm, profile: str | None = None) -> None:
@@ -189,3 +228,14 @@ def check_output_file(path: Path | None, flag: str) -> None:
             f"{flag} {path}: the folder {path.parent} does not exist",
             hint="create it first, or give another path",
         )
+    existed = path.exists()
+    try:  # found out now, not after a long run: open it as the run will, then leave it as it was
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})",
+            hint="give a path in a folder you can write to",
+        ) from None
+    if not existed:
+        path.unlink(missing_ok=True)

@@ -49,25 +49,56 @@ def _bytes(n: int | None) -> str:
 
 
 def status_text(
-    stats, *, prompt_tokens: int, elapsed: float, budget: int | None, stopping: bool = False
+    stats,
+    *,
+    prompt_tokens: int,
+    elapsed: float,
+    budget: int | None,
+    stopping: bool = False,
+    width: int | None = None,
 ) -> Text:
-    """The live status line: prefill progress, then tokens/s, hit rate, prefetch accuracy, memory."""
-    t = Text(style="dim")
+    """The live status line: prefill progress, then tokens/s, hit rate, prefetch accuracy, memory.
+
+    Within ``width`` cells (a terminal's, less the spinner): a line that wraps would leave
+    a stray row behind each redraw, so the least useful parts go first (the Ctrl-C
+    reminder, memory, prefetch accuracy), then the rest is cut with an ellipsis.
+    """
+    parts: list[Text] = []  # in display order
+    droppable: list[int] = []  # indices into parts, first dropped first
     if stopping:
-        t.append("stopping after this token", style="warn")
-        t.append(" · Ctrl-C again to stop now")
-        return t
-    if stats is None or stats.generated_tokens == 0:
-        t.append(f"reading {prompt_tokens} prompt tokens · {elapsed:.1f}s")
+        parts = [Text("stopping after this token", style="warn"), Text("Ctrl-C again to stop now")]
+    elif stats is None or stats.generated_tokens == 0:
+        parts = [Text(f"reading {prompt_tokens} prompt tokens"), Text(f"{elapsed:.1f}s")]
     else:
+        n = stats.generated_tokens
         tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s else "–"
-        t.append(f"{stats.generated_tokens} tokens · {tps} tok/s · hit rate ")
-        t.append(pct(stats.hit_rate), style="good" if stats.hit_rate >= 0.9 else "warn")
+        hit = Text("hit rate ")
+        hit.append(pct(stats.hit_rate), style="good" if stats.hit_rate >= 0.9 else "warn")
+        parts = [Text(f"{n} token{'' if n == 1 else 's'}"), Text(f"{tps} tok/s"), hit]
         if stats.prediction_precision is not None:
-            t.append(f" · prefetch {pct(stats.prediction_precision)}")
-        t.append(f" · memory {_bytes(stats.device_memory_bytes)} / {_bytes(budget)}")
-    t.append(" · Ctrl-C stops", style="dim italic")
-    return t
+            parts.append(Text(f"prefetch {pct(stats.prediction_precision)}"))
+            droppable.insert(0, len(parts) - 1)
+        parts.append(Text(f"memory {_bytes(stats.device_memory_bytes)} / {_bytes(budget)}"))
+        droppable.insert(0, len(parts) - 1)
+    if not stopping:
+        parts.append(Text("Ctrl-C stops", style="dim italic"))
+        droppable.insert(0, len(parts) - 1)
+
+    def joined(keep: list[Text]) -> Text:
+        return Text(" · ", style="dim").join(keep)
+
+    dropped: set[int] = set()
+    line = joined(parts)
+    for i in droppable:
+        if width is None or line.cell_len <= width:
+            break
+        dropped.add(i)
+        line = joined([p for j, p in enumerate(parts) if j not in dropped])
+    line.stylize("dim")
+    line.no_wrap = True
+    if width is not None and line.cell_len > width:
+        line.truncate(max(width, 1), overflow="ellipsis")
+    return line
 
 
 def summary_text(done) -> str:
@@ -175,7 +206,12 @@ class LiveAnswer:
         elapsed = time.perf_counter() - self.t0
         self.spinner.update(
             text=status_text(
-                self.stats, prompt_tokens=self.prompt_tokens, elapsed=elapsed, budget=self.budget
+                self.stats,
+                prompt_tokens=self.prompt_tokens,
+                elapsed=elapsed,
+                budget=self.budget,
+                stopping=self.stop_requested,
+                width=max(options.max_width - 2, 10),  # the spinner and its space take 2 cells
             )
         )
         yield self.spinner

@@ -256,7 +256,9 @@ def run_bench(
                     finally:
                         lm.close()
         except PromoeError as exc:
-            res.status, res.note = "skipped", f"{exc}" + (f"; {exc.hint}" if exc.hint else "")
+            # bench has no --prefetch: its cross-layer prefetch is a configuration of its own
+            hint = exc.hint.replace("--prefetch cross-layer", "the cross-layer configuration")
+            res.status, res.note = "skipped", f"{exc}" + (f"; {hint}" if hint else "")
             res.error = exc.with_traceback(None)  # not its frames: they can hold pinned memory
             exc.__context__ = exc.__cause__ = None
         results.append(res)

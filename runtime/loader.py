@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ def load_model(
     ckpt.close()
     predictor = None if always_resident else make_predictor(
         opts.predictor, model=model, spec=spec, extra=opts.predictor_extra, lookahead=opts.lookahead,
-        learned_path=store.path)  # fmt: skip
+        learned_path=store.path, model_ref=shlex.quote(ref) if ref else "")  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
     if holds_all:

@@ -266,7 +266,10 @@ def load_learned_predictor(
     extra: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    model_ref: str = "MODEL",
 ) -> LearnedPredictor:
+    """``model_ref``: the model as the user named it, for the hints (train-predictor's argument)."""
+    train = f"promoe train-predictor {model_ref}".rstrip()
     directory = predictor_dir(store_path) if store_path is not None else None
     if (
         directory is None
@@ -275,7 +278,7 @@ def load_learned_predictor(
     ):
         raise UsageError(
             "no learned predictor has been trained for this model",
-            hint="train one on your own prompts: promoe train-predictor MODEL --prompts FILE "
+            hint=f"train one on your own prompts: {train} --prompts FILE "
             "(or use --prefetch cross-layer, which needs no training)",
         )
     nets: dict[int, LayerPredictor] = {}
@@ -298,7 +301,7 @@ def load_learned_predictor(
         raise StoreError(
             f"the learned predictor in {directory} is "
             + (f"damaged ({exc})" if isinstance(exc, _Damaged) else f"unreadable ({type(exc).__name__})"),
-            hint="train it again: promoe train-predictor MODEL (or use --prefetch cross-layer)",
+            hint=f"train it again: {train} (or use --prefetch cross-layer)",
         ) from exc
     nets = {
         layer: net.to(device=device, dtype=dtype).eval().requires_grad_(False) for layer, net in nets.items()

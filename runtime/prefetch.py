@@ -120,8 +120,9 @@ class Prefetcher:
 
 
 def make_predictor(name: str, *, model: nn.Module, spec, extra: int = 0, lookahead: int = 1,
-                   learned_path=None) -> Predictor | None:  # fmt: skip
-    """Build a predictor by name for a loaded model (``spec`` is its ModelSpec)."""
+                   learned_path=None, model_ref: str = "MODEL") -> Predictor | None:  # fmt: skip
+    """Build a predictor by name for a loaded model (``spec`` is its ModelSpec; ``model_ref``
+    how the user named it, for hints)."""
     check_predictor(name)
     if name == "none":
         return None
@@ -132,7 +133,8 @@ def make_predictor(name: str, *, model: nn.Module, spec, extra: int = 0, lookahe
         from runtime.predictor import load_learned_predictor
 
         ref = next(model.parameters())
-        return load_learned_predictor(learned_path, spec, extra, device=ref.device, dtype=ref.dtype)
+        return load_learned_predictor(learned_path, spec, extra, device=ref.device, dtype=ref.dtype,
+                                      model_ref=model_ref)  # fmt: skip
     raise AssertionError(f"predictor {name} is listed but not built")
 
 

@@ -160,9 +160,17 @@ def remove(model: StoredModel, quant: str | None = None, *, dry_run: bool = Fals
     else:
         fmt = next((f for f in model.formats if f.quant == quant), None)
         if fmt is None:
-            have = ", ".join(f.quant for f in model.formats) or "none"
-            raise UsageError(f"{model.name} has no {quant} store (it has: {have})",
-                             hint="'promoe stores' lists every store")  # fmt: skip
+            names = [f.quant for f in model.formats]
+            variant = next((n for n in names if n.startswith(f"{quant}-")), None)
+            if variant is not None:  # int4 experts the CPU computes are stored as int4-cpu
+                hint = f"its {quant} experts are stored as {variant}: use -q {variant}"
+            elif names:
+                hint = f"-q takes a store's name as listed: {', '.join(names)}"
+            else:
+                hint = "'promoe stores' lists every store"
+            raise UsageError(
+                f"{model.name} has no {quant} store (it has: {', '.join(names) or 'none'})", hint=hint
+            )
         target, freed = model.path / quant, fmt.nbytes
     if target.is_symlink():
         raise UsageError(f"{target} is a link to {target.resolve()}: promoe removes only what it made",

@@ -35,17 +35,24 @@
 # /tmp/promoe-gpu-check): summary.txt, env.txt, tests.log, kernel_bench.txt,
 # kernel_bench.json, profile.txt (with the saved profile appended), promoe_bench.txt,
 # mixtral_shapes.txt. promoe's own directory (stores, models) stays in /tmp.
-# PYTHON picks the interpreter (default python3).
+# PYTHON picks the interpreter (default: the project's .venv/bin/python where there is one,
+# as `make` creates it, else python3). PROMOE_GPU_HOME is promoe's folder for the run
+# (default /tmp/promoe-gpu-home): never the user's PROMOE_HOME.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, typer, transformers" 2>/dev/null; then
+    echo "$PY cannot import torch, typer and transformers: run make setup first, or set PYTHON" >&2
+    exit 2
+fi
 LOGS=${OUT:-/tmp/promoe-gpu-check}
 MODE=${1:-}
 BUDGET=${BUDGET:-450}
 mkdir -p "$LOGS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export PROMOE_HOME=${PROMOE_HOME:-/tmp/promoe-gpu-home}
+export PROMOE_HOME=${PROMOE_GPU_HOME:-/tmp/promoe-gpu-home}
 SUMMARY=$LOGS/summary.txt
 START=$SECONDS
 

@@ -17,9 +17,20 @@ SHARED = Path(os.environ.get("PROMOE_SHARED", REPO.parent / "shared"))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_home(tmp_path_factory):
+    """PROMOE_HOME under the session's tmp dir from the first fixture on, module-scoped ones
+    (which load models before any function-scoped fixture runs) included: never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROMOE_HOME", str(tmp_path_factory.getbasetemp() / "promoe-home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets PROMOE_HOME under its session tmp dir, never the user's."""
+    """Every test gets PROMOE_HOME under its session tmp dir, never the user's (again, in
+    case a test before it changed the environment)."""
     monkeypatch.setenv("PROMOE_HOME", str(tmp_path_factory.getbasetemp() / "promoe-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 

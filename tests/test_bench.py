@@ -19,8 +19,10 @@ runner = CliRunner()
 def bench_json(tiny_model, tmp_path_factory):
     path = tiny_model("mixtral")
     trace = tmp_path_factory.mktemp("bench") / "trace.jsonl"
-    r = runner.invoke(app, ["bench", str(path), "--prompt-len", "24", "--gen-len", "6", "--repeats", "2",
-                            "--quant", "int8", "--json", "--trace-out", str(trace)])  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:  # a home of its own: no predictor another test trained
+        mp.setenv("PROMOE_HOME", str(tmp_path_factory.mktemp("bench-home")))
+        r = runner.invoke(app, ["bench", str(path), "--prompt-len", "24", "--gen-len", "6", "--repeats", "2",
+                                "--quant", "int8", "--json", "--trace-out", str(trace)])  # fmt: skip
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout), trace, r.stderr
 
@@ -40,6 +42,7 @@ def test_every_configuration_reports_every_field(bench_json):
     assert by_name["cross-layer"]["prediction_precision"]["median"] > 0
     assert by_name["on-demand"]["speedup_decode_vs_on_demand"] == 1.0
     assert by_name["learned"]["status"] == "skipped" and "train-predictor" in by_name["learned"]["note"]
+    assert "--prefetch" not in by_name["learned"]["note"]  # bench has no such option
     assert by_name["accelerate"]["status"] == "skipped" and "CUDA" in by_name["accelerate"]["note"]
     assert by_name["transformers"]["status"] == "ok"
     assert "of uses from low-bit copies" in by_name["low-bit"]["note"]
@@ -117,7 +120,7 @@ def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
     assert r.exit_code == 2 and "256 positions" in r.stderr and "Traceback" not in r.output
 
 
-def test_configs_are_checked_before_anything_runs(tiny_model):
+def test_configs_are_checked_before_anything_runs(tiny_model, home):  # home: no predictor trained there
     from runtime.bench_configs import ALL_CONFIGS
 
     r = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})

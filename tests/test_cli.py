@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -62,6 +63,24 @@ def one_line_error(r, code: int, *needles: str) -> None:
     assert "Traceback" not in r.output
     for n in needles:
         assert n in r.stderr, (n, r.stderr)
+
+
+def test_without_a_terminal_a_conversion_and_a_random_default_model_are_said(tmp_path, monkeypatch):
+    """One-shot runs print no progress bars (stderr is not a terminal here): a conversion,
+    which can take minutes, says it started; the random fallback for a missing bundled
+    model says, every time, that it writes nonsense."""
+    import promoe_cli.loading
+    import runtime.resolve
+
+    monkeypatch.setattr(promoe_cli.loading, "NOTE_AFTER_S", 0.0)  # a tiny conversion is quick
+    monkeypatch.setenv("PROMOE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(runtime.resolve, "BUNDLED_MODEL", tmp_path / "not-here")
+    runs = [invoke("chat", "--prompt", "x", "-n", 2, "-q", "int8") for _ in range(2)]
+    for r in runs:
+        assert r.exit_code == 0, r.output
+        assert "writes nonsense" in r.stderr and "Traceback" not in r.output
+    assert "Converting experts: 1/" in runs[0].stderr  # the first run converts ...
+    assert "Converting" not in runs[1].stderr  # ... the second reuses the store
 
 
 def test_missing_model(tmp_path):
@@ -156,6 +175,8 @@ def test_bad_option_values_are_one_line(tiny_model, args, needle):
 
 
 def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch):
+    from promoe_cli.loading import check_output_file
+
     for flag in ("--trace-out", "--stats-json"):
         r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, flag, tmp_path)
         one_line_error(r, 2, f"{flag} {tmp_path} is a folder")
@@ -165,6 +186,16 @@ def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch)
             invoke("chat", tiny_model("mixtral"), "--prompt", "x", flag, missing), 2, "does not exist"
         )
         assert not missing.parent.exists()  # no folder is made behind the user's back
+        if Path("/proc/self").is_dir():  # a folder that exists where no file can be made, even by root
+            r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, flag, "/proc/promoe-out.json")
+            one_line_error(r, 2, "cannot write there")
+            assert r.stdout == ""
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        check_output_file(kept, flag)  # the check leaves a file that was there as it was ...
+        assert kept.read_text() == "old"
+        check_output_file(tmp_path / "new.json", flag)  # ... and makes none
+        assert not (tmp_path / "new.json").exists()
     afile = tmp_path / "afile"
     afile.write_text("")
     monkeypatch.setenv("PROMOE_HOME", str(afile))

@@ -109,6 +109,7 @@ def test_prefetch_learned_without_training_explains(tiny_model):
                             "--prompt", "x"])  # fmt: skip
     assert r.exit_code == 2
     assert r.stderr.startswith("error: no learned predictor") and "train-predictor" in r.stderr
+    assert f"promoe train-predictor {path} --prompts FILE" in r.stderr  # the model as given, not MODEL
 
 
 def test_train_predictor_refuses_what_it_cannot_learn_from(tiny_model, tmp_path):

@@ -394,6 +394,43 @@ def test_status_line(lm):
     assert "reading 5 prompt tokens" in status_text(None, prompt_tokens=5, elapsed=1.0, budget=None).plain
 
 
+def test_the_status_line_fits_the_terminal(lm):
+    """A status line that wraps leaves a stray row at each redraw: within the width, the
+    Ctrl-C reminder goes first, then memory, then prefetch accuracy, then an ellipsis."""
+    import dataclasses
+
+    done = generate(lm, encode_messages(lm.tokenizer, msgs(("user", "hi"))), GREEDY)
+    stats = dataclasses.replace(done.stats, prediction_precision=0.8)  # as with a predictor
+
+    def line(width):
+        return status_text(stats, prompt_tokens=5, elapsed=1.0, budget=lm.plan.budget, width=width).plain
+
+    full = line(None)
+    assert "prefetch 80%" in full and "memory" in full and "Ctrl-C stops" in full
+    for width in (200, len(full), len(full) - 1, 60, 45, 20):
+        assert len(line(width)) <= width, (width, line(width))
+    assert line(len(full)) == full
+    assert "Ctrl-C" not in line(len(full) - 1) and "memory" in line(len(full) - 1)
+    memory = full[full.index(" · memory") : full.index(" · Ctrl-C")]
+    shorter = line(len(full) - len(" · Ctrl-C stops") - len(memory))
+    assert "memory" not in shorter and "prefetch" in shorter
+    assert line(45).startswith("6 tokens") and "tok/s" in line(45) and "hit rate" in line(45)
+    assert "prefetch" not in line(45) and line(20).endswith("…")
+
+
+def test_the_live_view_says_when_it_is_stopping():
+    import io
+
+    from rich.console import Console
+
+    sink = io.StringIO()
+    view = LiveAnswer(prompt_tokens=3, budget=None, console=Console(file=sink, width=80, force_terminal=True))
+    console = Console(file=io.StringIO(), width=80)
+    assert "stopping" not in "".join(s.text for s in console.render(view))
+    view.stopping()
+    assert "stopping after this token" in "".join(s.text for s in console.render(view))
+
+
 def test_an_answer_that_fills_the_context_says_so(lm, calls, capsys, monkeypatch):
     monkeypatch.setattr(lm.plan, "context", 40)
     chat(lm, "hi", sampling=SamplingConfig(max_new_tokens=500, temperature=0, ignore_eos=True))

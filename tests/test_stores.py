@@ -107,7 +107,22 @@ def test_rm_errors_are_one_line(checkpoint, home):
     assert "promoe stores" in r.stderr.splitlines()[1]
     r = runner.invoke(app, ["stores", "rm", str(checkpoint), "--quant", "int2"])
     assert r.exit_code == 2 and "has no int2 store (it has: int4)" in r.stderr
+    assert "-q takes a store's name as listed: int4" in r.stderr
     assert (model_dir(home, checkpoint) / "int4").is_dir()
+
+
+def test_rm_of_int4_points_at_int4_cpu(tiny_model, home):
+    """With the CPU as the device, int4 experts are stored as int4-cpu: -q int4 says so."""
+    from quant.cpu_int4 import Int4CpuPacked, kernel_available
+
+    if not kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    checkpoint = tiny_model("mixtral", intermediate_size=128)  # int4-cpu needs multiples of 64
+    ckpt = Checkpoint(checkpoint)
+    open_store(ckpt, describe_model(ckpt), Int4CpuPacked(), home=home)
+    r = runner.invoke(app, ["stores", "rm", str(checkpoint), "-q", "int4"])
+    assert r.exit_code == 2 and "has no int4 store (it has: int4-cpu)" in r.stderr
+    assert "use -q int4-cpu" in r.stderr
 
 
 def test_a_running_conversion_is_not_removed(checkpoint, home):
