@@ -52,9 +52,7 @@ def chat(
     ] = 0.7,
     top_p: Annotated[
         float,
-        typer.Option(
-            "--top-p", metavar="P", max=1.0, help="Nucleus sampling mass, more than 0 and at most 1."
-        ),
+        typer.Option("--top-p", metavar="P", help="Nucleus sampling mass, more than 0 and at most 1."),
     ] = 0.95,
     seed: Annotated[
         int | None,
@@ -97,9 +95,10 @@ def chat(
         from promoe_cli.loading import banner, load, load_options, offline_environment
         from runtime.errors import UsageError
 
-        if top_p <= 0:
+        if not 0 < top_p <= 1:  # checked here: typer's range can show only one bound, x<=1.0
             raise UsageError(
-                "--top-p must be more than 0", hint="0.95 is usual; for greedy decoding use -t 0"
+                f"--top-p {top_p:g} is outside (0, 1]: it must be more than 0 and at most 1",
+                hint="0.95 is usual; for greedy decoding use -t 0",
             )
         from promoe_cli.loading import check_output_file
 

@@ -45,7 +45,9 @@ Profile = Annotated[
         "--profile",
         "-p",
         metavar="NAME",
-        help="Device profile name (see 'promoe plan --help'); sizes the cache.",
+        help="Device profile that sizes the cache: a shipped one ("
+        + ", ".join(sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "profiles").glob("*.toml")))
+        + ") or one saved by 'promoe profile-device --write NAME'.",
         rich_help_panel=_LOAD,
     ),
 ]

@@ -227,7 +227,8 @@ def stats_table(stats, slots_per_layer: dict[int, int]) -> Table:
 
     def row(label: str, c, slots: int) -> list[str]:
         used = c.prefetch_used / c.prefetches if c.prefetches else None
-        return [label, str(slots), str(c.uses), str(c.hits), str(c.late), str(c.misses), pct(c.hit_rate),
+        hit_rate = c.hit_rate if c.uses else None  # no uses yet: no rate, not 0%
+        return [label, str(slots), str(c.uses), str(c.hits), str(c.late), str(c.misses), pct(hit_rate),
                 str(c.prefetches), pct(used), pct(c.prediction_precision), pct(c.prediction_recall)]  # fmt: skip
 
     for layer in sorted(set(slots_per_layer) | set(stats.layers)):

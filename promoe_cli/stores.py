@@ -14,7 +14,8 @@ EXAMPLES = (
     "[bold]Examples[/]\n\n"
     "[cyan]promoe stores[/]  every model's stores: formats, sizes, the checkpoint each came from\n\n"
     "[cyan]promoe stores rm mixtral --quant int8[/]  free the disk of Mixtral's int8 store\n\n"
-    "[cyan]promoe stores rm tiny-code-moe-8366a8204067[/]  by the name the listing shows\n\n"
+    "[cyan]promoe stores rm tiny-code-moe-<hash>[/]  by the name the listing shows (the hash is of the "
+    "checkpoint's path)\n\n"
     "[cyan]promoe stores prune --dry-run[/]  what pruning would remove\n\n"
     "A removed store is converted again the next time it is needed."
 )

@@ -164,7 +164,7 @@ def test_one_shot_prompt_longer_than_the_context(tiny_model):
 @pytest.mark.parametrize(
     "args,needle",
     [(("--device", "tpu"), "unknown device"), (("--device", "meta"), "unknown device"),
-     (("--dtype", "float64"), "unknown dtype"), (("--top-p", "0"), "--top-p"),
+     (("--dtype", "float64"), "unknown dtype"), (("--top-p", "0"), "--top-p 0 is outside (0, 1]"), (("--top-p", "1.5"), "--top-p 1.5 is outside"),
      (("--link-bandwidth", "0GB/s"), "not a bandwidth"), (("--vram", ""), "is not a size"),
      (("--prefetch", "magic"), "unknown predictor"), (("--vram", "6"), "--vram 6 has no unit"),  # also with no budget, where none is built
      (("-q", "int2", "--low-bit", "int2"), "no format has fewer bits than int2"),

@@ -471,3 +471,18 @@ def test_stats_and_banner_of_a_cache_that_holds_the_model_name_no_predictor(tiny
         assert "prefetch none (every expert loaded)" in err
     finally:
         lm.close()
+
+
+def test_a_layer_with_no_uses_has_no_hit_rate():
+    """/stats before any answer: '–', not a 0% hit rate that reads as every expert missing."""
+    from rich.console import Console
+
+    from promoe_cli.render import stats_table
+    from runtime.stats import ExpertStats
+
+    stats = ExpertStats()
+    stats.layer(1).uses = stats.layer(1).hits = 4
+    console = Console(width=200, record=True)
+    console.print(stats_table(stats, {0: 2, 1: 2}))
+    rows = {line.split()[0]: line.split() for line in console.export_text().splitlines() if line.strip()}
+    assert rows["0"][6] == "–" and rows["1"][6] == "100%"
