@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import ModelNotFoundError
+from runtime.errors import ModelNotFoundError, UsageError
 
 #: alias -> (what it is, candidate repo ids in preference order)
 ALIASES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -47,7 +47,14 @@ class ResolvedModel:
 
 
 def promoe_home() -> Path:
-    return Path(os.environ.get("PROMOE_HOME") or Path.home() / ".cache" / "promoe").expanduser()
+    """``$PROMOE_HOME`` (default ``~/.cache/promoe``): refused if it exists and is not a folder."""
+    home = Path(os.environ.get("PROMOE_HOME") or Path.home() / ".cache" / "promoe").expanduser()
+    if home.exists() and not home.is_dir():
+        raise UsageError(
+            f"PROMOE_HOME={home} is a file, not a folder",
+            hint="point PROMOE_HOME at a folder (it is made if missing), or unset it for ~/.cache/promoe",
+        )
+    return home
 
 
 def _hf_cached(repo_id: str) -> Path | None:

@@ -199,7 +199,10 @@ def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch)
     afile = tmp_path / "afile"
     afile.write_text("")
     monkeypatch.setenv("PROMOE_HOME", str(afile))
-    one_line_error(invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2), 2, str(afile))
+    one_line_error(
+        invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2), 2, f"PROMOE_HOME={afile} is a file"
+    )
+    one_line_error(invoke("stores"), 2, f"PROMOE_HOME={afile} is a file")  # not "no stores yet"
 
 
 def test_truncated_checkpoint_and_impossible_top_k(tiny_model, tmp_path):
