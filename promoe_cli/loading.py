@@ -203,11 +203,14 @@ def banner(lm, profile: str | None = None) -> None:
         f"({kernel}{format_bytes(plan.expert_bytes)} each)",
         soft_wrap=False,
     )
+    unused = (
+        f" · nothing to prefetch (--prefetch {opts.predictor} unused)" if opts.predictor != "none" else ""
+    )
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
-        cache = f"all {total} experts read in place from host memory · {where}, {budget}"
+        cache = f"all {total} experts read in place from host memory · {where}, {budget}{unused}"
     elif lm.all_loaded:  # filled at load: nothing to evict or predict
         cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
-                 f"{where}, {budget}{link}")  # fmt: skip
+                 f"{where}, {budget}{link}{unused}")  # fmt: skip
     else:
         cache = (f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
                  f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip

@@ -450,6 +450,10 @@ def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
         assert lm.plan.in_place
         chat(lm, "/stats")
         assert "prefetch none (experts read in place)" in capsys.readouterr().err
+        from promoe_cli.loading import banner
+
+        banner(lm)  # the --prefetch asked for is said to go unused, not silently dropped
+        assert "nothing to prefetch (--prefetch cross-layer unused)" in capsys.readouterr().err
     finally:
         lm.close()
 
@@ -467,7 +471,8 @@ def test_stats_and_banner_of_a_cache_that_holds_the_model_name_no_predictor(tiny
         banner(lm)
         chat(lm, "/stats")
         err = capsys.readouterr().err
-        assert "all loaded" in err and "prefetch cross-layer" not in err
+        assert "all loaded" in err and "· prefetch cross-layer" not in err  # not claimed to run ...
+        assert "nothing to prefetch (--prefetch cross-layer unused)" in err  # ... said to go unused
         assert "prefetch none (every expert loaded)" in err
     finally:
         lm.close()
