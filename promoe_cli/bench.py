@@ -155,7 +155,9 @@ def bench(
             _replay(trace, policy, slots_per_layer, json_out)
             return
         from promoe_cli.loading import check_output_file
+        from runtime.resolve import promoe_home
 
+        promoe_home()  # a PROMOE_HOME that is a file: refused now, not once per configuration
         check_output_file(trace_out, "--trace-out")  # before any work, not after the whole benchmark
         if plot is not None:
             from promoe_cli.bench_render import check_plot

@@ -33,6 +33,7 @@ def _check_seed(value: int | None) -> int | None:
 
 
 def chat(
+    ctx: typer.Context,
     model: o.ModelArg = None,
     prompt: Annotated[
         str | None,
@@ -122,7 +123,9 @@ def chat(
                 if prompt is not None:
                     _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace)
                 else:
-                    banner(lm, profile=profile)
+                    # by name: typer 0.29 carries a click of its own, whose enum is not click's
+                    given = getattr(ctx.get_parameter_source("prefetch"), "name", "") == "COMMANDLINE"
+                    banner(lm, profile=profile, prefetch_given=given)
                     from promoe_cli.repl import run_chat
 
                     run_chat(lm, sampling, system=system, chat_template=not no_chat_template, trace=trace,

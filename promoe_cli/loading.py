@@ -109,7 +109,8 @@ def progress_display(enabled: bool = True, title: str | None = None):
 
     With a ``title``, a spinner line (the title and the time so far) stays up throughout;
     each phase reported (converting experts, loading the store, the non-expert weights)
-    gets a bar under it. When stderr is not a terminal, only a conversion's start is said.
+    gets a bar under it. When stderr is not a terminal, a conversion still running after
+    a few seconds prints how far it got, then again every half minute (plain lines).
     """
     if not enabled:
         yield None
@@ -176,8 +177,9 @@ def load(ref: str | None, opts, *, show_progress: bool = True):
     return lm
 
 
-def banner(lm, profile: str | None = None) -> None:
-    """Three lines on stderr: the model and its experts; the cache, device and budget; load time."""
+def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> None:
+    """Three lines on stderr: the model and its experts; the cache, device and budget; load time.
+    ``prefetch_given``: the user chose a --prefetch, which is said to go unused if nothing can miss."""
     from runtime.sizes import format_bytes
 
     plan, spec, rep, opts = lm.plan, lm.spec, lm.store_report, lm.options
@@ -203,9 +205,7 @@ def banner(lm, profile: str | None = None) -> None:
         f"({kernel}{format_bytes(plan.expert_bytes)} each)",
         soft_wrap=False,
     )
-    unused = (
-        f" · nothing to prefetch (--prefetch {opts.predictor} unused)" if opts.predictor != "none" else ""
-    )
+    unused = f" · nothing to prefetch (--prefetch {opts.predictor} unused)" if prefetch_given else ""
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
         cache = f"all {total} experts read in place from host memory · {where}, {budget}{unused}"
     elif lm.all_loaded:  # filled at load: nothing to evict or predict
@@ -231,14 +231,20 @@ def check_output_file(path: Path | None, flag: str) -> None:
             f"{flag} {path}: the folder {path.parent} does not exist",
             hint="create it first, or give another path",
         )
-    existed = path.exists()
-    try:  # found out now, not after a long run: open it as the run will, then leave it as it was
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise UsageError(
-            f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})",
-            hint="give a path in a folder you can write to",
-        ) from None
-    if not existed:
-        path.unlink(missing_ok=True)
+    # found out now, not after a long run, touching nothing: an existing file (or a link to
+    # one) is asked, never opened; a new one is made and removed; anything else (a FIFO whose
+    # reader an open would end, /dev/stdout, a dangling link) is left to the run itself
+    error = None
+    if path.is_file():
+        if not os.access(path, os.W_OK):
+            error = "permission denied"
+    elif not os.path.lexists(path):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except OSError as exc:
+            error = exc.strerror or type(exc).__name__
+        else:
+            path.unlink(missing_ok=True)
+    if error is not None:
+        raise UsageError(f"{flag} {path}: cannot write there ({error})",
+                         hint="give a path in a folder you can write to")  # fmt: skip

@@ -43,7 +43,10 @@ def profile_device(
         from runtime.device_profile import check_name
 
         if write is not None:
+            from runtime.resolve import promoe_home
+
             check_name(write)
+            promoe_home()  # where it will be saved: refused before measuring, not after
         from promoe_cli.loading import offline_environment, progress_display
         from runtime.device_probe import QUICK, ProbeSettings, probe_device
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,8 @@ def one_line_error(r, code: int, *needles: str) -> None:
 
 def test_without_a_terminal_a_conversion_and_a_random_default_model_are_said(tmp_path, monkeypatch):
     """One-shot runs print no progress bars (stderr is not a terminal here): a conversion,
-    which can take minutes, says it started; the random fallback for a missing bundled
-    model says, every time, that it writes nonsense."""
+    which can take minutes, says how far it got once it runs long (here: at once); the
+    random fallback for a missing bundled model says, every time, that it writes nonsense."""
     import promoe_cli.loading
     import runtime.resolve
 
@@ -190,6 +191,15 @@ def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch)
             r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 2, flag, "/proc/promoe-out.json")
             one_line_error(r, 2, "cannot write there")
             assert r.stdout == ""
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        check_output_file(fifo, flag)  # not opened (that would block, or end its reader's input)
+        link = tmp_path / "dangling"
+        link.symlink_to(tmp_path / "nowhere.json")
+        check_output_file(link, flag)  # left alone: neither its target made nor the link removed
+        assert link.is_symlink() and not (tmp_path / "nowhere.json").exists()
+        fifo.unlink()
+        link.unlink()
         kept = tmp_path / "kept.json"
         kept.write_text("old")
         check_output_file(kept, flag)  # the check leaves a file that was there as it was ...
@@ -351,3 +361,15 @@ def test_bare_promoe_prints_the_help_and_nothing_on_stderr(monkeypatch, capsys):
         run()
     captured = capsys.readouterr()
     assert "Usage: promoe" in captured.out and captured.err == ""
+
+
+def test_the_banner_says_an_explicit_prefetch_goes_unused(tiny_model):
+    """In place on the CPU nothing is prefetched: a --prefetch the user typed is said to go
+    unused; the default, which nobody asked for, is not mentioned."""
+    note = "nothing to prefetch (--prefetch cross-layer unused)"
+    asked = runner.invoke(
+        app, ["chat", str(tiny_model("mixtral")), "--prefetch", "cross-layer"], input="/quit\n"
+    )
+    default = runner.invoke(app, ["chat", str(tiny_model("mixtral"))], input="/quit\n")
+    assert asked.exit_code == 0 and default.exit_code == 0, asked.output + default.output
+    assert note in asked.stderr and "nothing to prefetch" not in default.stderr

@@ -452,8 +452,10 @@ def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
         assert "prefetch none (experts read in place)" in capsys.readouterr().err
         from promoe_cli.loading import banner
 
-        banner(lm)  # the --prefetch asked for is said to go unused, not silently dropped
+        banner(lm, prefetch_given=True)  # a --prefetch asked for is said to go unused, not dropped
         assert "nothing to prefetch (--prefetch cross-layer unused)" in capsys.readouterr().err
+        banner(lm)  # the default, not asked for: nothing said
+        assert "nothing to prefetch" not in capsys.readouterr().err
     finally:
         lm.close()
 
@@ -468,7 +470,7 @@ def test_stats_and_banner_of_a_cache_that_holds_the_model_name_no_predictor(tiny
                                                             link_bandwidth=1e9))  # fmt: skip
     try:
         assert not lm.plan.in_place and lm.cache.num_slots == lm.spec.total_experts
-        banner(lm)
+        banner(lm, prefetch_given=True)
         chat(lm, "/stats")
         err = capsys.readouterr().err
         assert "all loaded" in err and "· prefetch cross-layer" not in err  # not claimed to run ...
