@@ -196,8 +196,8 @@ def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> N
         kernel = "torch's CPU int4 kernel, " if lm.device.type == "cpu" else "torch's CPU int4 layout, "
     store = {
         "reused": "expert store reused",
-        "converted": f"experts converted in {rep.seconds:.1f}s, stored in {rep.path}",
-        "rebuilt": f"expert store rebuilt in {rep.seconds:.1f}s ({rep.reason}), in {rep.path}",
+        "converted": f"experts converted from {rep.source} in {rep.seconds:.1f}s, stored in {rep.path}",
+        "rebuilt": f"expert store rebuilt from {rep.source} in {rep.seconds:.1f}s ({rep.reason}), in {rep.path}",
     }[rep.action]
     err.print(
         f"[bold accent]{escape(lm.name)}[/]  {spec.arch.name} · {spec.num_layers} layers · "

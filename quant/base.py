@@ -115,6 +115,17 @@ class QuantFormat(ABC):
             y[..., start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
         return y
 
+    def repack_source(self) -> QuantFormat | None:
+        """A format whose store holds this one's codes in another layout, so that a store of
+        this format can be built from that store (:meth:`repack`) instead of quantizing the
+        checkpoint again; None (the default): none does."""
+        return None
+
+    def repack(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """This format's parts from :meth:`repack_source`'s ``parts`` of the same weight: the
+        bytes :meth:`quantize` gives for it."""
+        raise NotImplementedError(f"{self.name} is not repacked from another format")
+
     def row_block(
         self, parts: dict[str, torch.Tensor], shape: tuple[int, int], start: int, stop: int
     ) -> dict[str, torch.Tensor] | None:

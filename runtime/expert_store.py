@@ -56,6 +56,7 @@ class StoreReport:
     seconds: float  # time spent converting or mapping + verifying
     path: Path
     nbytes: int
+    source: str = ""  # what a conversion read: "the checkpoint", or "the int4 store" it repacked
 
 
 class ExpertStore:
@@ -288,9 +289,46 @@ def _check_host_room(nbytes: int) -> None:
         )  # fmt: skip
 
 
+@dataclass
+class _Source:
+    """A valid store of ``layout.fmt`` (a format the one converted repacks), read, not converted."""
+
+    name: str
+    layout: ExpertLayout
+    rows: dict[int, torch.Tensor]
+
+    def repack(self, layer: int, expert: int, layout: ExpertLayout, out: torch.Tensor) -> None:
+        """Expert ``expert`` of ``layer`` into ``out``, a row of ``layout``: its parts repacked."""
+        src, dst = self.layout.views(self.rows[layer][expert]), layout.views(out)
+        for mat, shape in layout.shape.matrices().items():
+            for name, t in layout.fmt.repack(getattr(src, mat), shape).items():
+                getattr(dst, mat)[name].copy_(t)
+        for name in layout.shape.biases():
+            getattr(dst, name).copy_(getattr(src, name))
+
+
+def _repack_source(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, home: Path) -> _Source | None:
+    """The store ``fmt`` can be repacked from (int4 for int4-cpu), if one is there, up to date
+    with the checkpoint and intact (checksums verified: a damaged one is never repacked)."""
+    src_fmt = fmt.repack_source()
+    if src_fmt is None:
+        return None
+    layout = ExpertLayout(spec.expert_shape, src_fmt)
+    path = store_dir(home, ckpt, src_fmt)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if _stale_reason(manifest, _expected(ckpt, spec, src_fmt, layout)) is not None:
+            return None
+        return _Source(src_fmt.store_name, layout, _load_verified(path, manifest, spec, layout, False, None))
+    except (OSError, StoreError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: dict, tmp: Path,
-             quantize_device: torch.device | None, progress: ProgressFn | None, title: str) -> dict:  # fmt: skip
-    """Write every layer file and then the manifest into ``tmp``. Returns the manifest."""
+             quantize_device: torch.device | None, progress: ProgressFn | None, title: str,
+             source: _Source | None = None) -> dict:  # fmt: skip
+    """Write every layer file and then the manifest into ``tmp``: each expert quantized from
+    the checkpoint, or repacked from ``source``. Returns the manifest."""
     t0 = time.perf_counter()
     files: dict[str, dict] = {}
     total = spec.total_experts
@@ -298,12 +336,15 @@ def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: 
     for layer in spec.moe_layers:
         buf = torch.empty((spec.num_experts, layout.nbytes), dtype=torch.uint8)  # one layer of rows
         for e in range(spec.num_experts):
-            tensors = read_expert(ckpt, spec, layer, e)
-            ckpt.close()  # unmap what was read: resident memory stays one expert, not a shard
-            _check_shapes(tensors, layout, layer, e)
-            if quantize_device is not None:
-                tensors = {k: v.to(quantize_device) for k, v in tensors.items()}
-            layout.pack(tensors, out=buf[e])
+            if source is not None:
+                source.repack(layer, e, layout, buf[e])
+            else:
+                tensors = read_expert(ckpt, spec, layer, e)
+                ckpt.close()  # unmap what was read: resident memory stays one expert, not a shard
+                _check_shapes(tensors, layout, layer, e)
+                if quantize_device is not None:
+                    tensors = {k: v.to(quantize_device) for k, v in tensors.items()}
+                layout.pack(tensors, out=buf[e])
             done += 1
             if progress:
                 progress(title, done, total)
@@ -312,7 +353,8 @@ def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: 
         files[name] = {"bytes": (tmp / name).stat().st_size, "xxh3_128": _checksum(buf)}
         del buf
     manifest = {**expected, "files": files, "conversion_seconds": round(time.perf_counter() - t0, 3),
-                "created_unix": int(time.time())}  # fmt: skip
+                "created_unix": int(time.time()),
+                "converted_from": f"the {source.name} store" if source else "the checkpoint"}  # fmt: skip
     for name in files:
         _fsync(tmp / name)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -363,12 +405,15 @@ def open_store(
 
     action = "converted" if reason == "no store yet" else "rebuilt"
     title = "Converting experts" if action == "converted" else f"Rebuilding expert store ({reason})"
+    t0 = time.perf_counter()
+    source = _repack_source(ckpt, spec, fmt, home)
+    if source is not None:
+        title += f" (repacking the {source.name} store)"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(final, "tmp")
     tmp.mkdir()
-    t0 = time.perf_counter()
     try:
-        manifest = _convert(ckpt, spec, layout, expected, tmp, quantize_device, progress, title)
+        manifest = _convert(ckpt, spec, layout, expected, tmp, quantize_device, progress, title, source)
         if final.exists():
             with contextlib.suppress(OSError):  # a leftover at worst, cleared next time
                 discard(final)
@@ -381,5 +426,5 @@ def open_store(
     convert_s = time.perf_counter() - t0
     rows = _load_verified(final, manifest, spec, layout, pin, None, verify=False)  # checksummed as written
     report = StoreReport(action, "" if action == "converted" else reason, convert_s, final,
-                         sum(t.numel() for t in rows.values()))  # fmt: skip
+                         sum(t.numel() for t in rows.values()), manifest["converted_from"])  # fmt: skip
     return ExpertStore(layout, rows, final, manifest), report

@@ -261,3 +261,45 @@ def test_packing_a_block_of_rows_at_a_time_gives_the_same_bytes(monkeypatch):
     assert sizes == [128, 128, 64]
     for k, v in whole.items():
         assert torch.equal(blocks[k], v), k
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])  # gpt_oss: experts with biases
+def test_int4_cpu_is_repacked_from_an_int4_store_bit_for_bit(arch, tiny_model, home, monkeypatch):
+    """An int4-cpu store is built from a valid int4 store of the same checkpoint (the same
+    codes, repacked; the checkpoint is not read), with the bytes a conversion from the
+    checkpoint gives; a damaged int4 store is never repacked."""
+    import runtime.expert_store as es
+    from runtime.checkpoint import Checkpoint
+    from runtime.expert_store import open_store
+    from runtime.model_spec import describe_model
+    from runtime.store_paths import model_dir
+
+    path = tiny_model(arch, intermediate_size=128)
+    ckpt = Checkpoint(path)
+    spec = describe_model(ckpt)
+    assert spec.expert_shape.has_bias == (arch == "gpt_oss")
+    direct, rep = open_store(ckpt, spec, Int4CpuPacked(), home=home)  # from the checkpoint
+    assert rep.source == "the checkpoint"
+    want = {layer: direct.rows(layer).clone() for layer in spec.moe_layers}
+    es.discard(direct.path)
+
+    open_store(ckpt, spec, get_format("int4"), home=home)
+    reads = []
+    real = es.read_expert
+    monkeypatch.setattr(es, "read_expert", lambda *a: reads.append(a[2:]) or real(*a))
+    repacked, rep = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+    assert rep.action == "converted" and rep.source == "the int4 store" and reads == []
+    assert repacked.manifest["converted_from"] == "the int4 store"
+    for layer in spec.moe_layers:
+        assert torch.equal(repacked.rows(layer), want[layer]), layer
+    es.discard(repacked.path)
+
+    int4_file = model_dir(home, path) / "int4" / "layer-000.safetensors"
+    data = bytearray(int4_file.read_bytes())
+    data[-100] ^= 0xFF  # a damaged int4 store: converted from the checkpoint instead
+    int4_file.write_bytes(bytes(data))
+    rebuilt, rep = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+    assert rep.source == "the checkpoint" and reads
+    for layer in spec.moe_layers:
+        assert torch.equal(rebuilt.rows(layer), want[layer]), layer
