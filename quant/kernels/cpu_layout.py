@@ -33,12 +33,11 @@ No masks on rows or columns: both dimensions are whole blocks and groups
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from quant.kernels import DECODE_MAX_TOKENS
-from quant.kernels.groupwise import _row_major, _split_k
+from quant.kernels.groupwise import _row_major, decode_or_prefill, split_k_output, split_k_result
 
 GROUP = 64
 GEMV_WARPS = 4
@@ -152,28 +151,16 @@ def gemv(
     x = _row_major(x)
     # the layout has no strides of its own: a view that is not contiguous would be misread
     q, sz = parts["q"].contiguous(), parts["sz"].contiguous()
-    G = K // GROUP
     n_blocks = N // block
-    splits = split_k or _split_k(n_blocks, G, x.device)
-    groups_per_split = triton.cdiv(G, splits)
-    splits = triton.cdiv(G, groups_per_split)  # no empty splits
-    if splits == 1:
-        out = torch.empty((1, T, N), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((splits, T, N), dtype=torch.float32, device=x.device)
-    has_bias = bias is not None and splits == 1
-    _gemv_kernel[(n_blocks, splits)](
+    out, groups_per_split = split_k_output(x, n_blocks, K // GROUP, N, split_k)
+    has_bias = bias is not None and out.shape[0] == 1  # one split: the kernel adds the bias
+    _gemv_kernel[(n_blocks, out.shape[0])](
         x, q, sz, bias if has_bias else out, out, T, N, K, groups_per_split,
         x.stride(0), out.stride(0), out.stride(1),
         BLOCK=block, HALVES=halves, BLOCK_T=triton.next_power_of_2(T), HAS_BIAS=has_bias,
         num_warps=GEMV_WARPS,
     )  # fmt: skip
-    if splits == 1:
-        return out[0]
-    y = out.sum(dim=0)  # [T, N] fp32
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    return split_k_result(out, bias, x.dtype)
 
 
 def dequantize(
@@ -200,14 +187,8 @@ def linear(
     halves: bool,
 ) -> torch.Tensor:
     """``x [..., K] -> [..., N]``: fused GEMV for up to 8 rows of x, else dequantize + GEMM."""
-    N, K = shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    T = x2.shape[0]
-    if T == 0:
-        return x.new_empty((*lead, N))
-    if T <= DECODE_MAX_TOKENS:
-        y = gemv(x2, parts, shape, bias, block=block, halves=halves)
-    else:
-        y = F.linear(x2, dequantize(parts, shape, x.dtype, block=block, halves=halves), bias)
-    return y.reshape(*lead, N)
+    return decode_or_prefill(
+        x, shape[0], shape[1],
+        lambda x2: gemv(x2, parts, shape, bias, block=block, halves=halves),
+        lambda dtype: dequantize(parts, shape, dtype, block=block, halves=halves), bias,
+    )  # fmt: skip

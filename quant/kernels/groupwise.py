@@ -180,6 +180,41 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def split_k_output(
+    x: torch.Tensor, n_blocks: int, groups: int, n_out: int, split_k: int | None
+) -> tuple[torch.Tensor, int]:
+    """The output a GEMV over ``groups`` groups writes, and the groups of each K-split: with
+    one split ``[1, T, N]`` in x's dtype (the kernel adds the bias), with several fp32
+    partial sums ``[S, T, N]`` (no bias; :func:`split_k_result` adds them up)."""
+    splits = split_k or _split_k(n_blocks, groups, x.device)
+    groups_per_split = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, groups_per_split)  # no empty splits
+    dtype = x.dtype if splits == 1 else torch.float32
+    return torch.empty((splits, x.shape[0], n_out), dtype=dtype, device=x.device), groups_per_split
+
+
+def split_k_result(out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, N]`` from :func:`split_k_output`'s tensor once the kernel wrote it."""
+    if out.shape[0] == 1:
+        return out[0]
+    y = out.sum(dim=0)  # [T, N] fp32
+    if bias is not None:
+        y += bias
+    return y.to(dtype)
+
+
+def decode_or_prefill(x: torch.Tensor, n_out: int, n_in: int, gemv_fn, dequant_fn, bias) -> torch.Tensor:
+    """``x [..., K] -> [..., N]``: ``gemv_fn(x2)`` for up to 8 rows, else ``F.linear(x2,
+    dequant_fn(dtype), bias)``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)  # [T, K]
+    if x2.shape[0] == 0:
+        return x.new_empty((*lead, n_out))
+    decode = x2.shape[0] <= DECODE_MAX_TOKENS  # the GEMV adds the bias itself
+    y = gemv_fn(x2) if decode else F.linear(x2, dequant_fn(x.dtype), bias)  # [T, N]
+    return y.reshape(*lead, n_out)
+
+
 def gemv(
     x: torch.Tensor,
     parts: dict[str, torch.Tensor],
@@ -208,17 +243,10 @@ def gemv(
     block_n, num_warps = config or GEMV_CONFIG[bits]
     block_t = triton.next_power_of_2(T)
     n_blocks = triton.cdiv(N, block_n)
-    splits = split_k or _split_k(n_blocks, G, x.device)
-    groups_per_split = triton.cdiv(G, splits)
-    splits = triton.cdiv(G, groups_per_split)  # no empty splits
-
-    if splits == 1:  # the kernel adds the bias and writes the result
-        out = torch.empty((1, T, N), dtype=x.dtype, device=x.device)
-    else:  # fp32 partial sums, added up below
-        out = torch.empty((splits, T, N), dtype=torch.float32, device=x.device)
-    has_bias = bias is not None and splits == 1
+    out, groups_per_split = split_k_output(x, n_blocks, G, N, split_k)
+    has_bias = bias is not None and out.shape[0] == 1  # one split: the kernel adds the bias
     b = bias if has_bias else out  # never read without HAS_BIAS
-    grid = (n_blocks, splits)
+    grid = (n_blocks, out.shape[0])
     common = dict(
         T=T, N=N, K=K, G=G, groups_per_split=groups_per_split,
         stride_xt=x.stride(0), stride_qn=q.stride(0), stride_sn=scale.stride(0),
@@ -230,13 +258,7 @@ def gemv(
         _int4_gemv_kernel[grid](x, q, scale, zero, b, out, **common)
     else:
         _int8_gemv_kernel[grid](x, q, scale, b, out, **common)
-
-    if splits == 1:
-        return out[0]
-    y = out.sum(dim=0)  # [T, N] fp32
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    return split_k_result(out, bias, x.dtype)
 
 
 def dequantize(
@@ -270,15 +292,8 @@ def groupwise_linear(
     group_size: int,
 ) -> torch.Tensor:
     """``x [..., K] -> [..., N]``: fused GEMV for up to 8 rows of x, else dequantize + GEMM."""
-    N, K = shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # [T, K]
-    T = x2.shape[0]
-    if T == 0:
-        return x.new_empty((*lead, N))
-    if T <= DECODE_MAX_TOKENS:
-        y = gemv(x2, parts, shape, bias, bits=bits, group_size=group_size)  # [T, N]
-    else:
-        w = dequantize(parts, shape, x.dtype, bits=bits, group_size=group_size)  # [N, K]
-        y = F.linear(x2, w, bias)  # [T, N]
-    return y.reshape(*lead, N)
+    return decode_or_prefill(
+        x, shape[0], shape[1],
+        lambda x2: gemv(x2, parts, shape, bias, bits=bits, group_size=group_size),
+        lambda dtype: dequantize(parts, shape, dtype, bits=bits, group_size=group_size), bias,
+    )  # fmt: skip
