@@ -307,7 +307,9 @@ class _Source:
             getattr(dst, name).copy_(getattr(src, name))
 
 
-def _repack_source(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, home: Path) -> _Source | None:
+def _repack_source(
+    ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, home: Path, progress: ProgressFn | None
+) -> _Source | None:
     """The store ``fmt`` can be repacked from (int4 for int4-cpu), if one is there, up to date
     with the checkpoint and intact (checksums verified: a damaged one is never repacked)."""
     src_fmt = fmt.repack_source()
@@ -315,13 +317,21 @@ def _repack_source(ckpt: Checkpoint, spec: ModelSpec, fmt: QuantFormat, home: Pa
         return None
     layout = ExpertLayout(spec.expert_shape, src_fmt)
     path = store_dir(home, ckpt, src_fmt)
+    if not (path / MANIFEST).is_file():
+        return None
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         if _stale_reason(manifest, _expected(ckpt, spec, src_fmt, layout)) is not None:
             return None
-        return _Source(src_fmt.store_name, layout, _load_verified(path, manifest, spec, layout, False, None))
-    except (OSError, StoreError, json.JSONDecodeError, KeyError, TypeError):
+        check = _renamed(progress, f"Checking the {src_fmt.store_name} store to repack")
+        return _Source(src_fmt.store_name, layout, _load_verified(path, manifest, spec, layout, False, check))
+    except Exception:  # noqa: BLE001 - any damage at all: a shortcut not taken, the checkpoint is read
         return None
+
+
+def _renamed(progress: ProgressFn | None, title: str) -> ProgressFn | None:
+    """``progress`` reporting under ``title``."""
+    return None if progress is None else (lambda _desc, done, total: progress(title, done, total))
 
 
 def _convert(ckpt: Checkpoint, spec: ModelSpec, layout: ExpertLayout, expected: dict, tmp: Path,
@@ -398,15 +408,16 @@ def open_store(
                 )
                 return ExpertStore(layout, rows, final, manifest), report
             reason = f"stale: {stale}"
-        except (StoreError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            reason = f"corrupt: {exc}" if str(exc) else "corrupt manifest"
+        # ValueError: bad JSON or UTF-8; AttributeError, TypeError, KeyError: JSON of another shape
+        except (StoreError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            reason = f"corrupt: {exc}" if isinstance(exc, StoreError) and str(exc) else "corrupt manifest"
     elif final.exists():
         reason = "corrupt: manifest missing"
 
     action = "converted" if reason == "no store yet" else "rebuilt"
     title = "Converting experts" if action == "converted" else f"Rebuilding expert store ({reason})"
     t0 = time.perf_counter()
-    source = _repack_source(ckpt, spec, fmt, home)
+    source = _repack_source(ckpt, spec, fmt, home, progress)
     if source is not None:
         title += f" (repacking the {source.name} store)"
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +425,7 @@ def open_store(
     tmp.mkdir()
     try:
         manifest = _convert(ckpt, spec, layout, expected, tmp, quantize_device, progress, title, source)
+        del source  # unmap the int4 store read from: the new store is loaded (and pinned) next
         if final.exists():
             with contextlib.suppress(OSError):  # a leftover at worst, cleared next time
                 discard(final)

@@ -3,6 +3,8 @@ when the loader picks it (experts read in place on the CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -295,6 +297,21 @@ def test_int4_cpu_is_repacked_from_an_int4_store_bit_for_bit(arch, tiny_model, h
         assert torch.equal(repacked.rows(layer), want[layer]), layer
     es.discard(repacked.path)
 
+    int4_manifest = model_dir(home, path) / "int4" / "manifest.json"
+    good = int4_manifest.read_text()
+    for key, value in (("source", {"config_sha256": "another checkpoint"}), ("quant", {"name": "int4"})):
+        stale = json.loads(good)
+        stale[key] = value  # an int4 store of another checkpoint, or other settings: not repacked
+        int4_manifest.write_text(json.dumps(stale))
+        other, rep = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+        assert rep.source == "the checkpoint", key
+        es.discard(other.path)
+    for damage in ("[]", '{"files": []}', "not json"):  # damaged: never a crash, the checkpoint is read
+        int4_manifest.write_text(damage)
+        other, rep = open_store(ckpt, spec, Int4CpuPacked(), home=home)
+        assert rep.source == "the checkpoint", damage
+        es.discard(other.path)
+    int4_manifest.write_text(good)
     int4_file = model_dir(home, path) / "int4" / "layer-000.safetensors"
     data = bytearray(int4_file.read_bytes())
     data[-100] ^= 0xFF  # a damaged int4 store: converted from the checkpoint instead

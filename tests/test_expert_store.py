@@ -64,8 +64,9 @@ def test_corrupt_store_is_detected_and_rebuilt(tiny_model, home):
 def test_truncated_or_missing_manifest_is_rebuilt(tiny_model, home):
     path = tiny_model("olmoe")
     _, rep = _open(path, home)
-    (rep.path / MANIFEST).write_text("{not json")
-    assert _open(path, home)[1].action == "rebuilt"
+    for damage in (b"{not json", b"[]", b'{"files": []}', b"\xff\xfe not UTF-8", b"null"):
+        (rep.path / MANIFEST).write_bytes(damage)  # unreadable, or JSON of another shape
+        assert _open(path, home)[1].action == "rebuilt", damage
     f = sorted(rep.path.glob("layer-*.safetensors"))[0]
     f.write_bytes(f.read_bytes()[:50])
     _, rep2 = _open(path, home)

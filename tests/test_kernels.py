@@ -260,9 +260,15 @@ def test_interpreted_cpu_layout_dequantize_and_linear(layout, shape):
     fmt, parts, block, halves = _cpu_layout_case(layout, shape)
     want = fmt.dequantize(parts, shape, torch.float32)
     torch.testing.assert_close(dequantize(parts, shape, torch.float32, block=block, halves=halves), want)
-    for T in (1, 8, 16, 100):  # the GEMV, then dequantize + F.linear
+    bias = torch.randn(shape[0], generator=_gen(7))
+    for T in (1, 8, 16, 100):  # the GEMV, then dequantize + F.linear; with a bias, added once
         x = torch.randn(T, shape[1], generator=_gen(T))
         assert _rel(linear(x, parts, shape, None, block=block, halves=halves), F.linear(x, want)) <= RTOL
+        got = linear(x, parts, shape, bias, block=block, halves=halves)
+        assert _rel(got, F.linear(x, want, bias)) <= RTOL
+    x3 = torch.randn(2, 3, shape[1], generator=_gen(9))  # leading dims kept
+    assert linear(x3, parts, shape, None, block=block, halves=halves).shape == (2, 3, shape[0])
+    assert linear(x3[:, :0], parts, shape, None, block=block, halves=halves).shape == (2, 0, shape[0])
 
 
 @interpret
