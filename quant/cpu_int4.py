@@ -146,15 +146,14 @@ class Int4CpuPacked(QuantFormat):
 
     def repack(self, parts, shape):
         self._check(tuple(shape))
-        p = parts
         n, k = shape
-        packed = p["q"].cpu()  # [N, K/2], two codes a byte; ... torch packs on the CPU,
+        packed = parts["q"].cpu()  # [N, K/2], two codes a byte; ... torch packs on the CPU,
         q = torch.empty((n, k // 2), dtype=torch.uint8)
         rows = self.block_rows(max(1, base.CPU_BLOCK_ELEMENTS // k))  # ... a block of rows at a time:
         for r in range(0, n, rows):  # int32 codes of a whole Mixtral matrix would take 470 MB
             codes = unpack(packed[r : r + rows], 4, k).to(torch.int32)  # [rows, K]
             q[r : r + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-        scale, zero = p["scale"].cpu().float(), p["zero"].cpu().float()  # [N, G]
+        scale, zero = parts["scale"].cpu().float(), parts["zero"].cpu().float()  # [N, G]
         sz = torch.stack([scale, zero + 8 * scale], dim=-1).transpose(0, 1)  # [G, N, 2]
         return {"q": q, "sz": sz.to(torch.bfloat16).contiguous()}
 
