@@ -103,14 +103,20 @@ def holds_every_expert(opts: LoadOptions, plan: MemoryPlan, spec: ModelSpec) -> 
     return opts.retain and not plan.in_place and plan.slots >= spec.total_experts
 
 
+def always_resident(opts: LoadOptions, plan: MemoryPlan, spec: ModelSpec) -> bool:
+    """Every expert is resident whenever it is used: read in place, or in a cache filled at
+    load with a slot for each. Nothing misses (no miss handler, no low-bit store), nothing
+    is predicted."""
+    return plan.in_place or holds_every_expert(opts, plan, spec)
+
+
 def expert_format(fmt, spec: ModelSpec, device: torch.device, opts: LoadOptions, plan: MemoryPlan):
     """The format the experts are stored and computed in: ``fmt``, or int4 in torch's CPU
     layout (where its kernel runs here) when the CPU computes experts: every one (the CPU
     is the device), or, with ``--host-misses`` beside a GPU, the misses it is quicker at.
     The GPU then reads that layout too (:mod:`quant.kernels.cpu_layout`): one host store,
     not a second copy of it. A cache that holds every expert never misses: ``fmt`` stays."""
-    misses = not (plan.in_place or holds_every_expert(opts, plan, spec))
-    if device.type == "cpu" or (opts.host_misses and misses):
+    if device.type == "cpu" or (opts.host_misses and not always_resident(opts, plan, spec)):
         return cpu_variant(fmt, list(spec.expert_shape.matrices().values()))
     return fmt
 
@@ -230,19 +236,16 @@ def load_model(
         mlp = model.model.layers[layer].mlp
         mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
     _materialize(model, spec, ckpt, device, dtype, progress)
-    # in place, or in a cache with a slot for every expert (filled below), every expert is
-    # always resident: nothing misses (no low-bit store, no calibration), nothing to predict
-    holds_all = holds_every_expert(opts, plan, spec)
-    always_resident = plan.in_place or holds_all
-    if not always_resident:
+    resident = always_resident(opts, plan, spec)  # then no miss handler and no predictor
+    if not resident:
         rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
     ckpt.close()
-    predictor = None if always_resident else make_predictor(
+    predictor = None if resident else make_predictor(
         opts.predictor, model=model, spec=spec, extra=opts.predictor_extra, lookahead=opts.lookahead,
         learned_path=store.path, model_ref=shlex.quote(ref) if ref else "")  # fmt: skip
     if predictor is not None:
         rt.prefetcher = Prefetcher(predictor, cache)
-    if holds_all:
+    if holds_every_expert(opts, plan, spec):
         cache.fill()  # copied now, not miss by miss in the first answer
         cache.stats.reset()  # the figures count from the first answer, as for every cache
     timings["weights_s"] = time.perf_counter() - t0
