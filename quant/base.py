@@ -75,8 +75,8 @@ class QuantFormat(ABC):
         quantizing stay a block's size, not the matrix's (several times 704 MB for a Mixtral
         expert matrix). Every format's rows quantize independently, so the bytes are the same."""
         shape = (weight.shape[0], weight.shape[1])
-        rows = self.block_rows(max(1, CPU_BLOCK_ELEMENTS // shape[1]))
-        if weight.device.type != "cpu" or rows >= shape[0] or self.row_block(out, shape, 0, rows) is None:
+        rows = self._cpu_block_rows(weight.device, out, shape)
+        if rows is None:
             blocks = [(0, shape[0], out)]
         else:
             blocks = [(r, min(r + rows, shape[0]), None) for r in range(0, shape[0], rows)]
@@ -105,8 +105,8 @@ class QuantFormat(ABC):
         """``x [T, in] -> [T, out]``. Default: dequantize, then one GEMM; on the CPU, a weight
         larger than ``CPU_BLOCK_ELEMENTS`` a block of rows at a time (see there)."""
         n_out, n_in = shape
-        rows = self.block_rows(max(1, CPU_BLOCK_ELEMENTS // n_in))
-        if x.device.type != "cpu" or rows >= n_out or self.row_block(parts, shape, 0, rows) is None:
+        rows = self._cpu_block_rows(x.device, parts, shape)
+        if rows is None:
             return F.linear(x, self.dequantize(parts, shape, x.dtype), bias)
         y = x.new_empty(*x.shape[:-1], n_out)  # [T, out]
         for start in range(0, n_out, rows):
@@ -114,6 +114,17 @@ class QuantFormat(ABC):
             w = self.dequantize(self.row_block(parts, shape, start, stop), (stop - start, n_in), x.dtype)
             y[..., start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
         return y
+
+    def _cpu_block_rows(
+        self, device: torch.device, parts: dict[str, torch.Tensor], shape: tuple[int, int]
+    ) -> int | None:
+        """Rows a block of a weight of ``shape`` handled on ``device`` holds (about
+        ``CPU_BLOCK_ELEMENTS``), or None when it is handled whole: not on the CPU, small
+        enough already, or a layout that cannot be cut at row boundaries."""
+        rows = self.block_rows(max(1, CPU_BLOCK_ELEMENTS // shape[1]))
+        if device.type != "cpu" or rows >= shape[0] or self.row_block(parts, shape, 0, rows) is None:
+            return None
+        return rows
 
     def repack_source(self) -> QuantFormat | None:
         """A format whose store holds this one's codes in another layout, so that a store of
