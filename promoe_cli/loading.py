@@ -212,8 +212,14 @@ def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> N
         cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
                  f"{where}, {budget}{link}{unused}")  # fmt: skip
     else:
+        streamed = len(plan.streamed_layers)
+        stream = (
+            f" · {streamed} of {spec.num_moe_layers} MoE layers stream their experts (no slot)"
+            if streamed
+            else ""
+        )
         cache = (f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
-                 f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip
+                 f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}{stream}")  # fmt: skip
     err.print(cache, soft_wrap=False)
     err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)
 

@@ -15,6 +15,11 @@ One invocation of a layer (a decode token, or a prefill chunk) goes::
         cache.release(layer, e)
     cache.end(layer)                       # unpins; on-demand mode forgets everything
 
+A layer may have no slot (a budget smaller than one expert per layer, see
+:mod:`runtime.memory_plan`): nothing is ever resident or prefetched there, and the miss
+handler serves each of its uses from a stream buffer (:mod:`runtime.miss`) instead of
+``acquire``.
+
 Slot rules, enforced here on the main thread (stream rules are in the engines):
 
 * a pinned expert (needed by the invocation in progress) is never evicted, unless the
@@ -79,8 +84,8 @@ class ExpertCache:
         expert_bytes: int | None = None,
         in_place: bool = False,
     ) -> None:
-        if any(n < 1 for n in slots_per_layer.values()):
-            raise ValueError("every MoE layer needs at least one slot")
+        if any(n < 0 for n in slots_per_layer.values()):
+            raise ValueError("slot counts must be 0 or more")
         self.store = store
         self.layout: ExpertLayout | None = store.layout if store is not None else None
         self.expert_bytes = self.layout.nbytes if self.layout else (expert_bytes or 0)
@@ -199,7 +204,8 @@ class ExpertCache:
         return self._views[entry.slot] if self._views else None
 
     def record_bypass(self, layer: int, expert: int, route: str, nbytes: int, stall_s: float) -> None:
-        """Count a miss that the miss handler served without a slot (``route``: host or low-bit)."""
+        """Count a miss that the miss handler served without a slot (``route``: host,
+        low-bit, or stream: a layer without slots)."""
         st = self.stats.layer(layer)
         st.uses += 1
         st.misses += 1
@@ -207,7 +213,7 @@ class ExpertCache:
         st.stall_s += stall_s
         if route == "host":
             st.cpu_computed += 1
-        else:
+        elif route == "low-bit":
             st.low_bit_loads += 1
         self._parts[layer].policy.on_access(expert, False)
 

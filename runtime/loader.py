@@ -238,7 +238,9 @@ def load_model(
     _materialize(model, spec, ckpt, device, dtype, progress)
     resident = always_resident(opts, plan, spec)  # then no miss handler and no predictor
     if not resident:
-        rt.miss_handler = _miss_handler(opts, ckpt, spec, store, fmt, cache, device, model, home, progress)
+        rt.miss_handler = _miss_handler(
+            opts, ckpt, spec, store, fmt, cache, device, model, home, progress, plan
+        )
     ckpt.close()
     predictor = None if resident else make_predictor(
         opts.predictor, model=model, spec=spec, extra=opts.predictor_extra, lookahead=opts.lookahead,
@@ -254,8 +256,8 @@ def load_model(
                        timings)  # fmt: skip
 
 
-def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, model, home, progress):
-    if opts.low_bit is None and not opts.host_misses:
+def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, model, home, progress, plan):
+    if opts.low_bit is None and not opts.host_misses and not plan.streamed_layers:
         return None
     from runtime.miss import MissHandler, calibrate
 
@@ -266,9 +268,11 @@ def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, mode
         low_store, _ = open_store(ckpt, spec, low_fmt, home=home, pin=device.type == "cuda",
                                   quantize_device=device if device.type == "cuda" else None,
                                   progress=progress)  # fmt: skip
-    link = (opts.link_bandwidth, opts.link_latency)
-    gate_fn = model.model.layers[spec.moe_layers[0]].mlp.experts._gate_fn
-    cost = calibrate(store, fmt, device, link, gate_fn)
+    cost = None
+    if opts.host_misses:  # the only route that weighs costs
+        link = (opts.link_bandwidth, opts.link_latency)
+        gate_fn = model.model.layers[spec.moe_layers[0]].mlp.experts._gate_fn
+        cost = calibrate(store, fmt, device, link, gate_fn)
     return MissHandler(cache, store, fmt, cost, host=opts.host_misses, low_store=low_store, low_fmt=low_fmt,
                        threshold=opts.low_bit_threshold)  # fmt: skip
 

@@ -14,6 +14,13 @@ the context length and a byte budget::
                         dequantized (the dequantize-then-GEMM path needs it)
       = for experts  -> slots = floor(for experts / bytes of one quantized expert)
 
+The minimum is room for one expert beside the rest, not one per layer: when the budget
+holds fewer slots than there are MoE layers, one expert's bytes become a *stream buffer*
+and the layers left without a slot copy each expert they use through it (or compute it
+on the host, ``--host-misses``). That is what lets Mixtral-8x7B run in 6 GB: its 32
+layers' int4 experts would need 3.2 GB for one slot each, beside 3.2 GB of bf16
+non-expert weights.
+
 On a unified-memory device (Jetson, the CPU) host and device share one pool, so the host
 expert store is also subtracted from the budget. Slots are then split over the MoE
 layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
@@ -26,7 +33,7 @@ cache of slots would only hold the same bytes twice.
 What is planned is what is allocated: the non-expert, expert-cache and KV-cache figures
 equal the loaded model's bytes exactly for every tiny architecture
 (``tests/test_memory_plan.py``); the workspace is an estimate of transient activations.
-If the budget cannot hold one slot per MoE layer beside the rest,
+If the budget cannot hold one expert beside the rest,
 :class:`InsufficientMemoryError` says how much is needed and which single change
 (shorter context, lower quantization, half-precision weights, a bigger device) fits.
 
@@ -70,6 +77,15 @@ class MemoryPlan:
     in_place: bool = False  # the CPU reads every expert from the host store: no slots
 
     @property
+    def streamed_layers(self) -> list[int]:
+        """MoE layers without a slot: their experts go through the stream buffer."""
+        return [layer for layer, n in self.slots_per_layer.items() if n == 0]
+
+    @property
+    def stream_bytes(self) -> int:
+        return self.expert_bytes if self.streamed_layers else 0
+
+    @property
     def slots(self) -> int:
         return sum(self.slots_per_layer.values())
 
@@ -81,6 +97,7 @@ class MemoryPlan:
     def device_total(self) -> int:
         """Everything planned on the device (with the shared store on a unified device)."""
         total = self.reserved + self.non_expert + self.kv_cache + self.workspace + self.cache_bytes
+        total += self.stream_bytes
         return total + (self.store_bytes if self.unified or self.in_place else 0)
 
     @property
@@ -102,6 +119,10 @@ class MemoryPlan:
         rows.append(("expert cache", self.cache_bytes,
                      f"{self.slots} of {self.total_experts} experts ({100 * self.resident_fraction:.0f}%), "
                      f"{format_bytes(self.expert_bytes)} each"))  # fmt: skip
+        if self.stream_bytes:
+            n, total = len(self.streamed_layers), len(self.slots_per_layer)
+            rows.append(("stream buffer", self.stream_bytes,
+                         f"one expert, for the {n} of {total} MoE layers without a slot"))  # fmt: skip
         if self.unified:
             rows.append(("host expert store (shared pool)", self.store_bytes, "unified memory"))
         return rows
@@ -116,6 +137,7 @@ class MemoryPlan:
             "workspace": self.workspace,
             "expert_bytes": self.expert_bytes,
             "cache_bytes": self.cache_bytes,
+            "stream_bytes": self.stream_bytes,
             "store_bytes": self.store_bytes,
             "device_total": self.device_total,
             "unified": self.unified,
@@ -124,6 +146,7 @@ class MemoryPlan:
             "slots": self.slots,
             "total_experts": self.total_experts,
             "slots_per_layer": {str(k): v for k, v in self.slots_per_layer.items()},
+            "streamed_layers": self.streamed_layers,
             "notes": list(self.notes),
         }
 
@@ -177,7 +200,9 @@ def workspace_bytes(spec: ModelSpec, dtype: torch.dtype, prefill_chunk: int) -> 
 
 
 def split_slots(total: int, layers: list[int], num_experts: int, split: str) -> dict[int, int]:
-    """Divide ``total`` slots over ``layers``: at least 1 and at most ``num_experts`` each."""
+    """Divide ``total`` slots over ``layers``: at most ``num_experts`` each, and at least 1
+    each when there are as many slots as layers. Fewer slots than layers go one to a layer:
+    evenly spaced (uniform), or to the first layers (shallow); the others get none."""
     n = len(layers)
     if split == "uniform":
         weights = [1.0] * n
@@ -185,7 +210,10 @@ def split_slots(total: int, layers: list[int], num_experts: int, split: str) -> 
         weights = [2.0 - (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
     else:
         raise UnknownNameError(f"unknown slot split '{split}'", hint=f"choose one of: {', '.join(SPLITS)}")
-    total = max(min(total, n * num_experts), n)
+    total = max(min(total, n * num_experts), 0)
+    if total < n:
+        chosen = set(range(total)) if split == "shallow" else {k * n // total for k in range(total)}
+        return {layer: int(k in chosen) for k, layer in enumerate(layers)}
     raw = [total * w / sum(weights) for w in weights]
     alloc = [min(num_experts, max(1, math.floor(r))) for r in raw]
     # hand out what rounding left, largest remainder first, respecting the caps
@@ -226,8 +254,9 @@ class _Fixed:
             + (self.store_bytes if self.unified else 0)
         )
 
-    def minimum(self, n_layers: int) -> int:
-        return self.total + n_layers * self.expert_bytes  # one slot per MoE layer
+    @property
+    def minimum(self) -> int:
+        return self.total + self.expert_bytes  # room for one expert: a slot, or the stream buffer
 
 
 def _fixed(spec, fmt, dtype, context, reserved, unified, prefill_chunk) -> _Fixed:
@@ -258,26 +287,35 @@ def plan_memory(
     if budget is None:
         slots = spec.total_experts
     else:
-        minimum = fx.minimum(n_layers)
+        minimum = fx.minimum
         if budget < minimum:
             store = f", the {format_bytes(fx.store_bytes)} expert store (shared pool)" if unified else ""
             raise InsufficientMemoryError(
                 f"{format_bytes(budget)} is not enough: this model needs at least {format_bytes(minimum, up=True)} on the "
                 f"device ({format_bytes(fx.non_expert)} non-expert weights in {_dtype_name(dtype)}, "
                 f"{format_bytes(fx.kv)} KV cache for {context} tokens, {format_bytes(fx.workspace)} workspace, "
-                f"{format_bytes(reserved)} reserved{store}, one {format_bytes(fx.expert_bytes)} expert slot "
-                f"in each of {n_layers} MoE layers)",
+                f"{format_bytes(reserved)} reserved{store}, room for one {format_bytes(fx.expert_bytes)} expert)",
                 needed=minimum,
                 available=budget,
                 hint=_fit_hint(spec, fx, budget, prefill_chunk),
             )
         slots = (budget - fx.total) // fx.expert_bytes
+        if slots < n_layers:  # some layers go without a slot: one expert's room streams theirs
+            slots -= 1
     if max_slots is not None:
         slots = min(slots, max_slots)
     per_layer = split_slots(int(slots), spec.moe_layers, spec.num_experts, split)
     notes = []
     if budget is not None and sum(per_layer.values()) == spec.total_experts:
         notes.append("every expert fits: the cache holds the whole model")
+    streamed = sum(1 for n in per_layer.values() if n == 0)
+    if streamed:
+        every = fx.total + n_layers * fx.expert_bytes
+        notes.append(
+            f"{streamed} of {n_layers} MoE layers have no slot: each expert they use is copied through the "
+            f"stream buffer (--host-misses computes it on the host instead, when that is quicker); "
+            f"a slot in every layer needs {format_bytes(every, up=True)}"
+        )
     in_place = in_place and budget is None and sum(per_layer.values()) == spec.total_experts
     return MemoryPlan(budget, reserved, fx.non_expert, fx.kv, fx.workspace, fx.expert_bytes, fx.store_bytes,
                       spec.total_experts, per_layer, context, unified, notes, in_place)  # fmt: skip
@@ -289,12 +327,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _fit_hint(spec: ModelSpec, fx: _Fixed, budget: int, prefill_chunk: int) -> str:
     """Each single change that would make the plan fit, then the device size that would."""
-    n = len(spec.moe_layers)
 
     def fits(**change) -> bool:
         alt = dict(fmt=fx.fmt, dtype=fx.dtype, context=fx.context, reserved=fx.reserved, unified=fx.unified)
         alt.update(change)
-        return _fixed(spec, prefill_chunk=prefill_chunk, **alt).minimum(n) <= budget
+        return _fixed(spec, prefill_chunk=prefill_chunk, **alt).minimum <= budget
 
     tips = []
     ctx = 1 << (fx.context - 1).bit_length() - 1  # largest power of two below context
@@ -312,7 +349,7 @@ def _fit_hint(spec: ModelSpec, fx: _Fixed, budget: int, prefill_chunk: int) -> s
         tips.append(
             f"--dtype bfloat16 (the non-expert weights take {format_bytes(fx.non_expert)} in float32)"
         )
-    device = f"a device with at least {format_bytes(fx.minimum(n), up=True)} (--vram or a larger --profile)"
+    device = f"a device with at least {format_bytes(fx.minimum, up=True)} (--vram or a larger --profile)"
     if tips:
         return "any one of these fits: " + "; ".join(tips) + f"; or {device}"
     # no single change: the mildest combination, keeping the most bits, then the longest context

@@ -1,6 +1,6 @@
 """Smarter misses: what to do with an expert that is not resident when compute needs it.
 
-Per miss, a cost model picks one of three routes (``route``):
+Per miss, a cost model picks one of these routes (``route``):
 
 * ``host`` (Fiddler, arXiv 2402.07033; kTransformers): when copying the expert would take
   longer than computing it on the host for the tokens at hand, compute it there from the
@@ -10,6 +10,9 @@ Per miss, a cost model picks one of three routes (``route``):
   bytes) into a scratch buffer and compute from that. Nothing is cached: a later use
   still loads the full expert. The output changes, boundedly (``promoe bench --quality``).
 * ``copy``: the cache's normal on-demand load.
+* ``stream``: the same, for a layer that has no slot (a budget smaller than one expert
+  per layer, :mod:`runtime.memory_plan`): the expert is copied into the stream buffer,
+  used, and forgotten.
 
 Host wins over low-bit when both apply, since it is exact. The cost model's figures
 come from the link (emulated, or one copy timed at load on CUDA) and from timing one
@@ -30,7 +33,7 @@ from runtime.expert_cache import ExpertCache
 from runtime.expert_layout import ExpertLayout
 from runtime.expert_store import ExpertStore
 
-ROUTES = ("copy", "low-bit", "host")
+ROUTES = ("copy", "low-bit", "host", "stream")
 
 
 @dataclass
@@ -55,7 +58,7 @@ class MissHandler:
         cache: ExpertCache,
         store: ExpertStore,
         fmt: QuantFormat,
-        cost: CostModel,
+        cost: CostModel | None,  # needed with ``host`` only
         *,
         host: bool = False,
         low_store: ExpertStore | None = None,
@@ -65,16 +68,17 @@ class MissHandler:
         self.cache, self.store, self.fmt, self.cost = cache, store, fmt, cost
         self.host = host
         self.low_store, self.low_fmt, self.threshold = low_store, low_fmt, threshold
-        self._scratch: torch.Tensor | None = None
-        if low_store is not None:
-            self._scratch = torch.empty(low_store.layout.nbytes, dtype=torch.uint8, device=cache.device)
+        # one buffer outside the slots: a whole expert if a layer streams, else a low-bit copy
+        streams = any(n == 0 for n in cache.slots_per_layer().values())
+        size = store.layout.nbytes if streams else low_store.layout.nbytes if low_store is not None else 0
+        self._scratch = torch.empty(size, dtype=torch.uint8, device=cache.device) if size else None
 
     def route(self, layer: int, expert: int, tokens: int, weights: torch.Tensor) -> str:
         if self.host and self.cost.host_s(tokens) < self.cost.copy_s(self.store.layout.nbytes):
             return "host"
         if self.low_store is not None and float(weights.max()) < self.threshold:  # host sync, on a miss only
             return "low-bit"
-        return "copy"
+        return "stream" if self.cache.capacity(layer) == 0 else "copy"
 
     def compute(
         self, route: str, layer: int, expert: int, x: torch.Tensor, gate_fn: Callable
@@ -87,11 +91,12 @@ class MissHandler:
             y = expert_mlp(xh, w, self.fmt, self.store.layout, gate_fn).to(x.device, x.dtype)
             self.cache.record_bypass(layer, expert, "host", nbytes=0, stall_s=0.0)
             return y
-        row = self.low_store.row(layer, expert)
-        stall = self.cache.transfer.copy_now(row, self._scratch, layer)
-        self.cache.record_bypass(layer, expert, "low-bit", nbytes=row.numel(), stall_s=stall)
-        w = self.low_store.layout.views(self._scratch)
-        return expert_mlp(x, w, self.low_fmt, self.low_store.layout, gate_fn)
+        store, fmt = (self.store, self.fmt) if route == "stream" else (self.low_store, self.low_fmt)
+        row = store.row(layer, expert)
+        buf = self._scratch[: row.numel()]
+        stall = self.cache.transfer.copy_now(row, buf, layer)
+        self.cache.record_bypass(layer, expert, route, nbytes=row.numel(), stall_s=stall)
+        return expert_mlp(x, store.layout.views(buf), fmt, store.layout, gate_fn)
 
 
 def _median_time(fn: Callable[[], object], sync: Callable[[], None], n: int = 15) -> float:

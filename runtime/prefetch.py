@@ -107,6 +107,8 @@ class Prefetcher:
             predictions = self.predictor.predict(layer, hidden)
         for target, ranked in predictions:
             cap = self.cache.capacity(target)
+            if cap == 0:  # a layer without slots streams its experts: nothing to prefetch into
+                continue
             if self.max_per_layer is not None:
                 cap = min(cap, self.max_per_layer)
             chosen = ranked[:cap]

@@ -99,48 +99,44 @@ def test_needed_figure_is_the_exact_minimum(tiny_model):
     fmt = get_format("int4")
     free = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=256, reserved=1000)
     needed = (
-        1000 + free.non_expert + free.kv_cache + free.workspace + len(spec.moe_layers) * free.expert_bytes
-    )
+        1000 + free.non_expert + free.kv_cache + free.workspace + free.expert_bytes
+    )  # room for one expert
     with pytest.raises(InsufficientMemoryError) as exc:
         plan_memory(spec, fmt, budget=needed - 1, dtype=torch.float32, context=256, reserved=1000)
     assert exc.value.needed == needed and exc.value.available == needed - 1
     assert "needs at least" in str(exc.value) and "KV cache for 256 tokens" in str(exc.value)
     fits = plan_memory(spec, fmt, budget=needed, dtype=torch.float32, context=256, reserved=1000)
-    assert set(fits.slots_per_layer.values()) == {1}
+    assert set(fits.slots_per_layer.values()) == {0}  # every layer streams its experts
+    assert fits.stream_bytes == free.expert_bytes and fits.device_total == needed
 
 
-def test_hint_names_the_change_that_fits(tiny_model):
-    spec = describe_model(Checkpoint(tiny_model("mixtral")))
-
-    def error(fmt: str, context: int, budget: int) -> InsufficientMemoryError:
-        with pytest.raises(InsufficientMemoryError) as exc:
-            plan_memory(spec, get_format(fmt), budget=budget, dtype=torch.float32, context=context)
-        return exc.value
-
-    def minimum(fmt: str, context: int, dtype=torch.float32) -> int:
-        with pytest.raises(InsufficientMemoryError) as exc:
-            plan_memory(spec, get_format(fmt), budget=0, dtype=dtype, context=context)
-        return exc.value.needed
-
-    # a budget that holds the model at 1024 tokens but not at 4096: shorten the context
-    err = error("int8", 4096, minimum("int8", 1024))
-    assert "--context 1024" in err.hint and "at least" in err.hint
-    # a budget that int4 fits and int8 does not, whatever the context: lower the quantization
-    err = error("none", 256, minimum("int4", 256))
-    assert "--quant int4" in err.hint
-    # half-precision non-expert weights
-    err = error("int2", 256, minimum("int2", 256, torch.bfloat16))
-    assert "--dtype bfloat16" in err.hint
-    # no single change fits: the mildest combination, keeping the most bits, then the longest
-    # context (the old hint cut the context to 256 and the experts to int2 at once)
-    budget = minimum("int2", 1024, torch.bfloat16)
-    with pytest.raises(InsufficientMemoryError) as exc:
-        plan_memory(spec, get_format("int8"), budget=budget, dtype=torch.float32, context=4096)
-    hint = exc.value.hint
-    assert "any one of" not in hint and "--quant" not in hint, hint  # int8 itself fits, in bf16
-    ctx = max(c for c in (256, 512, 1024, 2048) if minimum("int8", c, torch.bfloat16) <= budget)
-    assert minimum("int8", 2 * ctx, torch.bfloat16) > budget
-    assert f"together --dtype bfloat16 --context {ctx} do" in hint, hint
+@pytest.mark.parametrize("split", ["uniform", "shallow"])
+def test_fewer_slots_than_layers_stream_through_one_buffer(tiny_model, split):
+    """Between room for one expert and one slot per layer, every budget plans within itself:
+    the slots go one to a layer (spread out, or to the first layers with shallow), and one
+    expert's room is the stream buffer of the layers without one."""
+    spec = describe_model(Checkpoint(tiny_model("mixtral")))  # 8 MoE layers
+    fmt, n = get_format("int4"), len(spec.moe_layers)
+    free = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=256)
+    fixed = free.non_expert + free.kv_cache + free.workspace
+    for room in range(1, n + 1):  # experts' worth of room beside the rest
+        p = plan_memory(spec, fmt, budget=fixed + room * free.expert_bytes, dtype=torch.float32, context=256,
+                        split=split)  # fmt: skip
+        assert p.device_total <= p.budget
+        with_slot = [layer for layer, k in p.slots_per_layer.items() if k]
+        if room == n:  # one slot each: nothing streams
+            assert p.stream_bytes == 0 and len(with_slot) == n and not p.streamed_layers
+            continue
+        assert set(p.slots_per_layer.values()) <= {0, 1} and len(with_slot) == room - 1
+        assert p.stream_bytes == free.expert_bytes and p.streamed_layers == sorted(
+            set(spec.moe_layers) - set(with_slot)
+        )
+        assert any(f"{n - room + 1} of {n} MoE layers have no slot" in note for note in p.notes)
+        if split == "shallow":
+            assert with_slot == spec.moe_layers[: room - 1]
+        elif room > 2:
+            assert with_slot[-1] - with_slot[0] >= n // 2  # spread over the depth, not bunched
+        assert p.to_json()["streamed_layers"] == p.streamed_layers
 
 
 def test_unified_memory_counts_the_store(tiny_model):

@@ -16,11 +16,14 @@ def test_cost_model_decides_between_copy_and_host():
     handler = MissHandler.__new__(MissHandler)
     handler.cost, handler.host, handler.low_store = cost, True, None
     handler.store = type("S", (), {"layout": type("L", (), {"nbytes": 10**6})()})()
+    handler.cache = type("C", (), {"capacity": lambda self, layer: layer})()  # layer 0 has no slot
     w = torch.tensor([[0.5]])
-    assert handler.route(0, 0, 1, w) == "host"  # 0.2 ms on the host < 1.01 ms to copy
-    assert handler.route(0, 0, 20, w) == "copy"  # 2.1 ms on the host > 1.01 ms
+    assert handler.route(1, 0, 1, w) == "host"  # 0.2 ms on the host < 1.01 ms to copy
+    assert handler.route(1, 0, 20, w) == "copy"  # 2.1 ms on the host > 1.01 ms
+    assert handler.route(0, 0, 20, w) == "stream"  # the same, where the layer has no slot
+    assert handler.route(0, 0, 1, w) == "host"
     handler.host = False
-    assert handler.route(0, 0, 1, w) == "copy"
+    assert handler.route(1, 0, 1, w) == "copy"
 
 
 def test_host_misses_are_exact(tiny_model):

@@ -135,3 +135,46 @@ def test_in_place_has_no_miss_handler(tiny_model, monkeypatch):
         assert opened == ["int4"]  # no low-bit store was opened or converted
     finally:
         lm.close()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_layers_without_a_slot_stream_their_experts_exactly(arch, tiny_model):
+    """A budget with room for fewer experts than there are MoE layers (Mixtral-8x7B in 6 GB):
+    the layers without a slot copy each expert through the stream buffer, and the model
+    still gives the reference's logits and greedy tokens. Nothing is prefetched for them,
+    nothing stays resident there, and every one of their uses is a miss that moved an expert."""
+    from runtime.loader import LoadOptions, load_model
+    from tests.helpers import budget_for_slots
+
+    path = tiny_model(arch)
+    ref = reference_model(path)
+    fixed = budget_for_slots(path, "none", 0)
+    one = budget_for_slots(path, "none", 1) - fixed  # one slot in each layer
+    lm0 = load_small(path, quant="none", slots_per_layer=1, predictor="none")
+    layers = list(lm0.spec.moe_layers)
+    expert = lm0.store.layout.nbytes
+    lm0.close()
+    assert one == len(layers) * expert
+    vram = fixed + (len(layers) // 2 + 1) * expert  # half the layers get a slot, one expert streams
+    lm = load_model(str(path), LoadOptions(quant="none", vram=vram, device="cpu", predictor="cross-layer"))
+    try:
+        streamed = lm.plan.streamed_layers
+        assert len(streamed) == len(layers) - len(layers) // 2 and lm.cache.num_slots == len(layers) // 2
+        ids = torch.tensor([PROMPT * 2])
+        with torch.no_grad():
+            want = ref(ids).logits
+            got = lm.model(ids).logits
+        assert ((got - want).norm() / want.norm()).item() < 1e-4
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=24, temperature=0, ignore_eos=True))
+        assert done.token_ids == greedy_ids(ref, PROMPT, 24)
+        for layer in streamed:
+            st = lm.cache.stats.layer(layer)
+            assert st.uses > 0 and st.misses == st.uses and st.bytes_moved == st.uses * expert
+            assert st.prefetches == 0 and lm.cache.resident(layer) == []
+            assert st.pred_tp + st.pred_fp + st.pred_fn == 0  # no prediction is scored where none is made
+        if len(layers) >= 4:  # a layer with a slot that follows another MoE layer is prefetched for
+            assert (
+                sum(lm.cache.stats.layer(layer).prefetches for layer in layers if layer not in streamed) > 0
+            )
+    finally:
+        lm.close()
