@@ -50,10 +50,10 @@ import torch
 
 from quant import QuantFormat, available_formats, get_format
 from runtime.checkpoint import Checkpoint
-from runtime.errors import InsufficientMemoryError, UnknownNameError, UsageError
+from runtime.errors import InsufficientMemoryError, ModelNotFoundError, UnknownNameError, UsageError
 from runtime.expert_layout import ExpertLayout
 from runtime.model_spec import ModelSpec, describe_model
-from runtime.resolve import ResolvedModel, resolve_model
+from runtime.resolve import ResolvedModel, known_config, resolve_model
 from runtime.sizes import format_bytes
 
 SPLITS = ("uniform", "shallow")
@@ -426,13 +426,20 @@ def plan_load(ref: str | None, opts) -> LoadPlan:
 
     Same rules as the loader: device, dtype (fp32 on the CPU, also when a GPU profile is
     emulated there), context default and budget. The model is built on the meta device.
+    A model that is not on this machine is planned from its shipped config.json, if
+    promoe has one (:func:`runtime.resolve.known_config`).
     """
     from runtime.loader import pick_device, pick_dtype  # imported here: the loader imports this module
 
-    resolved = resolve_model(ref)
+    try:
+        resolved = resolve_model(ref)
+    except ModelNotFoundError:
+        resolved = known_config(ref)  # not downloaded: promoe's copy of its config.json
+        if resolved is None:
+            raise
     ckpt = Checkpoint(resolved.path)
     try:
-        spec = describe_model(ckpt)
+        spec = describe_model(ckpt, weights=resolved.source != "config")
     finally:
         ckpt.close()
     device = pick_device(opts.device)

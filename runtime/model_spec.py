@@ -93,7 +93,9 @@ def _reject_quantized(config: dict) -> None:
         )
 
 
-def describe_model(ckpt: Checkpoint) -> ModelSpec:
+def describe_model(ckpt: Checkpoint, *, weights: bool = True) -> ModelSpec:
+    """The spec of ``ckpt``. Without ``weights`` (a shipped config.json, nothing else) the
+    experts' dtype is the one config.json declares, instead of the one the shards store."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = get_arch(ckpt.config.get("model_type"))
@@ -111,7 +113,7 @@ def describe_model(ckpt: Checkpoint) -> ModelSpec:
     num_experts, a, b = experts.gate_up_proj.shape
     hidden, two_inter = (a, b) if transposed else (b, a)
     has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
-    src_dtype = _expert_dtype(ckpt, arch, moe_layers[0])
+    src_dtype = _expert_dtype(ckpt, arch, moe_layers[0]) if weights else _config_dtype(ckpt.config)
     top_k = int(config.num_experts_per_tok)
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(
@@ -132,6 +134,14 @@ def describe_model(ckpt: Checkpoint) -> ModelSpec:
     )
     spec.router(meta, moe_layers[0])  # fail early if the router cannot be found
     return spec
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"config.json names an unknown dtype '{name}'")
+    return dtype
 
 
 def _expert_dtype(ckpt: Checkpoint, arch: ArchSpec, layer: int) -> torch.dtype:

@@ -9,6 +9,10 @@ Nothing is ever downloaded. In order:
 3. a short alias (``mixtral``, ``qwen3-moe``, ...), tried against the local Hugging Face
    cache in its listed order (instruct releases first);
 4. a repo id (``org/name``) in the local Hugging Face cache.
+
+``promoe plan`` may go one step further (:func:`known_config`): for an alias or repo id
+that is not on this machine, promoe ships the model's ``config.json`` (nothing else), so
+a user can see what fits before downloading tens of gigabytes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ ALIASES["qwen3-30b-a3b"] = ALIASES["qwen3-moe"]
 ALIASES["phi-3.5-moe"] = ALIASES["phi-moe"]
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
+#: ``<org>--<name>/config.json`` of each alias's first repo (package data)
+KNOWN_CONFIGS = Path(__file__).resolve().parent / "known_configs"
 BUNDLED_MODEL = SOURCE_ROOT / "models" / "tiny-code-moe"
 FALLBACK_NAME = "tiny-random-moe"
 
@@ -42,7 +48,7 @@ FALLBACK_NAME = "tiny-random-moe"
 @dataclass(frozen=True)
 class ResolvedModel:
     path: Path
-    source: str  # "bundled", "random", "directory", "hf-cache"
+    source: str  # "bundled", "random", "directory", "hf-cache", "config" (shipped config.json only)
     label: str  # what to call it on screen
 
 
@@ -114,7 +120,8 @@ def resolve_model(ref: str | None) -> ResolvedModel:
         raise ModelNotFoundError(
             f"'{ref}' ({what}) is not on this machine: none of {', '.join(repos)} is in the Hugging Face "
             f"cache ({_hf_cache_dir()})",
-            hint=f"download it once with: hf download {repos[0]}  (promoe never downloads by itself)",
+            hint=f"download it once with: hf download {repos[0]}  (promoe never downloads by itself)"
+            + _plan_first(ref),
         )
     if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1:
         path = _hf_cached(ref)
@@ -122,7 +129,7 @@ def resolve_model(ref: str | None) -> ResolvedModel:
             return ResolvedModel(path, "hf-cache", ref)
         raise ModelNotFoundError(
             f"model '{ref}' not found: no directory {ref}, and not in the Hugging Face cache ({_hf_cache_dir()})",
-            hint=f"download it once with: hf download {ref}, or pass a local directory",
+            hint=f"download it once with: hf download {ref}, or pass a local directory" + _plan_first(ref),
         )
     if Path(ref).expanduser().exists():
         raise ModelNotFoundError(
@@ -133,3 +140,24 @@ def resolve_model(ref: str | None) -> ResolvedModel:
         f"model '{ref}' not found: no such directory, and it is not a known alias",
         hint=f"pass a model folder, a Hugging Face repo id in your cache, or one of: {', '.join(sorted(ALIASES))}",
     )
+
+
+def _plan_first(ref: str) -> str:
+    return f"; to see first what fits: promoe plan {ref} --vram 6GB" if known_config(ref) else ""
+
+
+def known_config(ref: str | None) -> ResolvedModel | None:
+    """The shipped ``config.json`` of an alias or repo id (see module doc), or None.
+
+    Only for planning: a folder with a config and no weights cannot be loaded."""
+    if not ref:
+        return None
+    key = ref.lower()
+    repos = ALIASES[key][1] if key in ALIASES else (ref,)
+    for repo in repos:
+        path = KNOWN_CONFIGS / repo.replace("/", "--")
+        if (path / "config.json").is_file():
+            return ResolvedModel(
+                path, "config", f"{repo} (not on this machine: planned from its config.json)"
+            )
+    return None

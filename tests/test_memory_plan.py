@@ -139,6 +139,85 @@ def test_fewer_slots_than_layers_stream_through_one_buffer(tiny_model, split):
         assert p.to_json()["streamed_layers"] == p.streamed_layers
 
 
+#: total parameters as each model card states them (runtime/known_configs/README.md)
+PUBLISHED_TOTALS = {"mixtral": 46.7e9, "qwen1.5-moe": 14.3e9, "qwen3-moe": 30.5e9, "olmoe": 6.9e9,
+                    "deepseek-v2-lite": 15.7e9, "phi-moe": 41.9e9, "gpt-oss": 20.9e9}  # fmt: skip
+
+
+@pytest.mark.parametrize("alias", sorted(PUBLISHED_TOTALS))
+def test_shipped_configs_describe_the_models_they_name(alias, tmp_path, monkeypatch):
+    """The model built on the meta device from an alias's shipped config.json has the
+    published number of parameters (to 0.5%): a wrong dimension would not."""
+    from runtime.loader import LoadOptions
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    lp = plan_load(alias, LoadOptions(vram=6 * 10**9, dtype="bfloat16"))
+    assert lp.resolved.source == "config"
+    total = sum(p.numel() for p in lp.spec.meta_model.parameters())
+    assert abs(total / PUBLISHED_TOTALS[alias] - 1) < 0.005, total
+
+
+def test_every_alias_has_a_shipped_config():
+    from runtime.resolve import ALIASES, known_config
+
+    assert {a: known_config(a) is not None for a in ALIASES} == dict.fromkeys(ALIASES, True)
+    assert {ALIASES[a] for a in PUBLISHED_TOTALS} == set(ALIASES.values())  # the test above covers each model
+    assert known_config("someone/unknown-moe") is None
+
+
+def test_a_model_not_downloaded_is_planned_from_its_shipped_config(tmp_path, monkeypatch):
+    """`promoe plan mixtral` answers before a 90 GB download, from promoe's copy of its
+    config.json; the figures are Mixtral-8x7B's own: 46.7B parameters, 12.9B active per token
+    (Mistral AI's model card), and with bf16 weights 6 GB holds it only by streaming."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing downloaded
+    r = invoke("plan", "mixtral", "--vram", "6GB", "--dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["model"].startswith("mistralai/Mixtral-8x7B-Instruct-v0.1 (not on this machine")
+    expert_weights = 3 * 4096 * 14336
+    total = data["non_expert"] // 2 + data["total_experts"] * expert_weights  # bf16: 2 bytes a weight
+    active = data["non_expert"] // 2 + 32 * 2 * expert_weights  # top-2 of 8 in each of 32 layers
+    assert abs(total / 46.7e9 - 1) < 0.005 and abs(active / 12.9e9 - 1) < 0.01, (total, active)
+    assert data["budget"] == 6 * 10**9 and data["device_total"] <= data["budget"]
+    assert 0 < data["slots"] < 32 and len(data["streamed_layers"]) == 32 - data["slots"]
+    # chat cannot run it, and says where to look first
+    one_line_error(invoke("chat", "mixtral", "--prompt", "x"), 2, "hf download", "promoe plan mixtral")
+
+
+def test_hint_names_the_change_that_fits(tiny_model):
+    spec = describe_model(Checkpoint(tiny_model("mixtral")))
+
+    def error(fmt: str, context: int, budget: int) -> InsufficientMemoryError:
+        with pytest.raises(InsufficientMemoryError) as exc:
+            plan_memory(spec, get_format(fmt), budget=budget, dtype=torch.float32, context=context)
+        return exc.value
+
+    def minimum(fmt: str, context: int, dtype=torch.float32) -> int:
+        with pytest.raises(InsufficientMemoryError) as exc:
+            plan_memory(spec, get_format(fmt), budget=0, dtype=dtype, context=context)
+        return exc.value.needed
+
+    # a budget that holds the model at 1024 tokens but not at 4096: shorten the context
+    err = error("int8", 4096, minimum("int8", 1024))
+    assert "--context 1024" in err.hint and "at least" in err.hint
+    # a budget that int4 fits and int8 does not, whatever the context: lower the quantization
+    err = error("none", 256, minimum("int4", 256))
+    assert "--quant int4" in err.hint
+    # half-precision non-expert weights
+    err = error("int2", 256, minimum("int2", 256, torch.bfloat16))
+    assert "--dtype bfloat16" in err.hint
+    # no single change fits: the mildest combination, keeping the most bits, then the longest
+    # context (the old hint cut the context to 256 and the experts to int2 at once)
+    budget = minimum("int8", 512, torch.bfloat16)
+    # the premise: neither the shortest context, nor the lowest bits, nor bf16 alone fits
+    assert min(minimum("int8", 256), minimum("int2", 4096), minimum("int8", 4096, torch.bfloat16)) > budget
+    with pytest.raises(InsufficientMemoryError) as exc:
+        plan_memory(spec, get_format("int8"), budget=budget, dtype=torch.float32, context=4096)
+    hint = exc.value.hint
+    assert "any one of" not in hint and "--quant" not in hint, hint  # int8 itself fits, in bf16
+    assert "together --dtype bfloat16 --context 512 do" in hint, hint
+
+
 def test_unified_memory_counts_the_store(tiny_model):
     """On one shared pool the whole host store comes off the budget before any slot."""
     spec = describe_model(Checkpoint(tiny_model("olmoe")))
