@@ -174,6 +174,8 @@ def load(ref: str | None, opts, *, show_progress: bool = True):
             "(pip install -e .; a plain pip install does not carry the model)",
             soft_wrap=True,
         )
+    if lm.plan.host_note:  # on the CPU: the store is memory-mapped, and read from disk
+        err.print(f"[warn]warning:[/] {escape(lm.plan.host_note)}", soft_wrap=True)
     return lm
 
 

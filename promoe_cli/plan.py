@@ -106,6 +106,11 @@ def _render(lp, opts, profile: str | None) -> None:
     if p.budget is not None:
         table.add_row("budget", budget, f"{format_bytes(p.budget - p.device_total)} left (less than one expert)"
                       if p.budget - p.device_total < p.expert_bytes else "")  # fmt: skip
+    if p.host_memory is not None and not p.in_place:
+        table.add_section()
+        whose = f"profile {profile}" if opts.host_memory else "this machine"
+        table.add_row("host expert store", format_bytes(p.store_bytes),
+                      f"of {format_bytes(p.host_memory)} host memory ({whose})")  # fmt: skip
     out.print(table)
     per_layer = " ".join(f"{layer}:{n}" for layer, n in p.slots_per_layer.items())
     out.print(f"slots per MoE layer ({opts.split}): {per_layer}")

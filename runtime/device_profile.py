@@ -346,6 +346,7 @@ def apply_profile(opts, profile: str | DeviceProfile, *, cuda_available: bool | 
     opts.vram = prof.device_memory
     opts.reserved = prof.reserved_memory
     opts.unified = prof.unified
+    opts.host_memory = prof.host_memory
     if emulates_link(prof, opts.device, cuda_available):
         opts.link_bandwidth = prof.link_bandwidth
         opts.link_latency = prof.link_latency

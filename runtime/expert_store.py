@@ -193,7 +193,7 @@ def _load_verified(path: Path, manifest: dict, spec: ModelSpec, layout: ExpertLa
     rows: dict[int, torch.Tensor] = {}
     files = manifest.get("files", {})
     if pin:
-        _check_host_room(sum(int(f.get("bytes", 0)) for f in files.values()))
+        check_host_room(sum(int(f.get("bytes", 0)) for f in files.values()))
     for i, layer in enumerate(spec.moe_layers):
         name = _layer_file(layer)
         entry = files.get(name)
@@ -268,7 +268,7 @@ def _clear_cuda_error() -> bool:
 
 
 #: host memory left free when page-locking the store (the OS, the page cache, promoe itself)
-_HOST_MARGIN = 1 << 30
+HOST_MARGIN = 1 << 30
 _PIN_HINT = "close other programs, or use smaller experts (e.g. --quant int3 or int2)"
 
 
@@ -278,14 +278,14 @@ def _available_host() -> int:
     return psutil.virtual_memory().available
 
 
-def _check_host_room(nbytes: int) -> None:
+def check_host_room(nbytes: int) -> None:
     """Refuse, before copying anything, to page-lock more than the host can spare."""
     available = _available_host()
-    if nbytes + _HOST_MARGIN > available:
+    if nbytes + HOST_MARGIN > available:
         raise InsufficientMemoryError(
             f"the expert store needs {format_bytes(nbytes)} of page-locked host memory, and "
             f"{format_bytes(available)} is available (1 GiB is left to the system)",
-            needed=nbytes + _HOST_MARGIN, available=available, hint=_PIN_HINT,
+            needed=nbytes + HOST_MARGIN, available=available, hint=_PIN_HINT,
         )  # fmt: skip
 
 

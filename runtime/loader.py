@@ -26,8 +26,16 @@ from quant.cpu_int4 import cpu_variant
 from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
-from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
-from runtime.memory_plan import MemoryPlan, budget_inputs, default_context, experts_in_place, plan_memory
+from runtime.expert_layout import ExpertLayout
+from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, check_host_room, open_store
+from runtime.memory_plan import (
+    MemoryPlan,
+    budget_inputs,
+    check_host_memory,
+    default_context,
+    experts_in_place,
+    plan_memory,
+)
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.offload import OffloadedExperts, OffloadRuntime, RoutingTracer
 from runtime.policies import policy_class
@@ -59,6 +67,7 @@ class LoadOptions:
     low_bit: str | None = None  # a low-bit format whose copy serves misses of low gate weight
     low_bit_threshold: float = 0.3
     host_misses: bool = False  # compute a miss on the host when that beats copying it
+    host_memory: int | None = None  # host RAM of the machine planned for (a profile's); None: this one
     home: Path | None = None
     trace: bool = False
 
@@ -214,6 +223,7 @@ def load_model(
     plan = plan_memory(spec, fmt, budget=budget, dtype=dtype, context=context, reserved=reserved,
                        unified=unified, split=opts.split, max_slots=opts.max_slots,
                        in_place=experts_in_place(device, opts))  # fmt: skip
+    check_host_memory(plan, spec, opts, device)
     timings["resolve_s"] = time.perf_counter() - t_start
 
     # what is cheap to check goes before the store's conversion, which can take minutes
@@ -221,6 +231,10 @@ def load_model(
     tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
     fmt = expert_format(fmt, spec, device, opts, plan)
+    if device.type == "cuda":  # page-locked: refused now, not after minutes of conversion
+        low = get_format(opts.low_bit) if opts.low_bit else None
+        stores = [f for f in (fmt, low) if f is not None]
+        check_host_room(sum(ExpertLayout(spec.expert_shape, f).nbytes for f in stores) * spec.total_experts)
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,
                                progress=progress)  # fmt: skip

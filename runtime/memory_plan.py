@@ -22,7 +22,10 @@ layers' int4 experts would need 3.2 GB for one slot each, beside 3.2 GB of bf16
 non-expert weights.
 
 On a unified-memory device (Jetson, the CPU) host and device share one pool, so the host
-expert store is also subtracted from the budget. Slots are then split over the MoE
+expert store is also subtracted from the budget. Elsewhere the store must fit host memory
+(a profile's, or this machine's): :func:`plan_load` says when it does not (page-locked on
+CUDA, loading would stop; memory-mapped on the CPU, it would be read from disk) and which
+lower quantization fits. Slots are then split over the MoE
 layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
 get more), never more than a layer has experts.
 
@@ -52,6 +55,7 @@ from quant import QuantFormat, available_formats, get_format
 from runtime.checkpoint import Checkpoint
 from runtime.errors import InsufficientMemoryError, ModelNotFoundError, UnknownNameError, UsageError
 from runtime.expert_layout import ExpertLayout
+from runtime.expert_store import HOST_MARGIN
 from runtime.model_spec import ModelSpec, describe_model
 from runtime.resolve import ResolvedModel, known_config, resolve_model
 from runtime.sizes import format_bytes
@@ -75,6 +79,8 @@ class MemoryPlan:
     unified: bool = False
     notes: list[str] = field(default_factory=list)
     in_place: bool = False  # the CPU reads every expert from the host store: no slots
+    host_memory: int | None = None  # host RAM the store must fit in (None: not checked; unified)
+    host_note: str | None = None  # what to do when the store does not fit it
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -147,6 +153,7 @@ class MemoryPlan:
             "total_experts": self.total_experts,
             "slots_per_layer": {str(k): v for k, v in self.slots_per_layer.items()},
             "streamed_layers": self.streamed_layers,
+            "host_memory": self.host_memory,
             "notes": list(self.notes),
         }
 
@@ -421,6 +428,22 @@ def budget_inputs(device: torch.device, opts) -> tuple[int | None, int, bool]:
     return budget, reserved, unified
 
 
+def host_memory_note(spec: ModelSpec, plan: MemoryPlan, quant: str, pinned: bool) -> str | None:
+    """What to do when the host store does not fit ``plan.host_memory`` (with HOST_MARGIN)."""
+    if plan.host_memory is None or plan.store_bytes + HOST_MARGIN <= plan.host_memory:
+        return None
+    stores = sorted((ExpertLayout(spec.expert_shape, get_format(q)).nbytes * spec.total_experts, q)
+                    for q in available_formats())  # fmt: skip
+    fits = [(b, q) for b, q in stores if b + HOST_MARGIN <= plan.host_memory]
+    if fits:
+        tip = f"--quant {fits[-1][1]} makes it {format_bytes(fits[-1][0])}"
+    else:
+        tip = f"no quantization fits; the smallest store needs {format_bytes(stores[0][0] + HOST_MARGIN, up=True)}"
+    then = "page-locking it would stop the load" if pinned else "memory-mapped, it would be read from disk"
+    return (f"the {format_bytes(plan.store_bytes)} {quant} expert store does not fit in "
+            f"{format_bytes(plan.host_memory)} of host memory with 1 GiB left to the system ({then}): {tip}")  # fmt: skip
+
+
 def plan_load(ref: str | None, opts) -> LoadPlan:
     """The plan ``runtime.loader.load_model(ref, opts)`` makes, without reading a weight.
 
@@ -449,4 +472,23 @@ def plan_load(ref: str | None, opts) -> LoadPlan:
                        context=default_context(spec.config, opts.context), reserved=reserved,
                        unified=unified, split=opts.split, max_slots=opts.max_slots,
                        in_place=experts_in_place(device, opts))  # fmt: skip
+    check_host_memory(plan, spec, opts, device)
     return LoadPlan(resolved, spec, device, dtype, plan)
+
+
+def check_host_memory(plan: MemoryPlan, spec: ModelSpec, opts, device: torch.device) -> None:
+    """Record the host memory the store must fit (a profile's, else this machine's), and a
+    note when it does not; not on one shared pool, where the budget counted the store."""
+    if plan.unified:
+        return
+    plan.host_memory = opts.host_memory or _this_machine_memory()
+    # page-locked beside a GPU (a real one, or one a profile's link emulates)
+    plan.host_note = host_memory_note(spec, plan, opts.quant, device.type == "cuda" or opts.emulates_link)
+    if plan.host_note:
+        plan.notes.append(plan.host_note)
+
+
+def _this_machine_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().total

@@ -203,3 +203,19 @@ def test_the_cuda_error_of_a_refused_page_lock_is_cleared():
     assert err != 0
     assert _clear_cuda_error()
     torch.ones(1024, device="cuda").sum().item()  # the next kernel launch reports nothing
+
+
+def test_a_store_the_host_cannot_page_lock_is_refused_before_conversion(tiny_model, home, monkeypatch):
+    """On CUDA the host store is page-locked: too little host memory stops the load before
+    the experts are converted (minutes for a real model), not after."""
+    from runtime import expert_store, loader
+    from runtime.errors import InsufficientMemoryError
+
+    monkeypatch.setattr(expert_store, "_available_host", lambda: 10 << 20)
+
+    def open_store(*args, **kwargs):
+        raise AssertionError("the store was opened (and converted) before the check")
+
+    monkeypatch.setattr(loader, "open_store", open_store)
+    with pytest.raises(InsufficientMemoryError, match="page-locked host memory"):
+        load_cuda(tiny_model("mixtral"), quant="int4")

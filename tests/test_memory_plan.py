@@ -231,11 +231,11 @@ def test_unified_memory_counts_the_store(tiny_model):
     assert shared.device_total <= budget < shared.device_total + free.expert_bytes
 
 
-def _small_profile(home, name: str, memory: int | str) -> None:
+def _small_profile(home, name: str, memory: int | str, host: int | str = "16GB") -> None:
     """A GPU profile of ``memory`` under $PROMOE_HOME/profiles (so also a user-profile lookup)."""
     d = home / "profiles"
     d.mkdir(parents=True, exist_ok=True)
-    figures = {"device_memory": memory, "reserved_memory": "0", "host_memory": "16GB", "link_bandwidth": "2GB/s",
+    figures = {"device_memory": memory, "reserved_memory": "0", "host_memory": host, "link_bandwidth": "2GB/s",
                "link_latency": "20us", "device_bandwidth": "100GB/s", "compute": "1TFLOPS"}  # fmt: skip
     text = 'description = "test"\ndevice_type = "cuda"\nunified = false\n'
     for k, v in figures.items():
@@ -338,3 +338,43 @@ def test_compute_dtype_defaults(monkeypatch):
     assert pick_dtype(cuda, torch.float16, None) == torch.float16
     native["bf16"] = False  # a T4 or a Jetson Xavier
     assert pick_dtype(cuda, torch.bfloat16, None) == torch.float16
+
+
+def test_the_plan_says_when_the_store_does_not_fit_host_memory(tiny_model, home, monkeypatch):
+    """The host store must fit host memory beside 1 GiB for the system: the profile's, else
+    this machine's. When it does not, a note names the largest quantization that fits."""
+    from runtime import memory_plan
+    from runtime.memory_plan import HOST_MARGIN
+
+    path = tiny_model("olmoe")
+    spec = describe_model(Checkpoint(path))
+
+    def store(q: str) -> int:
+        return plan_memory(spec, get_format(q), budget=None, dtype=torch.float32, context=64).store_bytes
+
+    def notes(**kw) -> list[str]:
+        lp = plan_load(str(path), LoadOptions(quant="none", device="cpu", context=64, vram=10**9, **kw))
+        return [n for n in lp.plan.notes if "host memory" in n]
+
+    assert store("int8") < store("none")
+    tight = HOST_MARGIN + store("int8")  # room for the int8 store, not the unquantized one
+    [note] = notes(host_memory=tight)
+    assert "does not fit" in note and "--quant int8 makes it" in note and "read from disk" in note, note
+    assert notes(host_memory=HOST_MARGIN + store("none")) == []
+    assert "page-locking it would stop the load" in notes(host_memory=tight, link_bandwidth=1e9)[0]
+    assert notes(host_memory=HOST_MARGIN, unified=True) == []  # one pool: the budget counts the store
+    monkeypatch.setattr(memory_plan, "_this_machine_memory", lambda: HOST_MARGIN)  # no profile: this machine
+    assert "no quantization fits; the smallest store needs" in notes()[0]
+    # the table shows the store beside the profile's host memory
+    _small_profile(home, "roomy", "1GB", host="64GB")
+    r = invoke("plan", path, "--profile", "roomy")
+    assert r.exit_code == 0, r.output
+    assert "host expert store" in r.output and "host memory (profile roomy)" in r.output
+    assert (
+        json.loads(invoke("plan", path, "--profile", "roomy", "--json").output)["host_memory"] == 64 * 10**9
+    )
+    # chat runs, and warns
+    _small_profile(home, "cramped", "1GB", host="100MB")
+    r = invoke("chat", path, "--profile", "cramped", "--prompt", "x", "--max-new-tokens", 2)
+    assert r.exit_code == 0, r.output
+    assert "warning: the " in r.output and "does not fit in 100.0 MB of host memory" in r.output, r.output
