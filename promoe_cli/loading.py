@@ -176,6 +176,12 @@ def load(ref: str | None, opts, *, show_progress: bool = True):
         )
     if lm.plan.host_note:  # on the CPU: the store is memory-mapped, and read from disk
         err.print(f"[warn]warning:[/] {escape(lm.plan.host_note)}", soft_wrap=True)
+    if lm.device.type == "cuda" and lm.store.unpinned_layers:
+        err.print(
+            f"[warn]warning:[/] {lm.store.unpinned_layers} of {len(lm.store.layers)} layers of the expert store "
+            "could not be page-locked (host memory): they stay memory-mapped, and copies from them are slower",
+            soft_wrap=True,
+        )
     return lm
 
 

@@ -96,6 +96,10 @@ class ExpertStore:
     def pinned(self) -> bool:
         return all(t.is_pinned() for t in self._rows.values())
 
+    @property
+    def unpinned_layers(self) -> int:
+        return sum(not t.is_pinned() for t in self._rows.values())
+
 
 # -- reading experts from a checkpoint --------------------------------------------------
 
@@ -189,11 +193,14 @@ def _stale_reason(manifest: dict, expected: dict) -> str | None:
 
 def _load_verified(path: Path, manifest: dict, spec: ModelSpec, layout: ExpertLayout, pin: bool,
                    progress: ProgressFn | None, verify: bool = True) -> dict[int, torch.Tensor]:  # fmt: skip
-    """Map every layer file, checking size, shape and (if ``verify``) checksum. Raises StoreError."""
+    """Map every layer file, checking size, shape and (if ``verify``) checksum. Raises StoreError.
+
+    With ``pin``, page-lock each layer while the host can spare it (HOST_MARGIN kept back);
+    the layers after that stay memory-mapped: copies from them are synchronous and slower,
+    and read from disk what the page cache does not hold, but the model runs."""
     rows: dict[int, torch.Tensor] = {}
     files = manifest.get("files", {})
-    if pin:
-        check_host_room(sum(int(f.get("bytes", 0)) for f in files.values()))
+    room = _available_host() - HOST_MARGIN if pin else 0
     for i, layer in enumerate(spec.moe_layers):
         name = _layer_file(layer)
         entry = files.get(name)
@@ -211,8 +218,12 @@ def _load_verified(path: Path, manifest: dict, spec: ModelSpec, layout: ExpertLa
             raise StoreError(f"{name} has the wrong shape")
         if verify and _checksum(t) != entry["xxh3_128"]:
             raise StoreError(f"checksum mismatch in {name}")
-        if pin:
-            t = _page_locked(t)
+        if pin and t.numel() <= room:
+            try:
+                t = _page_locked(t)
+                room -= t.numel()
+            except InsufficientMemoryError:  # the driver's limit: this layer and the rest stay mapped
+                room = 0
         rows[layer] = t
         if progress:
             progress("Loading expert store", i + 1, len(spec.moe_layers))
@@ -276,17 +287,6 @@ def _available_host() -> int:
     import psutil
 
     return psutil.virtual_memory().available
-
-
-def check_host_room(nbytes: int) -> None:
-    """Refuse, before copying anything, to page-lock more than the host can spare."""
-    available = _available_host()
-    if nbytes + HOST_MARGIN > available:
-        raise InsufficientMemoryError(
-            f"the expert store needs {format_bytes(nbytes)} of page-locked host memory, and "
-            f"{format_bytes(available)} is available (1 GiB is left to the system)",
-            needed=nbytes + HOST_MARGIN, available=available, hint=_PIN_HINT,
-        )  # fmt: skip
 
 
 @dataclass

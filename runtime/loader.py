@@ -26,8 +26,7 @@ from quant.cpu_int4 import cpu_variant
 from runtime.checkpoint import Checkpoint
 from runtime.errors import CheckpointError, UnknownNameError, UsageError
 from runtime.expert_cache import ExpertCache
-from runtime.expert_layout import ExpertLayout
-from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, check_host_room, open_store
+from runtime.expert_store import ExpertStore, ProgressFn, StoreReport, open_store
 from runtime.memory_plan import (
     MemoryPlan,
     budget_inputs,
@@ -231,10 +230,6 @@ def load_model(
     tokenizer = _load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
     fmt = expert_format(fmt, spec, device, opts, plan)
-    if device.type == "cuda":  # page-locked: refused now, not after minutes of conversion
-        low = get_format(opts.low_bit) if opts.low_bit else None
-        stores = [f for f in (fmt, low) if f is not None]
-        check_host_room(sum(ExpertLayout(spec.expert_shape, f).nbytes for f in stores) * spec.total_experts)
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
                                quantize_device=device if device.type == "cuda" else None,
                                progress=progress)  # fmt: skip

@@ -23,8 +23,8 @@ non-expert weights.
 
 On a unified-memory device (Jetson, the CPU) host and device share one pool, so the host
 expert store is also subtracted from the budget. Elsewhere the store must fit host memory
-(a profile's, or this machine's): :func:`plan_load` says when it does not (page-locked on
-CUDA, loading would stop; memory-mapped on the CPU, it would be read from disk) and which
+(a profile's, or this machine's): :func:`plan_load` says when it does not (then what is
+not page-locked on CUDA, or not in the page cache on the CPU, is read from disk) and which
 lower quantization fits. Slots are then split over the MoE
 layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
 get more), never more than a layer has experts.
@@ -439,7 +439,8 @@ def host_memory_note(spec: ModelSpec, plan: MemoryPlan, quant: str, pinned: bool
         tip = f"--quant {fits[-1][1]} makes it {format_bytes(fits[-1][0])}"
     else:
         tip = f"no quantization fits; the smallest store needs {format_bytes(stores[0][0] + HOST_MARGIN, up=True)}"
-    then = "page-locking it would stop the load" if pinned else "memory-mapped, it would be read from disk"
+    then = ("the layers that cannot be page-locked stay memory-mapped: slower copies, from disk"
+            if pinned else "memory-mapped, what does not fit is read from disk")  # fmt: skip
     return (f"the {format_bytes(plan.store_bytes)} {quant} expert store does not fit in "
             f"{format_bytes(plan.host_memory)} of host memory with 1 GiB left to the system ({then}): {tip}")  # fmt: skip
 

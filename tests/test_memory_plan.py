@@ -361,7 +361,7 @@ def test_the_plan_says_when_the_store_does_not_fit_host_memory(tiny_model, home,
     [note] = notes(host_memory=tight)
     assert "does not fit" in note and "--quant int8 makes it" in note and "read from disk" in note, note
     assert notes(host_memory=HOST_MARGIN + store("none")) == []
-    assert "page-locking it would stop the load" in notes(host_memory=tight, link_bandwidth=1e9)[0]
+    assert "cannot be page-locked stay memory-mapped" in notes(host_memory=tight, link_bandwidth=1e9)[0]
     assert notes(host_memory=HOST_MARGIN, unified=True) == []  # one pool: the budget counts the store
     monkeypatch.setattr(memory_plan, "_this_machine_memory", lambda: HOST_MARGIN)  # no profile: this machine
     assert "no quantization fits; the smallest store needs" in notes()[0]
