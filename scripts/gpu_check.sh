@@ -10,7 +10,8 @@
 #   6. promoe bench on the bundled model, with the kernels and without (PROMOE_KERNELS=0)
 #   7. promoe bench on a random model with Mixtral-8x7B's expert shapes (4096x14336, 8 experts,
 #      top-2; 4 layers), built there: real copies of 88 MB int4 experts, kernels on and off,
-#      then LFU against host-misses (misses computed by the CPU when that beats the copy)
+#      then LFU against host-misses (misses computed by the CPU when that beats the copy),
+#      then both under a budget with fewer slots than layers (half the layers streaming)
 #
 #   scripts/gpu_check.sh              on a machine with a CUDA GPU and a CUDA build of torch
 #   scripts/gpu_check.sh --sweep      the same; the kernel benchmark also times the GEMV's
@@ -243,8 +244,22 @@ if [ -f "$BIG/config.json" ]; then
     # misses computed by the host's CPU (torch's int4 kernel) where that beats the copy; the
     # GPU reads the same store in torch's CPU layout (quant/kernels/cpu_layout.py), which is
     # converted first (an int4-cpu store beside the int4 one)
-    step "promoe bench, Mixtral shapes, host misses" 200 "$LOGS/mixtral_shapes.txt" "${PROMOE[@]}" bench \
+    step "bench, Mixtral shapes, host misses" 200 "$LOGS/mixtral_shapes.txt" "${PROMOE[@]}" bench \
         "$BIG" --configs lfu,host-misses "${BIG_BENCH[@]}"
+    # a budget with room for fewer experts than layers (Mixtral-8x7B in 6 GB): half the layers
+    # stream their experts through one buffer; the stream buffer's copies on the GPU
+    STREAM_VRAM=$("$PY" -c "
+from runtime.loader import LoadOptions
+from runtime.memory_plan import plan_load
+p = plan_load('$BIG', LoadOptions(vram=1 << 40, context=512)).plan
+n = len(p.slots_per_layer)
+print(p.reserved + p.non_expert + p.kv_cache + p.workspace + (n // 2 + 1) * p.expert_bytes)" 2>/dev/null)
+    if [ -n "$STREAM_VRAM" ]; then
+        step "bench, Mixtral shapes, streaming" 150 "$LOGS/mixtral_shapes.txt" "${PROMOE[@]}" bench \
+            "$BIG" --vram "${STREAM_VRAM}B" --context 512 --configs lfu,host-misses "${BIG_BENCH[@]}"
+    else
+        skip "bench, Mixtral shapes, streaming" "no plan for $BIG"
+    fi
 else
     skip "promoe bench, Mixtral shapes" "no model was built"
 fi
