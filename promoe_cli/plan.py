@@ -55,7 +55,7 @@ def plan(
         offline_environment()
         from runtime.memory_plan import plan_load
 
-        lp = plan_load(model, opts)
+        lp = plan_load(model, opts, shipped_config=True)
         if as_json:
             out.print_json(json.dumps(_json(lp, opts, profile)))
         else:

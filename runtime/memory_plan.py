@@ -81,6 +81,7 @@ class MemoryPlan:
     in_place: bool = False  # the CPU reads every expert from the host store: no slots
     host_memory: int | None = None  # host RAM the store must fit in (None: not checked; unified)
     host_note: str | None = None  # what to do when the store does not fit it
+    low_store_bytes: int = 0  # the --low-bit copies, in host memory beside the store
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -154,6 +155,7 @@ class MemoryPlan:
             "slots_per_layer": {str(k): v for k, v in self.slots_per_layer.items()},
             "streamed_layers": self.streamed_layers,
             "host_memory": self.host_memory,
+            "low_store_bytes": self.low_store_bytes,
             "notes": list(self.notes),
         }
 
@@ -429,36 +431,43 @@ def budget_inputs(device: torch.device, opts) -> tuple[int | None, int, bool]:
 
 
 def host_memory_note(spec: ModelSpec, plan: MemoryPlan, quant: str, pinned: bool) -> str | None:
-    """What to do when the host store does not fit ``plan.host_memory`` (with HOST_MARGIN)."""
-    if plan.host_memory is None or plan.store_bytes + HOST_MARGIN <= plan.host_memory:
+    """What to do when the host store (and the low-bit copies) do not fit ``plan.host_memory``
+    with HOST_MARGIN left."""
+    low = plan.low_store_bytes
+    if plan.host_memory is None or plan.store_bytes + low + HOST_MARGIN <= plan.host_memory:
         return None
-    stores = sorted((ExpertLayout(spec.expert_shape, get_format(q)).nbytes * spec.total_experts, q)
-                    for q in available_formats())  # fmt: skip
-    fits = [(b, q) for b, q in stores if b + HOST_MARGIN <= plan.host_memory]
+    # by size, and of two the same size the one listed first (int4 before nf4)
+    names = available_formats()
+    stores = sorted((ExpertLayout(spec.expert_shape, get_format(q)).nbytes * spec.total_experts, -i, q)
+                    for i, q in enumerate(names))  # fmt: skip
+    fits = [(b, q) for b, _, q in stores if b + low + HOST_MARGIN <= plan.host_memory]
     if fits:
         tip = f"--quant {fits[-1][1]} makes it {format_bytes(fits[-1][0])}"
     else:
-        tip = f"no quantization fits; the smallest store needs {format_bytes(stores[0][0] + HOST_MARGIN, up=True)}"
+        need = format_bytes(stores[0][0] + low + HOST_MARGIN, up=True)
+        tip = f"no quantization fits; the smallest store needs {need} of host memory"
     then = ("the layers that cannot be page-locked stay memory-mapped: slower copies, from disk"
             if pinned else "memory-mapped, what does not fit is read from disk")  # fmt: skip
-    return (f"the {format_bytes(plan.store_bytes)} {quant} expert store does not fit in "
+    beside = f" (and {format_bytes(low)} of low-bit copies)" if low else ""
+    return (f"the {format_bytes(plan.store_bytes)} {quant} expert store{beside} does not fit in "
             f"{format_bytes(plan.host_memory)} of host memory with 1 GiB left to the system ({then}): {tip}")  # fmt: skip
 
 
-def plan_load(ref: str | None, opts) -> LoadPlan:
+def plan_load(ref: str | None, opts, *, shipped_config: bool = False) -> LoadPlan:
     """The plan ``runtime.loader.load_model(ref, opts)`` makes, without reading a weight.
 
     Same rules as the loader: device, dtype (fp32 on the CPU, also when a GPU profile is
     emulated there), context default and budget. The model is built on the meta device.
-    A model that is not on this machine is planned from its shipped config.json, if
-    promoe has one (:func:`runtime.resolve.known_config`).
+    With ``shipped_config`` (``promoe plan`` only: nothing else can run such a model), a
+    model that is not on this machine is planned from its shipped config.json, if promoe
+    has one (:func:`runtime.resolve.known_config`).
     """
     from runtime.loader import pick_device, pick_dtype  # imported here: the loader imports this module
 
     try:
         resolved = resolve_model(ref)
     except ModelNotFoundError:
-        resolved = known_config(ref)  # not downloaded: promoe's copy of its config.json
+        resolved = known_config(ref) if shipped_config else None  # promoe's copy of its config.json
         if resolved is None:
             raise
     ckpt = Checkpoint(resolved.path)
@@ -483,6 +492,10 @@ def check_host_memory(plan: MemoryPlan, spec: ModelSpec, opts, device: torch.dev
     if plan.unified:
         return
     plan.host_memory = opts.host_memory or _this_machine_memory()
+    if opts.low_bit and plan.slots < plan.total_experts:  # else nothing misses: no low-bit store
+        plan.low_store_bytes = (
+            ExpertLayout(spec.expert_shape, get_format(opts.low_bit)).nbytes * spec.total_experts
+        )
     # page-locked beside a GPU (a real one, or one a profile's link emulates)
     plan.host_note = host_memory_note(spec, plan, opts.quant, device.type == "cuda" or opts.emulates_link)
     if plan.host_note:

@@ -143,7 +143,12 @@ def resolve_model(ref: str | None) -> ResolvedModel:
 
 
 def _plan_first(ref: str) -> str:
-    return f"; to see first what fits: promoe plan {ref} --vram 6GB" if known_config(ref) else ""
+    if not known_config(ref):
+        return ""
+    import torch
+
+    gpu = "" if torch.cuda.is_available() else " --dtype bfloat16"  # as a GPU computes, not this CPU
+    return f"; to see first what fits: promoe plan {ref} --vram 6GB{gpu}"
 
 
 def known_config(ref: str | None) -> ResolvedModel | None:

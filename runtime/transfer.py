@@ -413,6 +413,19 @@ class CudaStreamCopy(TransferEngine):
             return True
         return False
 
+    def copy_now(self, src, dst, layer):
+        """On the compute stream, as the base class: ordered after every earlier read of
+        ``dst`` and before the reads issued next, so one buffer serves copy after copy.
+        Compute waits for it all along, so its time on the stream is counted as stall
+        (:meth:`deferred_stall`), as a wait for an on-demand copy is."""
+        compute = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(compute)
+        dst.copy_(src, non_blocking=True)
+        after.record(compute)
+        self._stall_pairs.append((layer, before, after))
+        return 0.0
+
     def _discard(self, ticket: Ticket) -> None:
         with contextlib.suppress(ValueError):  # already out (an interrupted earlier removal)
             self._pending.remove(ticket)

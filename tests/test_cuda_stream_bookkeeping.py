@@ -257,3 +257,17 @@ def test_close_drops_queued_prefetches_and_waits_for_issued_copies(gpu):
     assert a.event.query() and u.event.query()
     assert b.state == "cancelled" and not eng._pending
     assert landed(dst[1]) == 0
+
+
+def test_a_copy_outside_the_slots_runs_on_the_compute_stream_and_counts_as_stall(gpu):
+    """The stream buffer (and a low-bit copy) is written on the compute stream, between its
+    reads, with no wait on the copy streams; the time it holds compute is the layer's stall."""
+    eng = engine()
+    src, dst = rows(1)
+    assert eng.copy_now(src[0], dst[0], layer=3) == 0.0  # measured later, with no host sync
+    assert torch.equal(dst[0], src[0])
+    before, after = gpu.recorded[-2:]
+    assert before.stream is after.stream is gpu.compute
+    assert gpu.compute.waits == [] and eng.deferred_stall() == {}  # not run yet
+    gpu.finish()
+    assert eng.deferred_stall() == {3: 0.0}  # the stand-in's events take no time

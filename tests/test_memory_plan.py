@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 from promoe_cli.main import app
 from quant import get_format
 from runtime.checkpoint import Checkpoint
-from runtime.errors import InsufficientMemoryError
+from runtime.errors import InsufficientMemoryError, ModelNotFoundError
 from runtime.kv_cache import new_kv_cache
 from runtime.loader import LoadOptions, load_model
 from runtime.memory_plan import kv_bytes_per_token, plan_load, plan_memory
 from runtime.model_spec import describe_model
 from tests.conftest import ARCHS
-from tests.helpers import load_small
+from tests.helpers import budget_for_slots, load_small
 from tests.test_cli import one_line_error
 
 runner = CliRunner()
@@ -151,7 +151,9 @@ def test_shipped_configs_describe_the_models_they_name(alias, tmp_path, monkeypa
     from runtime.loader import LoadOptions
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    lp = plan_load(alias, LoadOptions(vram=6 * 10**9, dtype="bfloat16"))
+    with pytest.raises(ModelNotFoundError):  # only `promoe plan` plans a model that is not here
+        plan_load(alias, LoadOptions())
+    lp = plan_load(alias, LoadOptions(vram=6 * 10**9, dtype="bfloat16"), shipped_config=True)
     assert lp.resolved.source == "config"
     total = sum(p.numel() for p in lp.spec.meta_model.parameters())
     assert abs(total / PUBLISHED_TOTALS[alias] - 1) < 0.005, total
@@ -352,8 +354,8 @@ def test_the_plan_says_when_the_store_does_not_fit_host_memory(tiny_model, home,
     def store(q: str) -> int:
         return plan_memory(spec, get_format(q), budget=None, dtype=torch.float32, context=64).store_bytes
 
-    def notes(**kw) -> list[str]:
-        lp = plan_load(str(path), LoadOptions(quant="none", device="cpu", context=64, vram=10**9, **kw))
+    def notes(vram: int = 10**9, **kw) -> list[str]:
+        lp = plan_load(str(path), LoadOptions(quant="none", device="cpu", context=64, vram=vram, **kw))
         return [n for n in lp.plan.notes if "host memory" in n]
 
     assert store("int8") < store("none")
@@ -363,8 +365,17 @@ def test_the_plan_says_when_the_store_does_not_fit_host_memory(tiny_model, home,
     assert notes(host_memory=HOST_MARGIN + store("none")) == []
     assert "cannot be page-locked stay memory-mapped" in notes(host_memory=tight, link_bandwidth=1e9)[0]
     assert notes(host_memory=HOST_MARGIN, unified=True) == []  # one pool: the budget counts the store
+    this_machine = memory_plan._this_machine_memory
     monkeypatch.setattr(memory_plan, "_this_machine_memory", lambda: HOST_MARGIN)  # no profile: this machine
     assert "no quantization fits; the smallest store needs" in notes()[0]
+    monkeypatch.setattr(memory_plan, "_this_machine_memory", this_machine)
+    # the low-bit copies live in host memory too, while experts can miss
+    low = plan_memory(spec, get_format("int2"), budget=None, dtype=torch.float32, context=64).store_bytes
+    one_each = budget_for_slots(path, "none", 1, context=64)  # experts can miss
+    assert notes(host_memory=HOST_MARGIN + store("none"), low_bit="int2") == []  # all resident: no copies
+    [note] = notes(one_each, host_memory=HOST_MARGIN + store("none"), low_bit="int2")
+    assert "of low-bit copies" in note and "--quant int8 makes it" in note, note
+    assert store("int8") + low + HOST_MARGIN <= HOST_MARGIN + store("none")  # the premise
     # the table shows the store beside the profile's host memory
     _small_profile(home, "roomy", "1GB", host="64GB")
     r = invoke("plan", path, "--profile", "roomy")

@@ -170,6 +170,7 @@ def test_layers_without_a_slot_stream_their_experts_exactly(arch, tiny_model):
         for layer in streamed:
             st = lm.cache.stats.layer(layer)
             assert st.uses > 0 and st.misses == st.uses and st.bytes_moved == st.uses * expert
+            assert st.low_bit_loads == st.cpu_computed == 0  # plain streamed copies
             assert st.prefetches == 0 and lm.cache.resident(layer) == []
             assert st.pred_tp + st.pred_fp + st.pred_fn == 0  # no prediction is scored where none is made
         if len(layers) >= 4:  # a layer with a slot that follows another MoE layer is prefetched for
