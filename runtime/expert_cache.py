@@ -48,14 +48,17 @@ PolicyFactory = Callable[[int, int], EvictionPolicy]  # (layer, capacity) -> pol
 
 
 class _Entry:
-    __slots__ = ("expert", "slot", "ticket", "prefetched", "protected")
+    __slots__ = ("expert", "slot", "ticket", "prefetched", "protected", "ahead")
 
-    def __init__(self, expert: int, slot: int, ticket: Ticket | None, prefetched: bool) -> None:
+    def __init__(
+        self, expert: int, slot: int, ticket: Ticket | None, prefetched: bool, ahead: bool = False
+    ) -> None:
         self.expert = expert
         self.slot = slot
         self.ticket = ticket  # copy in flight (None once known complete)
         self.prefetched = prefetched  # loaded by prefetch, not used yet
         self.protected = prefetched  # prefetched for the next invocation of its layer
+        self.ahead = ahead  # a miss of the invocation in progress, copied before compute asked (load_ahead)
 
 
 class _Partition:
@@ -180,9 +183,15 @@ class ExpertCache:
         st = self.stats.layer(layer)
         st.uses += 1
         entry = part.entries.get(expert)
-        hit = entry is not None and self._ready(entry)
+        hit = entry is not None and not entry.ahead and self._ready(entry)
         if hit:
             st.hits += 1
+        elif entry is not None and entry.ahead:  # a miss whose copy load_ahead started
+            st.misses += 1
+            entry.ahead = False
+            if not self._ready(entry):
+                st.stall_s += self.transfer.wait(entry.ticket)
+                entry.ticket = None
         elif entry is not None:  # its prefetch is still in flight
             st.late += 1
             st.stall_s += self.transfer.wait(entry.ticket)
@@ -230,7 +239,7 @@ class ExpertCache:
         part.pinned.clear()
         part.done.clear()
         for entry in part.entries.values():
-            entry.protected = False
+            entry.protected = entry.ahead = False
         if not self.retain:
             for e, entry in list(part.entries.items()):
                 if entry.ticket is not None and not self._ready(entry):
@@ -243,6 +252,17 @@ class ExpertCache:
                 part.free.append(self._drop(part, e))
         for layer_, stall in self.transfer.deferred_stall().items():
             self.stats.layer(layer_).stall_s += stall
+
+    def load_ahead(self, layer: int, expert: int) -> bool:
+        """Start the copy of ``expert``, a miss of the invocation in progress, before compute
+        asks for it, so it moves while the experts ahead of it compute (on a GPU the copy
+        engine overlaps them anyway; on the emulated link only this does). Only into a free
+        slot, or one whose expert this invocation does not need and whose copy is complete:
+        nothing is waited for or cancelled. ``acquire`` counts it as the miss it is."""
+        part = self._parts[layer]
+        if expert in part.entries or part.capacity == 0:
+            return False
+        return self._load(part, expert, prefetch=False, ahead=True) is not None
 
     # -- prefetch -------------------------------------------------------------------------
     def prefetch(self, layer: int, expert: int) -> bool:
@@ -259,8 +279,8 @@ class ExpertCache:
         return True
 
     # -- slots ----------------------------------------------------------------------------
-    def _load(self, part: _Partition, expert: int, prefetch: bool) -> _Entry | None:
-        slot = self._take_slot(part, expert, prefetch)
+    def _load(self, part: _Partition, expert: int, prefetch: bool, ahead: bool = False) -> _Entry | None:
+        slot = self._take_slot(part, expert, prefetch, ahead)
         if slot is None:
             return None
         ticket = None
@@ -269,11 +289,11 @@ class ExpertCache:
             ticket = self.transfer.submit(src, self.slots[slot], slot, part.layer, urgent=not prefetch)
         if self.in_place is None:
             self.stats.layer(part.layer).bytes_moved += self.expert_bytes
-        entry = part.entries[expert] = _Entry(expert, slot, ticket, prefetched=prefetch)
+        entry = part.entries[expert] = _Entry(expert, slot, ticket, prefetched=prefetch, ahead=ahead)
         part.policy.on_insert(expert)
         return entry
 
-    def _take_slot(self, part: _Partition, incoming: int, prefetch: bool) -> int | None:
+    def _take_slot(self, part: _Partition, incoming: int, prefetch: bool, ahead: bool = False) -> int | None:
         if part.free:
             return part.free.pop()
         ents = part.entries
@@ -281,7 +301,7 @@ class ExpertCache:
             e for e, en in ents.items()
             if e not in part.pinned and self._ready(en) and not (prefetch and en.protected)
         ]  # fmt: skip
-        if not cands and prefetch:
+        if not cands and (prefetch or ahead):
             return None
         if not cands:  # working set larger than the partition: reuse what this invocation finished
             cands = [e for e in part.done if e in ents and self._ready(ents[e])]
@@ -347,7 +367,7 @@ class ExpertCache:
                     self._drop(part, e, cancelled=t.state == CANCELLED)
                 elif entry.ticket is not None and self.transfer.is_done(entry.ticket):
                     entry.ticket = None
-                entry.protected = False
+                entry.protected = entry.ahead = False
             used = {entry.slot for entry in part.entries.values()}
             part.free = [s for s in reversed(part.slots) if s not in used]
             part.pinned.clear()

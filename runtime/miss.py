@@ -17,6 +17,13 @@ Per miss, a cost model picks one of these routes (``route``):
 Host wins over low-bit when both apply, since it is exact. The cost model's figures
 come from the link (emulated, or one copy timed at load on CUDA) and from timing one
 expert on the host at load (:func:`calibrate`).
+
+An invocation's misses are routed together (:meth:`MissHandler.routes`). Beside a GPU the
+host and the link work at the same time, so each miss goes to whichever would finish it
+first given the misses already given to each: two misses that each take the host 7 ms
+and the link 8 ms go one to each (8 ms), not both to the host (14 ms). The caller then
+issues the link's copies before the host computes (:mod:`runtime.offload`). When the CPU
+is the device it also computes what the link brings, so there each miss is weighed alone.
 """
 
 from __future__ import annotations
@@ -73,12 +80,26 @@ class MissHandler:
         size = store.layout.nbytes if streams else low_store.layout.nbytes if low_store is not None else 0
         self._scratch = torch.empty(size, dtype=torch.uint8, device=cache.device) if size else None
 
-    def route(self, layer: int, expert: int, tokens: int, weights: torch.Tensor) -> str:
-        if self.host and self.cost.host_s(tokens) < self.cost.copy_s(self.store.layout.nbytes):
-            return "host"
-        if self.low_store is not None and float(weights.max()) < self.threshold:  # host sync, on a miss only
-            return "low-bit"
-        return "stream" if self.cache.capacity(layer) == 0 else "copy"
+    def routes(self, layer: int, misses: list[tuple[int, int, torch.Tensor]]) -> dict[int, str]:
+        """A route for each of an invocation's misses, ``(expert, tokens, gate weights)``, in
+        order (see module doc)."""
+        link = "stream" if self.cache.capacity(layer) == 0 else "copy"
+        together = self.host and self.cache.device.type != "cpu"  # host and device compute apart
+        host_busy = link_busy = 0.0  # seconds of work given to each so far
+        out = {}
+        for expert, tokens, weights in misses:
+            if self.host:
+                host_done = host_busy + self.cost.host_s(tokens)
+                if host_done < link_busy + self.cost.copy_s(self.store.layout.nbytes):  # exact, and sooner
+                    out[expert] = "host"
+                    host_busy = host_done if together else 0.0
+                    continue
+            # host sync, on a miss only
+            low = self.low_store is not None and float(weights.max()) < self.threshold
+            out[expert] = "low-bit" if low else link
+            if together:
+                link_busy += self.cost.copy_s((self.low_store if low else self.store).layout.nbytes)
+        return out
 
     def compute(
         self, route: str, layer: int, expert: int, x: torch.Tensor, gate_fn: Callable

@@ -123,30 +123,49 @@ class OffloadedExperts(nn.Module):
         out = torch.zeros_like(x)  # [T, D]
         if counts is None:  # decode: one token, no gather/scatter needed
             slot_of = {e: k for k, e in enumerate(needed)}
+            work = {e: (x, top_k_weights[:, slot_of[e], None], None) for e in order}  # w: [1, 1]
+        else:
+            perm = flat.argsort(stable=True)  # [T*K], grouped by expert
+            token_of = perm // K
+            weight_of = top_k_weights.reshape(-1)[perm]
+            starts = [0] * (self.num_experts + 1)
+            for e, c in enumerate(counts):
+                starts[e + 1] = starts[e] + c
+            work = {}
             for e in order:
-                w = top_k_weights[:, slot_of[e], None]  # [1, 1]
-                out += self._serve(e, x, w) * w
-            return out
-        perm = flat.argsort(stable=True)  # [T*K], grouped by expert
-        token_of = perm // K
-        weight_of = top_k_weights.reshape(-1)[perm]
-        starts = [0] * (self.num_experts + 1)
-        for e, c in enumerate(counts):
-            starts[e + 1] = starts[e] + c
-        for e in order:
-            tok = token_of[starts[e] : starts[e + 1]]
-            w = weight_of[starts[e] : starts[e + 1], None]  # [t, 1]
-            out.index_add_(0, tok, (self._serve(e, x[tok], w) * w).to(out.dtype))
+                tok = token_of[starts[e] : starts[e + 1]]
+                work[e] = (x[tok], weight_of[starts[e] : starts[e + 1], None], tok)  # w: [t, 1]
+        sequence, routes = self._schedule(order, work)
+        for e in sequence:
+            xe, w, tok = work[e]
+            y = self._serve(e, xe, w, routes.get(e, "copy"))
+            if tok is None:
+                out += y * w
+            else:
+                out.index_add_(0, tok, (y * w).to(out.dtype))
         return out
 
-    def _serve(self, e: int, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on ``x [t, D]``: from its cache slot, or as the miss handler decides."""
+    def _schedule(self, order: list[int], work: dict) -> tuple[list[int], dict[int, str]]:
+        """Route this invocation's misses (runtime.miss) and start the copies of those that
+        go into a slot; returns the order to compute in, the host's misses last (so the
+        device's work and the link's copies are all issued before the host computes), and
+        the routes (a miss without one is loaded into a slot)."""
         rt, cache, layer = self.rt, self.rt.cache, self.layer
-        handler = rt.miss_handler
-        if handler is not None and not cache.is_resident(layer, e):
-            route = handler.route(layer, e, x.shape[0], weights)
-            if route != "copy":
-                return handler.compute(route, layer, e, x, self._gate_fn)
+        misses = [e for e in order if not cache.is_resident(layer, e)]
+        routes: dict[int, str] = {}
+        if rt.miss_handler is not None and misses:
+            routes = rt.miss_handler.routes(layer, [(e, work[e][0].shape[0], work[e][1]) for e in misses])
+        for e in misses:
+            if routes.get(e, "copy") == "copy":
+                cache.load_ahead(layer, e)
+        host = [e for e in order if routes.get(e) == "host"]
+        return [e for e in order if routes.get(e) != "host"] + host, routes
+
+    def _serve(self, e: int, x: torch.Tensor, weights: torch.Tensor, route: str) -> torch.Tensor:
+        """Expert ``e`` on ``x [t, D]``: from its cache slot, or by the miss handler's ``route``."""
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        if route != "copy":
+            return rt.miss_handler.compute(route, layer, e, x, self._gate_fn)
         w = cache.acquire(layer, e)
         try:
             return expert_mlp(x, w, rt.fmt, rt.layout, self._gate_fn)

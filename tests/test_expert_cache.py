@@ -191,6 +191,25 @@ def test_a_failed_copy_is_never_served_and_recover_forgets_it():
         link.close()
 
 
+def byte_store(nbytes: int) -> type:
+    """A stand-in store class whose expert ``e`` is ``nbytes`` bytes, all ``e + 1``; views are the row."""
+    import torch
+
+    class Layout:
+        def views(self, row):
+            return row
+
+    Layout.nbytes = nbytes
+
+    class Store:
+        layout = Layout()
+
+        def row(self, layer, e):
+            return torch.full((nbytes,), e + 1, dtype=torch.uint8)
+
+    return Store
+
+
 def test_on_demand_mode_never_frees_a_slot_a_copy_is_still_writing():
     """With retain=False every entry is dropped at end(). A prefetch still on the link must
     be cancelled or finished first: else its bytes land in the slot after the next
@@ -199,18 +218,7 @@ def test_on_demand_mode_never_frees_a_slot_a_copy_is_still_writing():
 
     from tests.test_prefetch import FakeClock, fake_link
 
-    class Layout:
-        nbytes = 16384  # four pieces of 4 KiB
-
-        def views(self, row):
-            return row
-
-    class Store:
-        layout = Layout()
-
-        def row(self, layer, e):
-            return torch.full((16384,), e + 1, dtype=torch.uint8)
-
+    Store = byte_store(16384)  # four pieces of 4 KiB
     clock = FakeClock()
     link = fake_link(clock, bandwidth=16384, latency=0.0)  # one piece: 0.25 s
     cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), store=Store(), transfer=link, retain=False)
@@ -259,3 +267,52 @@ def test_recover_cancels_queued_prefetches_instead_of_copying_them():
     assert clock.now == pytest.approx(1.0)  # waited for expert 1 only
     st = cache.stats.layer(0)
     assert st.prefetch_cancelled == 2 and st.bytes_moved == 4096
+
+
+def test_load_ahead_copies_a_miss_while_the_resident_experts_compute():
+    """load_ahead starts a miss's copy at once, into a free slot or one whose expert this
+    invocation does not need; the copy moves while compute runs, acquire counts a miss (not
+    a hit, nor a late prefetch) and waits only for what is left of the copy."""
+    import torch
+
+    from tests.test_prefetch import FakeClock, fake_link
+
+    Store = byte_store(4096)
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=4096, latency=0.0)  # a copy takes 1 s
+    cache = ExpertCache({0: 2}, lambda layer, cap: LRU(cap), store=Store(), transfer=link)
+    cache.begin(0, [1])
+    cache.acquire(0, 1)  # a miss: 1 s
+    cache.release(0, 1)
+    cache.end(0)
+    clock.now += 5
+    st = cache.stats.layer(0)
+    before = (st.uses, st.hits, st.misses, st.late, st.bytes_moved)
+    cache.begin(0, [1, 2])
+    assert cache.load_ahead(0, 2)  # the free slot
+    assert not cache.load_ahead(0, 2)  # already on its way
+    clock.now += 0.75  # expert 1 computes meanwhile
+    cache.acquire(0, 1)
+    cache.release(0, 1)
+    w = cache.acquire(0, 2)
+    cache.release(0, 2)
+    cache.end(0)
+    assert torch.equal(w, Store().row(0, 2))
+    assert (st.uses, st.hits, st.misses, st.late, st.bytes_moved) == (
+        before[0] + 2,
+        before[1] + 1,
+        before[2] + 1,
+        before[3],
+        before[4] + 4096,
+    )
+    assert st.stall_s == pytest.approx(1 + 0.25)  # the first miss's whole copy, then what was left
+    # a full partition whose experts this invocation needs: nothing to take, nothing waited for
+    cache.begin(0, [1, 2, 3])
+    assert not cache.load_ahead(0, 3)
+    cache.end(0)
+    # an expert it does not need is taken
+    clock.now += 5
+    cache.begin(0, [2, 3])
+    assert cache.load_ahead(0, 3) and cache.resident(0) == [2, 3]
+    cache.acquire(0, 3)
+    cache.end(0)

@@ -10,20 +10,46 @@ from tests.helpers import load_small, reference_model
 PROMPT = [5, 17, 42, 99, 7, 128, 64, 3, 250, 11]
 
 
-def test_cost_model_decides_between_copy_and_host():
-    cost = CostModel(link_bandwidth=1e9, link_latency=1e-5, host_fixed_s=1e-4, host_per_token_s=1e-4)
-    assert cost.copy_s(10**6) == 1e-5 + 1e-3
+def _handler(device: str, host: bool = True) -> MissHandler:
+    """A handler over a stand-in cache (layer 0 has no slot) and store: 1 MB experts."""
     handler = MissHandler.__new__(MissHandler)
-    handler.cost, handler.host, handler.low_store = cost, True, None
+    handler.cost = CostModel(link_bandwidth=1e9, link_latency=1e-5, host_fixed_s=1e-4, host_per_token_s=1e-4)
+    handler.host, handler.low_store = host, None
     handler.store = type("S", (), {"layout": type("L", (), {"nbytes": 10**6})()})()
-    handler.cache = type("C", (), {"capacity": lambda self, layer: layer})()  # layer 0 has no slot
+    handler.cache = type("C", (), {"capacity": lambda self, layer: layer, "device": torch.device(device)})()
+    return handler
+
+
+def test_cost_model_decides_between_copy_and_host():
+    handler = _handler("cpu")
+    assert handler.cost.copy_s(10**6) == 1e-5 + 1e-3
     w = torch.tensor([[0.5]])
-    assert handler.route(1, 0, 1, w) == "host"  # 0.2 ms on the host < 1.01 ms to copy
-    assert handler.route(1, 0, 20, w) == "copy"  # 2.1 ms on the host > 1.01 ms
-    assert handler.route(0, 0, 20, w) == "stream"  # the same, where the layer has no slot
-    assert handler.route(0, 0, 1, w) == "host"
+
+    def route(layer: int, tokens: int) -> str:
+        return handler.routes(layer, [(0, tokens, w)])[0]
+
+    assert route(1, 1) == "host"  # 0.2 ms on the host < 1.01 ms to copy
+    assert route(1, 20) == "copy"  # 2.1 ms on the host > 1.01 ms
+    assert route(0, 20) == "stream"  # the same, where the layer has no slot
+    assert route(0, 1) == "host"
+    # the CPU computes what it copies, too: each miss is weighed alone
+    assert handler.routes(1, [(e, 6, w) for e in range(4)]) == dict.fromkeys(range(4), "host")
     handler.host = False
-    assert handler.route(1, 0, 1, w) == "copy"
+    assert route(1, 1) == "copy"
+
+
+def test_beside_a_gpu_misses_are_shared_between_the_host_and_the_link():
+    """Host and link work at once beside a GPU: each miss goes where it would be done first.
+    At 6 tokens the host takes 0.7 ms an expert, the link 1.01 ms."""
+    handler = _handler("cuda")
+    w = torch.tensor([[0.5]])
+    routes = handler.routes(1, [(e, 6, w) for e in range(5)])
+    # host done at 0.7, 1.4, 2.1 ms; link at 1.01, 2.02 ms
+    assert routes == {0: "host", 1: "copy", 2: "host", 3: "copy", 4: "host"}
+    assert handler.routes(0, [(e, 6, w) for e in range(2)]) == {0: "host", 1: "stream"}
+    assert _handler("cuda", host=False).routes(1, [(e, 6, w) for e in range(3)]) == dict.fromkeys(
+        range(3), "copy"
+    )
 
 
 def test_host_misses_are_exact(tiny_model):
@@ -70,3 +96,79 @@ def test_low_bit_copies_serve_low_weight_misses_with_bounded_error(tiny_model):
                 assert st.low_bit_loads == 0 and rel < 1e-4
         finally:
             lm.close()
+
+
+def test_copies_are_issued_before_the_host_computes_its_misses(tiny_model):
+    """In each invocation the misses that go into a slot have their copies started before
+    the host computes its own misses, which come after every expert the device computes;
+    with the routes mixed so, the output is still the reference's."""
+    path = tiny_model("qwen2_moe")
+    ref = reference_model(path)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = ref(ids[:, :1]).logits
+    lm = load_small(path, quant="none", slots_per_layer=2, predictor="none", host_misses=True,
+                    link_bandwidth=1e9)  # fmt: skip
+    try:
+        handler, cache = lm.runtime.miss_handler, lm.cache
+        log: list[tuple[str, int, int]] = []
+
+        def alternate(layer, misses):  # host, copy, host, ...: both kinds in every layer
+            return {e: ("host", "copy")[i % 2] for i, (e, _, _) in enumerate(misses)}
+
+        def spy(name, fn):
+            def wrapped(layer, e, *args, **kwargs):
+                log.append((name, layer, e))
+                return fn(layer, e, *args, **kwargs)
+
+            return wrapped
+
+        handler.routes = alternate
+        cache.load_ahead = spy("ahead", cache.load_ahead)
+        cache.acquire = spy("acquire", cache.acquire)
+        compute = handler.compute
+        handler.compute = lambda route, layer, e, *a: (
+            log.append(("host", layer, e)) or compute(route, layer, e, *a)
+        )
+        with torch.no_grad():
+            got = lm.model(ids[:, :1]).logits  # one token: top-k distinct experts, all missing
+        assert ((got - want).norm() / want.norm()).item() < 1e-4
+        for layer in lm.spec.moe_layers:
+            events = [(kind, e) for kind, lay, e in log if lay == layer]
+            kinds = [kind for kind, _ in events]
+            assert "host" in kinds and "ahead" in kinds, events
+            first_host = kinds.index("host")
+            assert all(k == "host" for k in kinds[first_host:]), events  # the host's misses last
+            last_ahead = max(i for i, k in enumerate(kinds) if k == "ahead")
+            assert last_ahead < kinds.index("acquire"), events  # every copy started before compute
+    finally:
+        lm.close()
+
+
+def test_low_bit_copies_also_serve_layers_without_a_slot(tiny_model):
+    """A layer with no slot streams its misses through one buffer that the low-bit copies
+    share: of a token's two experts (gate weights summing to 1) the one below 0.5 moves its
+    low-bit copy, the other the whole expert, and the output stays within the low-bit bound."""
+    from runtime.loader import LoadOptions, load_model
+    from tests.helpers import budget_for_slots
+
+    path = tiny_model("mixtral")
+    ref = reference_model(path)
+    fixed = budget_for_slots(path, "none", 0)
+    expert = (budget_for_slots(path, "none", 1) - fixed) // 4  # the tiny Mixtral's 4 MoE layers
+    lm = load_model(str(path), LoadOptions(quant="none", vram=fixed + 2 * expert, device="cpu", predictor="none",
+                                           low_bit="int4", low_bit_threshold=0.5))  # fmt: skip
+    try:
+        assert len(lm.plan.streamed_layers) == 3
+        for token in PROMPT:  # one token a forward: two experts a layer
+            ids = torch.tensor([[token]])
+            with torch.no_grad():
+                want, got = ref(ids).logits, lm.model(ids).logits
+            assert ((got - want).norm() / want.norm()).item() < 0.2
+        full_bytes, low_bytes = lm.store.layout.nbytes, lm.runtime.miss_handler.low_store.layout.nbytes
+        for layer in lm.plan.streamed_layers:
+            st = lm.cache.stats.layer(layer)
+            assert st.uses == st.misses == 2 * len(PROMPT) and st.low_bit_loads == len(PROMPT)
+            assert st.bytes_moved == len(PROMPT) * (full_bytes + low_bytes)  # both through the one buffer
+    finally:
+        lm.close()
