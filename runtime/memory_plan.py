@@ -22,12 +22,13 @@ layers' int4 experts would need 3.2 GB for one slot each, beside 3.2 GB of bf16
 non-expert weights.
 
 On a unified-memory device (Jetson, the CPU) host and device share one pool, so the host
-expert store is also subtracted from the budget. Elsewhere the store must fit host memory
-(a profile's, or this machine's): :func:`plan_load` says when it does not (then what is
-not page-locked on CUDA, or not in the page cache on the CPU, is read from disk) and which
-lower quantization fits. Slots are then split over the MoE
+expert store is also subtracted from the budget. Slots are then split over the MoE
 layers, uniformly or shallow-favoring (Fate: early layers, where prediction is weakest,
 get more), never more than a layer has experts.
+
+Elsewhere the host store must fit host memory (a profile's, or this machine's):
+:func:`check_host_memory` says when it does not (then what is not page-locked on CUDA, or
+not in the page cache on the CPU, is read from disk) and which lower quantization fits.
 
 With no budget on the CPU (and no link emulated) the experts are read *in place*: the
 host store is the device's copy, every expert is resident and nothing is copied, since a
