@@ -324,8 +324,8 @@ class ExpertCache:
         """Forget ``expert``; returns its slot, which the caller reuses or puts back in ``free``."""
         entry = part.entries.pop(expert)
         st = self.stats.layer(part.layer)
-        if cancelled:
-            st.prefetch_cancelled += 1
+        if cancelled:  # a queued copy that never moved (a prefetch, or a miss's load_ahead)
+            st.prefetch_cancelled += entry.prefetched
             st.bytes_moved -= self.expert_bytes
         elif entry.prefetched:
             st.prefetch_wasted += 1

@@ -21,9 +21,10 @@ expert on the host at load (:func:`calibrate`).
 An invocation's misses are routed together (:meth:`MissHandler.routes`). Beside a GPU the
 host and the link work at the same time, so each miss goes to whichever would finish it
 first given the misses already given to each: two misses that each take the host 7 ms
-and the link 8 ms go one to each (8 ms), not both to the host (14 ms). The caller then
-issues the link's copies before the host computes (:mod:`runtime.offload`). When the CPU
-is the device it also computes what the link brings, so there each miss is weighed alone.
+and the link 8 ms go one to each (8 ms), not both to the host (14 ms). The caller takes
+the host's inputs first, then issues the link's copies and the device's kernels before
+the host computes (:mod:`runtime.offload`), so the three do work at once. When the CPU is
+the device it also computes what the link brings, so there each miss is weighed alone.
 """
 
 from __future__ import annotations
@@ -101,17 +102,21 @@ class MissHandler:
                 link_busy += self.cost.copy_s((self.low_store if low else self.store).layout.nbytes)
         return out
 
+    def compute_on_host(self, layer: int, expert: int, xh: torch.Tensor, gate_fn: Callable) -> torch.Tensor:
+        """The ``host`` route: ``expert`` on ``xh`` (the activations, already on the host in
+        float32), from the host store; the result stays on the host."""
+        from runtime.offload import expert_mlp
+
+        y = expert_mlp(xh, self.store.weights(layer, expert), self.fmt, self.store.layout, gate_fn)
+        self.cache.record_bypass(layer, expert, "host", nbytes=0, stall_s=0.0)
+        return y
+
     def compute(
         self, route: str, layer: int, expert: int, x: torch.Tensor, gate_fn: Callable
     ) -> torch.Tensor:
+        """The ``low-bit`` and ``stream`` routes: a copy into the buffer outside the slots."""
         from runtime.offload import expert_mlp
 
-        if route == "host":
-            w = self.store.weights(layer, expert)
-            xh = x.to("cpu", torch.float32)  # only activations cross the link
-            y = expert_mlp(xh, w, self.fmt, self.store.layout, gate_fn).to(x.device, x.dtype)
-            self.cache.record_bypass(layer, expert, "host", nbytes=0, stall_s=0.0)
-            return y
         store, fmt = (self.store, self.fmt) if route == "stream" else (self.low_store, self.low_fmt)
         row = store.row(layer, expert)
         buf = self._scratch[: row.numel()]

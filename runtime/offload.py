@@ -123,7 +123,7 @@ class OffloadedExperts(nn.Module):
         out = torch.zeros_like(x)  # [T, D]
         if counts is None:  # decode: one token, no gather/scatter needed
             slot_of = {e: k for k, e in enumerate(needed)}
-            work = {e: (x, top_k_weights[:, slot_of[e], None], None) for e in order}  # w: [1, 1]
+            parts = {e: (None, top_k_weights[:, slot_of[e], None]) for e in order}  # (tokens, w [1, 1])
         else:
             perm = flat.argsort(stable=True)  # [T*K], grouped by expert
             token_of = perm // K
@@ -131,38 +131,60 @@ class OffloadedExperts(nn.Module):
             starts = [0] * (self.num_experts + 1)
             for e, c in enumerate(counts):
                 starts[e + 1] = starts[e] + c
-            work = {}
-            for e in order:
-                tok = token_of[starts[e] : starts[e + 1]]
-                work[e] = (x[tok], weight_of[starts[e] : starts[e + 1], None], tok)  # w: [t, 1]
-        sequence, routes = self._schedule(order, work)
+            parts = {e: (token_of[starts[e] : starts[e + 1]], weight_of[starts[e] : starts[e + 1], None])
+                     for e in order}  # (tokens [t], w [t, 1]); x[tokens] gathered when computed  # fmt: skip
+        sequence, routes, on_host = self._schedule(x, order, parts)
         for e in sequence:
-            xe, w, tok = work[e]
-            y = self._serve(e, xe, w, routes.get(e, "copy"))
+            tok, w = parts[e]
+            if e in on_host:
+                y = self._from_host(
+                    self.rt.miss_handler.compute_on_host(self.layer, e, on_host[e], self._gate_fn), x
+                )
+            else:
+                y = self._serve(e, x if tok is None else x[tok], routes.get(e, "copy"))
             if tok is None:
                 out += y * w
             else:
                 out.index_add_(0, tok, (y * w).to(out.dtype))
         return out
 
-    def _schedule(self, order: list[int], work: dict) -> tuple[list[int], dict[int, str]]:
-        """Route this invocation's misses (runtime.miss) and start the copies of those that
-        go into a slot; returns the order to compute in, the host's misses last (so the
-        device's work and the link's copies are all issued before the host computes), and
-        the routes (a miss without one is loaded into a slot)."""
+    def _schedule(self, x: torch.Tensor, order: list[int], parts: dict):
+        """Route this invocation's misses (runtime.miss), copy the host's inputs to it, and
+        start the copies of the misses that go into a slot. Returns the order to compute in,
+        the routes (a miss without one is loaded into a slot) and the host's inputs.
+
+        The host's inputs are copied before any of this invocation's device work is queued:
+        that copy waits for everything queued before it. Beside a GPU the host's misses then
+        come last, once the device's kernels and the link's copies are all issued, so the
+        three work at once; on the CPU, which computes all of them, the host's misses come
+        before the copied ones, whose copies they hide."""
         rt, cache, layer = self.rt, self.rt.cache, self.layer
         misses = [e for e in order if not cache.is_resident(layer, e)]
         routes: dict[int, str] = {}
         if rt.miss_handler is not None and misses:
-            routes = rt.miss_handler.routes(layer, [(e, work[e][0].shape[0], work[e][1]) for e in misses])
+            sizes = [(e, 1 if parts[e][0] is None else parts[e][0].numel(), parts[e][1]) for e in misses]
+            routes = rt.miss_handler.routes(layer, sizes)
+        on_host = {e: (x if parts[e][0] is None else x[parts[e][0]]).to("cpu", torch.float32)
+                   for e in misses if routes.get(e) == "host"}  # fmt: skip
         for e in misses:
             if routes.get(e, "copy") == "copy":
                 cache.load_ahead(layer, e)
-        host = [e for e in order if routes.get(e) == "host"]
-        return [e for e in order if routes.get(e) != "host"] + host, routes
+        device_side = [e for e in order if e not in on_host]
+        if cache.device.type == "cpu":
+            resident = [e for e in order if e not in misses]
+            return resident + list(on_host) + [e for e in device_side if e in misses], routes, on_host
+        return device_side + list(on_host), routes, on_host
 
-    def _serve(self, e: int, x: torch.Tensor, weights: torch.Tensor, route: str) -> torch.Tensor:
-        """Expert ``e`` on ``x [t, D]``: from its cache slot, or by the miss handler's ``route``."""
+    def _from_host(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A host result back on the device: through pinned memory beside a GPU, so the copy
+        queues behind the device's work instead of waiting for it."""
+        if like.device.type == "cuda":
+            y = y.pin_memory()
+        return y.to(like.device, like.dtype, non_blocking=like.device.type == "cuda")
+
+    def _serve(self, e: int, x: torch.Tensor, route: str) -> torch.Tensor:
+        """Expert ``e`` on ``x [t, D]``: from its cache slot, or by the miss handler's ``route``
+        (low-bit or stream; the host's misses go through :meth:`_schedule`)."""
         rt, cache, layer = self.rt, self.rt.cache, self.layer
         if route != "copy":
             return rt.miss_handler.compute(route, layer, e, x, self._gate_fn)

@@ -310,9 +310,21 @@ def test_load_ahead_copies_a_miss_while_the_resident_experts_compute():
     cache.begin(0, [1, 2, 3])
     assert not cache.load_ahead(0, 3)
     cache.end(0)
-    # an expert it does not need is taken
+    # an expert it does not need is taken; a copy done before compute asks is still a miss
     clock.now += 5
     cache.begin(0, [2, 3])
     assert cache.load_ahead(0, 3) and cache.resident(0) == [2, 3]
+    clock.now += 2
+    misses, hits = st.misses, st.hits
     cache.acquire(0, 3)
+    cache.end(0)
+    assert (st.misses, st.hits) == (misses + 1, hits)
+    # a prefetch still moving is never taken, and a miss waits for nothing: no slot, no copy
+    clock.now += 5
+    cache.begin(0, [2])
+    cache.acquire(0, 2)
+    cache.end(0)
+    assert cache.prefetch(0, 4)  # evicts 3; on the link for 1 s
+    cache.begin(0, [2, 5])
+    assert not cache.load_ahead(0, 5) and 4 in cache.resident(0)
     cache.end(0)

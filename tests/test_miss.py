@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from runtime.miss import CostModel, MissHandler
@@ -98,10 +99,14 @@ def test_low_bit_copies_serve_low_weight_misses_with_bounded_error(tiny_model):
             lm.close()
 
 
-def test_copies_are_issued_before_the_host_computes_its_misses(tiny_model):
-    """In each invocation the misses that go into a slot have their copies started before
-    the host computes its own misses, which come after every expert the device computes;
-    with the routes mixed so, the output is still the reference's."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_order_of_copies_and_host_computes(tiny_model, device):
+    """In each invocation the host's inputs are taken first, then every miss that goes into a
+    slot has its copy started (none for the host's misses), before any expert computes.
+    Beside a GPU the host's misses come last, after every device expert is issued; on the
+    CPU, which computes both, they come before the copied misses, hiding those copies. With
+    the routes mixed so, the output is still the reference's. ("cuda": the order the cache
+    of a CUDA device gets, on CPU tensors.)"""
     path = tiny_model("qwen2_moe")
     ref = reference_model(path)
     ids = torch.tensor([PROMPT])
@@ -111,10 +116,13 @@ def test_copies_are_issued_before_the_host_computes_its_misses(tiny_model):
                     link_bandwidth=1e9)  # fmt: skip
     try:
         handler, cache = lm.runtime.miss_handler, lm.cache
+        cache.device = torch.device(device)
         log: list[tuple[str, int, int]] = []
+        routed: dict[int, dict[int, str]] = {}
 
         def alternate(layer, misses):  # host, copy, host, ...: both kinds in every layer
-            return {e: ("host", "copy")[i % 2] for i, (e, _, _) in enumerate(misses)}
+            routed[layer] = {e: ("host", "copy")[i % 2] for i, (e, _, _) in enumerate(misses)}
+            return routed[layer]
 
         def spy(name, fn):
             def wrapped(layer, e, *args, **kwargs):
@@ -126,21 +134,24 @@ def test_copies_are_issued_before_the_host_computes_its_misses(tiny_model):
         handler.routes = alternate
         cache.load_ahead = spy("ahead", cache.load_ahead)
         cache.acquire = spy("acquire", cache.acquire)
-        compute = handler.compute
-        handler.compute = lambda route, layer, e, *a: (
-            log.append(("host", layer, e)) or compute(route, layer, e, *a)
-        )
+        handler.compute_on_host = spy("host", handler.compute_on_host)
         with torch.no_grad():
             got = lm.model(ids[:, :1]).logits  # one token: top-k distinct experts, all missing
         assert ((got - want).norm() / want.norm()).item() < 1e-4
         for layer in lm.spec.moe_layers:
             events = [(kind, e) for kind, lay, e in log if lay == layer]
             kinds = [kind for kind, _ in events]
-            assert "host" in kinds and "ahead" in kinds, events
-            first_host = kinds.index("host")
-            assert all(k == "host" for k in kinds[first_host:]), events  # the host's misses last
-            last_ahead = max(i for i, k in enumerate(kinds) if k == "ahead")
-            assert last_ahead < kinds.index("acquire"), events  # every copy started before compute
+            copied = {e for e, r in routed[layer].items() if r == "copy"}
+            assert {e for kind, e in events if kind == "ahead"} == copied, events  # none for the host's
+            first_compute = min(i for i, k in enumerate(kinds) if k != "ahead")
+            assert all(k == "ahead" for k in kinds[:first_compute]) and "ahead" not in kinds[first_compute:]
+            computes = [(kind, e) for kind, e in events if kind != "ahead"]
+            host_at = [i for i, (kind, _) in enumerate(computes) if kind == "host"]
+            if device == "cuda":  # the host's misses last
+                assert host_at == list(range(len(computes) - len(host_at), len(computes))), events
+            else:  # the host's misses before the copied misses
+                copied_at = [i for i, (kind, e) in enumerate(computes) if kind == "acquire" and e in copied]
+                assert max(host_at) < min(copied_at), events
     finally:
         lm.close()
 
