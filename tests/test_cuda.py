@@ -162,7 +162,9 @@ def test_host_misses_on_cuda_compute_from_the_cpu_layout(tiny_model, monkeypatch
     # a one-token miss is computed on the host, a prefill one copied into a slot, so both
     # paths run (the cost model's choice is tested in test_miss.py)
     monkeypatch.setattr(
-        MissHandler, "route", lambda self, layer, expert, tokens, w: "host" if tokens == 1 else "copy"
+        MissHandler,
+        "routes",
+        lambda self, layer, misses: {e: "host" if n == 1 else "copy" for e, n, _ in misses},
     )
     path = tiny_model("mixtral", intermediate_size=128)
     x = torch.tensor([PROMPT])

@@ -300,7 +300,9 @@ def test_interpreted_host_misses_read_one_store_in_the_cpu_layout(tiny_model, mo
     # a miss of one token is computed on the host, a bigger one copied into a slot (the cost
     # model's choice is tested in test_miss.py)
     monkeypatch.setattr(
-        MissHandler, "route", lambda self, layer, expert, tokens, w: "host" if tokens == 1 else "copy"
+        MissHandler,
+        "routes",
+        lambda self, layer, misses: {e: "host" if n == 1 else "copy" for e, n, _ in misses},
     )
     lm = load_small(path, quant="int4", slots_per_layer=2, predictor="none", host_misses=True,
                     dtype="float16", max_slots=8)  # fmt: skip
