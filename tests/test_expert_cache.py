@@ -328,3 +328,16 @@ def test_load_ahead_copies_a_miss_while_the_resident_experts_compute():
     cache.begin(0, [2, 5])
     assert not cache.load_ahead(0, 5) and 4 in cache.resident(0)
     cache.end(0)
+    # an invocation cut short after load_ahead (Ctrl-C): the expert copied stays, and its next
+    # use is the hit it then is, after end() and after recover()
+    for e, finish in ((6, cache.end), (7, lambda layer: cache.recover())):
+        clock.now += 5
+        cache.begin(0, [e])
+        assert cache.load_ahead(0, e)
+        finish(0)
+        clock.now += 5
+        cache.begin(0, [e])
+        hits = st.hits
+        cache.acquire(0, e)
+        cache.end(0)
+        assert st.hits == hits + 1

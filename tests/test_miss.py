@@ -39,6 +39,18 @@ def test_cost_model_decides_between_copy_and_host():
     assert route(1, 1) == "copy"
 
 
+def test_low_bit_copies_cost_the_link_their_own_bytes():
+    """Beside a GPU a low-bit copy (a quarter of the bytes here) keeps the link busy for its
+    own size, so more misses go to the link than if it cost a whole expert."""
+    handler = _handler("cuda")
+    handler.low_store = type("S", (), {"layout": type("L", (), {"nbytes": 250_000})()})()
+    handler.threshold = 0.3
+    low = torch.tensor([[0.1]])  # below the threshold: may use the low-bit copy
+    # host done at 0.7, 1.4 ms; low-bit copies (0.26 ms each) at 0.26, 0.52 ms
+    routes = handler.routes(1, [(e, 6, low) for e in range(4)])
+    assert routes == {0: "host", 1: "low-bit", 2: "low-bit", 3: "host"}, routes
+
+
 def test_beside_a_gpu_misses_are_shared_between_the_host_and_the_link():
     """Host and link work at once beside a GPU: each miss goes where it would be done first.
     At 6 tokens the host takes 0.7 ms an expert, the link 1.01 ms."""
