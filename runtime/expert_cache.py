@@ -175,6 +175,8 @@ class ExpertCache:
         for e in needed:
             entry = part.entries.get(e)
             (missing if entry is None else ready if self._ready(entry) else inflight).append(e)
+        for e in inflight:  # needed now: ahead of other prefetches, and of the misses' copies to come
+            self.transfer.hurry(part.entries[e].ticket)
         return ready + inflight + missing
 
     def acquire(self, layer: int, expert: int) -> ExpertWeights | None:

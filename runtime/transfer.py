@@ -73,6 +73,10 @@ class TransferEngine(ABC):
     def cancel(self, ticket: Ticket) -> bool:
         """Drop a copy that has not started. True if dropped (nothing was moved)."""
 
+    def hurry(self, ticket: Ticket) -> None:
+        """Compute will need ``ticket`` soon: let it go ahead of the prefetches, and of the
+        on-demand copies submitted after this call, without making compute wait yet."""
+
     def slot_released(self, slot: int) -> None:
         """Compute has issued its last read of ``slot`` for now."""
 
@@ -254,6 +258,11 @@ class EmulatedLink(TransferEngine):
         if failed is not None:
             raise RuntimeError(f"copying an expert of layer {failed.layer} failed") from failed.meta["error"]
 
+    def hurry(self, ticket):
+        if ticket.state in (QUEUED, RUNNING):
+            self._advance(self._clock())
+            ticket.urgent = True  # the link takes it next, and its pieces left in one run
+
     def wait(self, ticket):
         if ticket.state == CANCELLED:
             raise RuntimeError("waited on a cancelled copy: its slot was never written")
@@ -390,13 +399,16 @@ class CudaStreamCopy(TransferEngine):
             ticket.state = DONE
         return ticket.state == DONE
 
-    def wait(self, ticket):
-        if ticket.state == CANCELLED:
-            raise RuntimeError("waited on a cancelled copy: its slot was never written")
-        if not ticket.meta["issued"]:  # still queued: promoted onto the urgent stream
+    def hurry(self, ticket):
+        if ticket.state != CANCELLED and not ticket.meta["issued"]:  # still on the host: the urgent stream
             ticket.urgent = True
             self._issue(ticket, self.urgent)
             self._discard(ticket)
+
+    def wait(self, ticket):
+        if ticket.state == CANCELLED:
+            raise RuntimeError("waited on a cancelled copy: its slot was never written")
+        self.hurry(ticket)
         if not self.is_done(ticket):
             compute = torch.cuda.current_stream(self.device)
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -271,3 +271,18 @@ def test_a_copy_outside_the_slots_runs_on_the_compute_stream_and_counts_as_stall
     assert gpu.compute.waits == [] and eng.deferred_stall() == {}  # not run yet
     gpu.finish()
     assert eng.deferred_stall() == {3: 0.0}  # the stand-in's events take no time
+
+
+def test_hurry_moves_a_queued_prefetch_to_the_urgent_stream_without_making_compute_wait(gpu):
+    eng = engine(window=1, window_bytes=0, chunks=4)
+    src, dst = rows(3)
+    eng.submit(src[0], dst[0], slot=0, layer=0, urgent=False)  # on the prefetch stream
+    b = eng.submit(src[1], dst[1], slot=1, layer=0, urgent=False)  # queued on the host
+    assert landed(dst[1]) == 0
+    eng.hurry(b)
+    assert landed(dst[1]) == 4 and b.event.stream is eng.urgent and b.urgent
+    assert gpu.compute.waits == []  # compute waits only when it uses it (wait)
+    eng.hurry(b)  # issued already: nothing more happens
+    assert not eng.cancel(b)
+    gpu.finish()
+    assert eng.is_done(b)

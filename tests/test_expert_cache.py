@@ -341,3 +341,22 @@ def test_load_ahead_copies_a_miss_while_the_resident_experts_compute():
         cache.acquire(0, e)
         cache.end(0)
         assert st.hits == hits + 1
+
+
+def test_a_needed_prefetch_still_queued_goes_ahead_of_the_misses_copies():
+    """begin() hurries the prefetches the invocation needs: computed before its misses, they
+    are copied before them too (on the link a queued prefetch would otherwise wait behind
+    every on-demand copy, including the misses' early ones)."""
+    from tests.test_prefetch import FakeClock, fake_link
+
+    Store = byte_store(16384)  # four pieces of 4 KiB
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=16384, latency=0.0)  # a piece: 0.25 s, a whole copy: 1 s
+    cache = ExpertCache({0: 3}, lambda layer, cap: LRU(cap), store=Store(), transfer=link)
+    assert cache.prefetch(0, 1) and cache.prefetch(0, 2)  # 1 on the link, 2 queued behind it
+    assert cache.begin(0, [2, 3]) == [2, 3]
+    assert cache.load_ahead(0, 3)
+    clock.now = 1.3  # 1's first piece, then all of 2 (0.25 to 1.25), then 3
+    entries = cache._parts[0].entries
+    assert link.is_done(entries[2].ticket) and not link.is_done(entries[3].ticket)
+    link.synchronize()
