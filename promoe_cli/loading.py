@@ -220,15 +220,13 @@ def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> N
         cache = (f"cache [bold]{n} of {total}[/] experts ({format_bytes(lm.cache.nbytes)}), all loaded · "
                  f"{where}, {budget}{link}{unused}")  # fmt: skip
     else:
-        streamed = len(plan.streamed_layers)
-        stream = (
-            f" · {streamed} of {spec.num_moe_layers} MoE layers stream their experts (no slot)"
-            if streamed
-            else ""
-        )
         cache = (f"cache [bold]{n} of {total}[/] experts ({100 * n / total:.0f}%, {format_bytes(lm.cache.nbytes)}) · "
-                 f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}{stream}")  # fmt: skip
+                 f"{where}, {budget}{link} · {opts.policy} eviction · prefetch {opts.predictor}")  # fmt: skip
     err.print(cache, soft_wrap=False)
+    if plan.streamed_layers:  # its own line: the cache line is long already
+        tip = "" if opts.host_misses else "; --host-misses computes them on the host when that is quicker"
+        err.print(f"{len(plan.streamed_layers)} of {spec.num_moe_layers} MoE layers have no slot and stream "
+                  f"their experts through one buffer{tip}", soft_wrap=True)  # fmt: skip
     err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)
 
 

@@ -389,3 +389,21 @@ def test_the_plan_says_when_the_store_does_not_fit_host_memory(tiny_model, home,
     r = invoke("chat", path, "--profile", "cramped", "--prompt", "x", "--max-new-tokens", 2)
     assert r.exit_code == 0, r.output
     assert "warning: the " in r.output and "does not fit in 100.0 MB of host memory" in r.output, r.output
+
+
+def test_chat_says_which_layers_stream_and_what_would_help(tiny_model):
+    """A budget with fewer slots than layers: chat's banner says how many layers stream, and
+    points at --host-misses unless it is on."""
+    path = tiny_model("mixtral")  # 4 MoE layers
+    fixed = budget_for_slots(path, "none", 0)
+    expert = (budget_for_slots(path, "none", 1) - fixed) // 4
+    args = ["chat", str(path), "--quant", "none", "--vram", f"{fixed + 3 * expert}B"]
+    r = runner.invoke(app, args, input="/quit\n")
+    assert r.exit_code == 0, r.output
+    assert (
+        "2 of 4 MoE layers have no slot and stream their experts" in r.output and "--host-misses" in r.output
+    )
+    r = runner.invoke(app, [*args, "--host-misses"], input="/quit\n")
+    assert (
+        r.exit_code == 0 and "2 of 4 MoE layers have no slot" in r.output and "--host-misses" not in r.output
+    )
