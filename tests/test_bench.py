@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from promoe_cli.main import app
@@ -57,6 +58,19 @@ def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json):
     assert od["hit_rate"]["max"] == 0.0 and od["bytes_per_token"]["min"] > 0  # no cross-token hits
     assert data["cache_experts"] == "16 of 32"  # --cache-fraction 0.5 by default
     assert data["link"].startswith("emulated")
+
+
+def test_the_tracer_records_each_tokens_own_experts():
+    from runtime.offload import RoutingTracer
+
+    tracer = RoutingTracer()
+    tracer.record(0, torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]]))
+    tracer.record(1, torch.tensor([[5, 6], [7, 0]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    records = tracer.flush(10)
+    assert [(r.token, r.layer, r.experts) for r in records] == [
+        (10, 0, (1, 2)), (10, 1, (5, 6)), (11, 0, (3, 4)), (11, 1, (7, 0))
+    ]  # fmt: skip
+    assert records[2].weights == pytest.approx((0.7, 0.3))
 
 
 def test_trace_out_records_the_run(bench_json):

@@ -360,3 +360,83 @@ def test_a_needed_prefetch_still_queued_goes_ahead_of_the_misses_copies():
     entries = cache._parts[0].entries
     assert link.is_done(entries[2].ticket) and not link.is_done(entries[3].ticket)
     link.synchronize()
+
+
+def test_arc_grows_its_recency_target_on_a_ghost_hit():
+    arc = ARC(2)
+    arc.on_insert(1)
+    arc.on_insert(2)
+    arc.on_evict(1)  # 1 is now a ghost of the recency list
+    arc.victim([2], incoming=1)
+    assert arc.p > 0
+
+
+def test_lru_counts_an_insert_as_a_use():
+    lru = LRU(2)
+    lru.on_insert(1)
+    lru.on_access(1, False)
+    lru.on_insert(2)  # inserted after 1's last use: 1 is the older
+    assert lru.victim([1, 2], incoming=3) == 1
+
+
+def _slow_cache(capacity: int = 3) -> ExpertCache:
+    """One layer on a fake link where a copy takes 1 s of a clock that never moves by itself."""
+    from tests.test_prefetch import FakeClock, fake_link
+
+    link = fake_link(FakeClock(), bandwidth=4096, latency=0.0)
+    return ExpertCache({0: capacity}, lambda layer, n: LRU(n), store=byte_store(4096)(), transfer=link)
+
+
+def _use(cache: ExpertCache, layer: int, expert: int) -> None:
+    cache.begin(layer, [expert])
+    cache.acquire(layer, expert)
+    cache.release(layer, expert)
+    cache.end(layer)
+
+
+def test_begin_orders_resident_then_in_flight_then_missing():
+    """Reordered inference (ProMoE): what is there computes first, what must be copied last."""
+    cache = _slow_cache()
+    _use(cache, 0, 1)
+    assert cache.prefetch(0, 2)  # on the link
+    assert cache.begin(0, [3, 2, 1]) == [1, 2, 3]
+
+
+def test_a_prefetch_never_evicts_another_made_for_the_same_invocation():
+    cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), expert_bytes=1)
+    assert cache.prefetch(0, 1) and cache.prefetch(0, 2)
+    assert not cache.prefetch(0, 3)
+    assert cache.resident(0) == [1, 2]
+
+
+def test_predicting_a_resident_expert_protects_it_from_the_next_prefetch():
+    cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), expert_bytes=1)
+    _use(cache, 0, 1)
+    assert not cache.prefetch(0, 1)  # resident: nothing to copy, but wanted next
+    assert cache.prefetch(0, 2)
+    assert not cache.prefetch(0, 3)
+    assert cache.resident(0) == [1, 2]
+
+
+def test_a_prefetch_still_copying_when_used_counts_late_not_hit():
+    cache = _slow_cache()
+    assert cache.prefetch(0, 1)
+    cache.begin(0, [1])
+    cache.acquire(0, 1)
+    cache.end(0)
+    st = cache.stats.layer(0)
+    assert (st.late, st.hits, st.misses) == (1, 0, 0)
+
+
+def test_release_tells_the_copy_engine_the_slot_may_be_overwritten():
+    from runtime.transfer import InlineCopy
+
+    released = []
+
+    class Spy(InlineCopy):
+        def slot_released(self, slot):
+            released.append(slot)
+
+    cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), store=byte_store(16)(), transfer=Spy())
+    _use(cache, 0, 1)
+    assert released == [cache.slot_of(0, 1)]

@@ -87,6 +87,19 @@ def test_stale_store_is_rebuilt_when_checkpoint_changes(tiny_model, tmp_path, ho
     assert rep_q.action == "converted"
 
 
+def test_a_store_quantized_another_way_is_rebuilt(tiny_model, home):
+    """int3's clip search changes the stored values, not the layout: a store written without
+    it (an older promoe) is stale for today's int3."""
+    from quant.formats import GroupwiseInt
+
+    path = tiny_model("mixtral")
+    ckpt = Checkpoint(path)
+    spec = describe_model(ckpt)
+    open_store(ckpt, spec, GroupwiseInt(3, group_size=64), home=home)
+    _, rep = _open(path, home, quant="int3")
+    assert rep.action == "rebuilt" and "stale" in rep.reason
+
+
 def test_interrupted_conversion_leaves_nothing_used(tiny_model, home):
     path = tiny_model("qwen2_moe")
     calls = {"n": 0}

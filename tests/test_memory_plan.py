@@ -407,3 +407,12 @@ def test_chat_says_which_layers_stream_and_what_would_help(tiny_model):
     assert (
         r.exit_code == 0 and "2 of 4 MoE layers have no slot" in r.output and "--host-misses" not in r.output
     )
+
+
+def test_the_shallow_split_gives_early_layers_more_slots():
+    from runtime.memory_plan import split_slots
+
+    slots = list(split_slots(12, list(range(8)), 8, "shallow").values())
+    assert sum(slots) == 12 and slots == sorted(slots, reverse=True) and slots[0] > slots[-1]
+    # shares 2, 1.67, 1.33, 1 of 6: the largest remainder gets the spare slot
+    assert split_slots(6, [0, 1, 2, 3], 8, "shallow") == {0: 2, 1: 2, 2: 1, 3: 1}

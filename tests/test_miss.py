@@ -80,10 +80,11 @@ def test_host_misses_are_exact(tiny_model):
         ) > lm.runtime.miss_handler.cost.host_s(1)
         with torch.no_grad():
             got = lm.model(ids).logits
-            lm.model(ids[:, :1])  # one token: served on the host
+            after_prefill = lm.cache.stats.total().cpu_computed
+            lm.model(ids[:, :1])  # one token: its misses served on the host too
         assert ((got - want).norm() / want.norm()).item() < 1e-4
         st = lm.cache.stats.total()
-        assert st.cpu_computed > 0 and st.uses == st.hits + st.late + st.misses
+        assert 0 < after_prefill < st.cpu_computed and st.uses == st.hits + st.late + st.misses
     finally:
         lm.close()
 
@@ -183,6 +184,8 @@ def test_low_bit_copies_also_serve_layers_without_a_slot(tiny_model):
                                            low_bit="int4", low_bit_threshold=0.5))  # fmt: skip
     try:
         assert len(lm.plan.streamed_layers) == 3
+        copy_now = lm.cache.transfer.copy_now  # no link here: make each buffer copy stall 10 ms
+        lm.cache.transfer.copy_now = lambda src, dst, layer: copy_now(src, dst, layer) + 0.01
         for token in PROMPT:  # one token a forward: two experts a layer
             ids = torch.tensor([[token]])
             with torch.no_grad():
@@ -193,5 +196,48 @@ def test_low_bit_copies_also_serve_layers_without_a_slot(tiny_model):
             st = lm.cache.stats.layer(layer)
             assert st.uses == st.misses == 2 * len(PROMPT) and st.low_bit_loads == len(PROMPT)
             assert st.bytes_moved == len(PROMPT) * (full_bytes + low_bytes)  # both through the one buffer
+            assert st.stall_s == pytest.approx(0.01 * st.uses)  # every buffer copy's stall is counted
+    finally:
+        lm.close()
+
+
+def test_a_miss_is_copied_low_bit_only_when_every_token_weighs_it_below_the_threshold():
+    handler = _handler("cpu", host=False)
+    handler.low_store = type("S", (), {"layout": type("L", (), {"nbytes": 250_000})()})()
+    handler.threshold = 0.3
+    assert handler.routes(1, [(0, 2, torch.tensor([[0.1], [0.9]]))]) == {0: "copy"}
+    assert handler.routes(1, [(0, 2, torch.tensor([[0.1], [0.2]]))]) == {0: "low-bit"}
+
+
+def test_calibrate_fits_the_hosts_fixed_and_per_token_cost(monkeypatch):
+    import runtime.miss as miss
+    import runtime.offload as offload
+    from tests.test_prefetch import FakeClock
+
+    clock = FakeClock()
+    monkeypatch.setattr(miss.time, "perf_counter", clock)
+
+    def expert_mlp(x, *args):  # 1 ms, plus 0.1 ms a token
+        clock.now += 1e-3 + 1e-4 * x.shape[0]
+
+    monkeypatch.setattr(offload, "expert_mlp", expert_mlp)
+    layout = type("L", (), {"shape": type("Sh", (), {"hidden": 4})(), "nbytes": 16})()
+    store = type("S", (), {"layers": [0], "layout": layout, "weights": lambda self, layer, e: None})()
+    cost = miss.calibrate(store, None, torch.device("cpu"), (1e9, 1e-5), None)
+    assert cost.host_fixed_s == pytest.approx(1e-3)
+    assert cost.host_per_token_s == pytest.approx(1e-4)
+    assert (cost.link_bandwidth, cost.link_latency) == (1e9, 1e-5)
+
+
+def test_a_low_bit_miss_takes_no_slot(tiny_model):
+    lm = load_small(tiny_model("mixtral"), quant="none", slots_per_layer=2, predictor="none",
+                    low_bit="int4", low_bit_threshold=1.01)  # fmt: skip
+    try:
+        with torch.no_grad():
+            lm.model(torch.tensor([PROMPT[:4]]))
+            lm.model(torch.tensor([PROMPT[:4]]))  # the same experts again: still not cached
+        st = lm.cache.stats.total()
+        assert all(lm.cache.resident(layer) == [] for layer in lm.spec.moe_layers)
+        assert st.hits == 0 and st.low_bit_loads == st.misses == st.uses > 0
     finally:
         lm.close()

@@ -314,3 +314,27 @@ def test_every_configuration_on_an_emulated_link_shares_one_link_model(tiny_mode
     finally:
         lm.close()
         plain.close()
+
+
+def test_prediction_precision_and_recall_are_scored_against_the_experts_used():
+    from runtime.expert_cache import ExpertCache
+    from runtime.policies import LRU
+    from runtime.prefetch import Prefetcher
+
+    class Predicts12:  # from layer 0: experts 1 and 2 for layer 1
+        def predict(self, layer, hidden):
+            return [(1, [1, 2])] if layer == 0 else []
+
+    cache = ExpertCache({0: 2, 1: 2}, lambda layer, n: LRU(n), expert_bytes=1)
+    pf = Prefetcher(Predicts12(), cache)
+    pf.on_layer(0, [0], torch.zeros(1, 4))
+    pf.on_layer(1, [1], torch.zeros(1, 4))  # layer 1 used only expert 1
+    st = cache.stats.layer(1)
+    assert (st.pred_tp, st.pred_fp, st.pred_fn) == (1, 1, 0)
+
+
+def test_experts_are_ranked_by_gate_score_and_unchosen_ones_dropped():
+    from runtime.prefetch import rank_experts
+
+    assert rank_experts(torch.tensor([[3, 1]]), torch.tensor([[0.2, 0.8]]), 4) == [1, 3]
+    assert sorted(rank_experts(torch.tensor([[0, 1], [1, 0]]), None, 8)) == [0, 1]

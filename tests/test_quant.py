@@ -190,3 +190,20 @@ def test_unknown_format_lists_the_known_ones():
     assert "int5" in str(exc.value)
     for name in available_formats():
         assert name in exc.value.hint
+
+
+def test_int4_groups_use_their_whole_code_range():
+    fmt = get_format("int4")
+    parts = fmt.quantize(torch.randn(8, 128, generator=torch.Generator().manual_seed(0)))
+    q = unpack(parts["q"], 4, 128).reshape(8, 2, 64)
+    assert (q.amax(-1) == 15).all() and (q.amin(-1) == 0).all()  # each group's max and min at the ends
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_partial_last_group_is_padded_with_zeros(name):
+    fmt = get_format(name)
+    w = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(w, (0, 28))
+    got = fmt.dequantize(fmt.quantize(w), (8, 100), torch.float32)
+    want = fmt.dequantize(fmt.quantize(padded), (8, 128), torch.float32)[:, :100]
+    assert torch.equal(got, want)
