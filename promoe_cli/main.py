@@ -95,10 +95,11 @@ def run() -> None:
     except usage as exc:
         code = _usage_error(exc)
     except abort:  # Ctrl-C or end of input while the command line is read
+        code = 130
+    if code == 130:  # Ctrl-C outside a command's own handling (typer 0.2x returns 130 for it)
         from promoe_cli.console import err
 
         err.print("[warn]interrupted[/]")
-        code = 130
     sys.exit(code if isinstance(code, int) else 0)
 
 

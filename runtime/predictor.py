@@ -135,7 +135,11 @@ def record_routing(lm, prompts: list[list[int]], new_tokens: int = 32, progress=
     try:
         for i, ids in enumerate(prompts):
             tracer.discard()
-            generate(lm, ids, SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+            done = generate(
+                lm, ids, SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+            )
+            if done.finish_reason == "interrupted":  # Ctrl-C: generate() stopped; so does the recording
+                raise KeyboardInterrupt
             for layer, idx, _ in tracer.take():
                 experts[layer].append(idx)
             if progress:

@@ -373,3 +373,14 @@ def test_the_banner_says_an_explicit_prefetch_goes_unused(tiny_model):
     default = runner.invoke(app, ["chat", str(tiny_model("mixtral"))], input="/quit\n")
     assert asked.exit_code == 0 and default.exit_code == 0, asked.output + default.output
     assert note in asked.stderr and "nothing to prefetch" not in default.stderr
+
+
+def test_a_ctrl_c_typer_turns_into_exit_130_still_says_interrupted(monkeypatch, capsys):
+    """typer 0.2x returns 130 for a KeyboardInterrupt outside a command's own handling (one
+    pressed while promoe starts): the user still sees why it stopped."""
+    import promoe_cli.main as main
+
+    monkeypatch.setattr(main, "app", lambda **kw: 130)
+    with pytest.raises(SystemExit) as exc:
+        main.run()
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err

@@ -103,6 +103,28 @@ def test_train_predictor_command_then_prefetch_learned(tiny_model, tmp_path):
     assert chat_learned().exit_code == 0
 
 
+def test_ctrl_c_while_recording_stops_train_predictor_and_saves_nothing(tiny_model, home, monkeypatch):
+    """generate() turns a Ctrl-C into an "interrupted" answer; the recording must stop there,
+    not go on to the next prompt with a half-recorded forward."""
+    import runtime.offload
+
+    calls = []
+
+    class InterruptedTracer(runtime.offload.RoutingTracer):
+        def record(self, *args):
+            calls.append(1)
+            if len(calls) == 30:  # inside a forward, some prompts in
+                raise KeyboardInterrupt
+            super().record(*args)
+
+    monkeypatch.setattr(runtime.offload, "RoutingTracer", InterruptedTracer)
+    r = runner.invoke(app, ["train-predictor", str(tiny_model("mixtral")), "--quant", "none", "--new-tokens", "4",
+                            "--epochs", "1", "--width", "8"])  # fmt: skip
+    assert r.exit_code == 130 and "interrupted" in r.stderr and "Traceback" not in r.output, r.output
+    assert len(calls) == 30  # nothing was recorded after the interrupt
+    assert not list(home.rglob("predictor*"))
+
+
 def test_prefetch_learned_without_training_explains(tiny_model):
     path = tiny_model("phimoe")
     r = runner.invoke(app, ["chat", str(path), "--prefetch", "learned", "--vram", str(budget_for_slots(path, "int4", 2)),
