@@ -51,6 +51,13 @@ def profile_device(
         from runtime.device_probe import QUICK, ProbeSettings, probe_device
 
         offline_environment()
+        busy = _others_cpu_percent()
+        if busy > BUSY_PERCENT:
+            err.print(
+                f"[warn]warning:[/] the machine looks busy: {busy:.0f}% of its CPU is in use by other "
+                "processes; copy and compute figures will come out low"
+                + (f" (profile {write} is saved anyway: measure again when it is quiet)" if write else "")
+            )
 
         with progress_display() as progress:
             result = probe_device(device, QUICK if quick else ProbeSettings(), progress=progress)
@@ -63,6 +70,16 @@ def profile_device(
 
             path = write_profile(result.to_profile(write), write)
             err.print(f"wrote profile [accent]{write}[/] to {path}; use it with --profile {write}")
+
+
+BUSY_PERCENT = 25.0  # of the whole CPU, used by others before measuring: warn
+
+
+def _others_cpu_percent() -> float:
+    """How much of the CPU the rest of the machine uses while promoe waits half a second."""
+    import psutil
+
+    return psutil.cpu_percent(interval=0.5)
 
 
 def _json(r) -> dict:

@@ -245,3 +245,15 @@ def test_gpu_timings_come_from_events_around_several_calls(monkeypatch):
     assert len(calls) == 2 + 3 * 4
     assert t == pytest.approx(6.0 / 1e3 / 4)  # the median sample, per call
     assert log == ["record", "record", "sync"] * 3
+
+
+def test_profile_device_warns_when_other_processes_keep_the_cpu_busy(home, monkeypatch):
+    """Measured next to a busy process, copies come out 100x slow: say so, also when saving."""
+    import promoe_cli.profile_device as pd
+
+    monkeypatch.setattr(pd, "_others_cpu_percent", lambda: 95.0)
+    r = invoke("profile-device", "--quick", "--write", "busy-box")
+    assert r.exit_code == 0, r.output
+    assert "the machine looks busy: 95%" in r.stderr and "saved anyway" in r.stderr
+    monkeypatch.setattr(pd, "_others_cpu_percent", lambda: 3.0)
+    assert "busy" not in invoke("profile-device", "--quick").stderr
