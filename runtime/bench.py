@@ -35,7 +35,7 @@ import torch
 from runtime.baselines import bench_hf
 from runtime.bench_configs import BASELINES, PREFETCHING, REACTIVE, fallback_config, select_configs
 from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
-from runtime.errors import InsufficientMemoryError, PromoeError, UsageError
+from runtime.errors import InsufficientMemoryError, PromoeError, StoreError, UsageError
 from runtime.loader import LoadedModel, LoadOptions, load_model
 from runtime.memory_plan import default_context
 
@@ -294,7 +294,8 @@ def nothing_ran_error(results: list[ConfigResult]) -> PromoeError | None:
 
     When every promoe configuration tried failed for lack of memory (the baselines can
     only run after one of them), that is the error: the budget one, with the smallest
-    figure needed. Otherwise a usage error listing why each was skipped, whose hint never
+    figure needed. When one failed on a damaged file of promoe's cache, that error. Otherwise
+    a usage error listing why each was skipped, whose hint never
     names a configuration that was tried.
     """
     if not results or any(r.status == "ok" for r in results):
@@ -303,6 +304,9 @@ def nothing_ran_error(results: list[ConfigResult]) -> PromoeError | None:
     short = [r.error for r in ours if isinstance(r.error, InsufficientMemoryError)]
     if ours and len(short) == len(ours):
         return min(short, key=lambda e: e.needed)
+    damaged = [r.error for r in ours if isinstance(r.error, StoreError)]
+    if damaged:  # a file of promoe's cache to repair (a learned predictor): its own error and exit code
+        return damaged[0]
     why = "; ".join(f"{r.name}: {r.note}" for r in results)
     if short:  # another configuration would not fit either
         hint = min(short, key=lambda e: e.needed).hint

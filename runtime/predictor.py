@@ -275,11 +275,14 @@ def load_learned_predictor(
     """``model_ref``: the model as the user named it, for the hints (train-predictor's argument)."""
     train = f"promoe train-predictor {model_ref}".rstrip()
     directory = predictor_dir(store_path) if store_path is not None else None
-    if (
-        directory is None
-        or not (directory / PREDICTOR_FILE).is_file()
-        or not (directory / PREDICTOR_META).is_file()
-    ):
+    present = [directory is not None and (directory / f).is_file() for f in (PREDICTOR_FILE, PREDICTOR_META)]
+    if any(present) and not all(present):  # what `promoe stores` lists as a predictor, half gone
+        missing = PREDICTOR_META if present[0] else PREDICTOR_FILE
+        raise StoreError(
+            f"the learned predictor in {directory} is damaged ({missing} is missing)",
+            hint=f"train it again: {train} (or use --prefetch cross-layer)",
+        )
+    if not all(present):
         raise UsageError(
             "no learned predictor has been trained for this model",
             hint=f"train one on your own prompts: {train} --prompts FILE "

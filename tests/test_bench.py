@@ -278,6 +278,12 @@ def test_when_nothing_ran_the_hint_never_names_a_configuration_tried():
     assert not any(f"--configs {n}" in e.hint for n in ALL_CONFIGS)
     e = nothing_ran_error([ConfigResult("transformers", "skipped", "runs after a promoe configuration")])
     assert e.hint == "add one that can, e.g. --configs lru"
+    from runtime.errors import StoreError
+
+    damaged = StoreError("the learned predictor in X is damaged", hint="train it again")
+    assert (
+        nothing_ran_error([failed("learned", damaged), failed("lru", UsageError("no"))]) is damaged
+    )  # exit 5
 
 
 def test_plot_without_matplotlib_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):

@@ -227,6 +227,18 @@ def test_predictor_saved_before_checksums_still_loads_unless_its_weights_are_nan
         load_learned_predictor(saved, SPEC)
 
 
+@pytest.mark.parametrize("lost", [PREDICTOR_META, PREDICTOR_FILE])
+def test_a_predictor_missing_one_of_its_two_files_is_damaged_not_untrained(saved, lost):
+    """`promoe stores` lists the half that is left as a predictor: say it is damaged (exit 5)."""
+    (saved.parent / lost).unlink()
+    with pytest.raises(StoreError, match=rf"is damaged \({lost} is missing\)") as e:
+        load_learned_predictor(saved, SPEC)
+    assert "promoe train-predictor" in e.value.hint
+    (saved.parent / (PREDICTOR_FILE if lost == PREDICTOR_META else PREDICTOR_META)).unlink()
+    with pytest.raises(UsageError, match="no learned predictor has been trained"):
+        load_learned_predictor(saved, SPEC)
+
+
 def test_saving_again_never_leaves_a_pair_that_loads_wrongly(saved, monkeypatch):
     """Each file is renamed into place: a crash while writing keeps the old predictor; one between
     the two renames leaves new weights beside the old checksum, refused as damaged."""
