@@ -172,13 +172,27 @@ def bench(
                             link_latency=link_latency)  # fmt: skip
         names = select_configs(None if configs is None else _split(configs))  # refused before any work
         offline_environment()
+        if quality and configs is not None:
+            from runtime.errors import UsageError
+
+            raise UsageError(
+                "--quality compares the expert formats, not the configurations: --configs does not apply",
+                hint="drop --configs, or run the configurations without --quality",
+            )
         if quality:
             _quality(model, opts, quality_tokens, low_bit, low_bit_threshold, json_out)
             return
         import torch
 
-        from runtime.bench import budget_for_fraction, calibrate_link, nothing_ran_error, run_bench
+        from runtime.bench import (
+            budget_for_fraction,
+            calibrate_link,
+            check_lengths,
+            nothing_ran_error,
+            run_bench,
+        )
 
+        check_lengths(model, opts, prompt_len, gen_len)  # before the link is measured, not after
         if opts.vram is None and not profile:
             opts.vram = budget_for_fraction(model, opts, cache_fraction)
         on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())

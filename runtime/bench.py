@@ -64,7 +64,7 @@ def fit_prompt_len(limit: int | None, prompt_len: int | None, gen_len: int) -> i
         prompt_len = min(DEFAULT_PROMPT_LEN, limit - gen_len) if limit else DEFAULT_PROMPT_LEN
         if prompt_len < 1:
             raise UsageError(f"--gen-len {gen_len} leaves no room for a prompt in a context of {limit} tokens",
-                              hint=f"use --gen-len {limit // 4} or less")  # fmt: skip
+                              hint=f"use --gen-len {limit - 1} or less")  # fmt: skip
     elif limit and prompt_len + gen_len > limit:
         raise UsageError(
             f"--prompt-len {prompt_len} + --gen-len {gen_len} is longer than the context of {limit} tokens",
@@ -203,6 +203,13 @@ def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tu
             stacklevel=2,
         )
     return layout.nbytes / (ratio * compute), compute
+
+
+def check_lengths(ref: str | None, base: LoadOptions, prompt_len: int | None, gen_len: int) -> None:
+    """Refuse prompt and generation lengths the model cannot hold, before any measuring."""
+    header: dict = {}
+    _describe(ref, header)
+    fit_prompt_len(default_context(header["spec"].config, base.context), prompt_len, gen_len)
 
 
 def run_bench(

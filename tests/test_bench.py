@@ -130,8 +130,13 @@ def test_prompt_length_fits_the_model():
 def test_prompt_too_long_for_the_model_is_one_line(tiny_model):
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--prompt-len", "250", "--gen-len", "10"])
     assert r.exit_code == 2 and "context of 256 tokens" in r.stderr and "Traceback" not in r.output
+    assert "emulated link" not in r.stderr  # refused before the link was measured
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--gen-len", "300"])
+    assert r.exit_code == 2 and "hint: use --gen-len 255 or less" in r.stderr, r.output
     r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--quality", "--quality-tokens", "300"])
     assert r.exit_code == 2 and "256 positions" in r.stderr and "Traceback" not in r.output
+    r = runner.invoke(app, ["bench", str(tiny_model("mixtral")), "--quality", "--configs", "lru"])
+    assert r.exit_code == 2 and "--configs does not apply" in r.stderr and "Traceback" not in r.output
 
 
 def test_configs_are_checked_before_anything_runs(tiny_model, home):  # home: no predictor trained there
