@@ -163,6 +163,11 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
     if done.finish_reason == "interrupted":  # Ctrl-C: a script must tell a cut-off completion
         err.print("[warn]interrupted[/]")
         sys.exit(130)
+    if done.finish_reason == "context":  # stopped short of --max-new-tokens: say why (exit 0: it is whole)
+        err.print(
+            f"[warn]the context is full at {done.stats.prompt_tokens + done.stats.generated_tokens} tokens: "
+            "the completion stops there[/] (a longer --context lets it go on, up to the model's own)"
+        )
 
 
 def write_stats(path: Path, lm, done) -> None:

@@ -162,6 +162,16 @@ def test_one_shot_prompt_longer_than_the_context(tiny_model):
     )
 
 
+def test_one_shot_completion_cut_by_the_context_says_so(tiny_model):
+    r = invoke(
+        "chat", tiny_model("mixtral"), "--prompt", "x " * 100, "-n", 100, "-t", 0, "--no-chat-template"
+    )
+    assert r.exit_code == 0, r.output
+    assert "the context is full at 256 tokens" in r.stderr and "--context" in r.stderr
+    r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 4, "-t", 0, "--no-chat-template")
+    assert r.exit_code == 0 and "context is full" not in r.stderr
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [(("--device", "tpu"), "unknown device"), (("--device", "meta"), "unknown device"),
