@@ -53,9 +53,16 @@ def plan(
                             policy="lru", slot_split=slot_split, prefetch="none", link_bandwidth=link_bandwidth,
                             link_latency=link_latency)  # fmt: skip
         offline_environment()
+        from runtime.errors import InsufficientMemoryError
         from runtime.memory_plan import plan_load
 
-        lp = plan_load(model, opts, shipped_config=True)
+        try:
+            lp = plan_load(model, opts, shipped_config=True)
+        except InsufficientMemoryError as exc:
+            if as_json:  # a script still gets the figures; the error follows on stderr, exit 4
+                out.print_json(json.dumps({"fits": False, "needed": exc.needed, "budget": exc.available,
+                                           "error": str(exc), "hint": exc.hint}))  # fmt: skip
+            raise
         if as_json:
             out.print_json(json.dumps(_json(lp, opts, profile)))
         else:
@@ -70,6 +77,7 @@ def _link(opts) -> str | None:
 
 def _json(lp, opts, profile: str | None) -> dict:
     return {
+        "fits": True,
         "model": lp.resolved.label,
         "model_path": str(lp.resolved.path),
         "architecture": lp.spec.arch.model_type,

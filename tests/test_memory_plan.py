@@ -301,6 +301,14 @@ def test_plan_that_cannot_fit_via_plan_and_chat(tiny_model, home):
         one_line_error(r, 4, "needs at least", "non-expert weights", "device with at least")
     r = invoke("plan", path, "--vram", "300KB")
     one_line_error(r, 4, "300.0 KB is not enough")
+    r = invoke("plan", path, "--vram", "300KB", "--json")  # a script still gets the figures, on stdout
+    assert r.exit_code == 4 and "error: 300.0 KB is not enough" in r.stderr
+    data = json.loads(r.stdout)
+    assert not data["fits"] and data["budget"] == 300_000 and data["needed"] > 300_000
+    fits = json.loads(invoke("plan", path, "--vram", "1GB", "--json").stdout)
+    assert fits["fits"] and data["needed"] == sum(
+        fits[k] for k in ("reserved", "non_expert", "kv_cache", "workspace", "expert_bytes")
+    )  # the fixed part and room for one expert
 
 
 def test_a_cuda_budget_from_free_memory_keeps_headroom_and_an_integrated_gpu_is_unified(monkeypatch):
