@@ -154,7 +154,12 @@ def _render(models, home) -> None:
         return
     table = Table(title=f"Expert stores in {home / 'stores'}", title_justify="left")
     for col in ("name", "checkpoint", "formats", "predictor", "size"):
-        table.add_column(col, justify="right" if col == "size" else "left")
+        # a long path (every HF cache one) wraps rather than losing its end
+        table.add_column(col, justify="right" if col == "size" else "left",
+                         overflow="fold" if col in ("checkpoint", "formats") else "ellipsis",
+                         # the name is what `stores rm` takes: whole, on one line
+                         min_width=max(len(m.name) for m in models) if col == "name" and models else None,
+                         no_wrap=col == "name")  # fmt: skip
     for m in models:
         forms = ", ".join(f"{f.quant} {format_bytes(f.nbytes)}" + ("" if f.complete else " (incomplete)")
                           for f in m.formats) or "-"  # fmt: skip
@@ -163,10 +168,10 @@ def _render(models, home) -> None:
         if m.leftover_bytes:
             forms += f" (+{format_bytes(m.leftover_bytes)} left by an interrupted conversion or removal)"
         source = escape("unknown" if m.source is None else str(m.source))
-        if m.checkpoint == "gone":
-            source = f"[warn]{source} (gone)[/]"
+        if m.checkpoint == "gone":  # the state first: it is what the row is about
+            source = f"[warn]gone:[/] [warn]{source}[/]"
         elif m.checkpoint == "unknown" and m.source is not None:
-            source += " (not reachable)"
+            source = f"not reachable: {source}"
         predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
         table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
     out.print(table)

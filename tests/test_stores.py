@@ -296,3 +296,18 @@ def test_the_listing_does_not_load_torch(home):
                         "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_long_checkpoint_path_keeps_its_state_and_its_end_in_the_table(tiny_model, home, tmp_path):
+    """A Hugging Face cache path is longer than a terminal's column: the table wraps it rather
+    than cutting it, and says "gone" first."""
+    deep = tmp_path / "hub" / "models--someone--A-Rather-Long-Model-Name-v0.1" / "snapshots" / ("f" * 40)
+    shutil.copytree(tiny_model("mixtral"), deep)
+    _convert(deep, home, "int4")
+    shutil.rmtree(deep)
+    r = runner.invoke(app, ["stores"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    rows = "".join(line.strip(" │┃|") for line in r.stdout.splitlines())
+    assert "gone:" in rows and "f" * 40 in rows.replace(" ", "").replace("│", "")
+    name = model_dir(home, deep).name
+    assert name in r.stdout  # whole: it is what `stores rm` takes
