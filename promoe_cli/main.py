@@ -131,7 +131,12 @@ def _usage_error(exc) -> int:
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "promoe"
     err.print(f"[error]error:[/] {escape(' '.join(exc.format_message().split()))}")
-    err.print(f"[hint]hint:[/] {escape(command)} --help lists the options, their ranges and examples")
+    what = (
+        "commands"
+        if exc.format_message().startswith("No such command")
+        else "options, their ranges and examples"
+    )
+    err.print(f"[hint]hint:[/] {escape(command)} --help lists the {what}")
     return exc.exit_code
 
 

@@ -102,7 +102,7 @@ LinkLatency = Annotated[
     typer.Option(
         "--link-latency",
         metavar="T",
-        help="Per-copy latency of the emulated link, e.g. 20us.",
+        help="Per-copy latency of the emulated link, e.g. 20us (bench: 20us when it emulates one).",
         rich_help_panel=_CACHE,
     ),
 ]
@@ -112,7 +112,6 @@ TraceOut = Annotated[
         "--trace-out",
         metavar="FILE",
         help="Record expert routing to this JSONL file (format of shared/traces).",
-        rich_help_panel=_CACHE,
     ),
 ]
 LowBit = Annotated[

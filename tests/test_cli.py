@@ -316,7 +316,8 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(tiny_m
     "argv,needle",
     [(["chat", "--context", "-1"], "Invalid value for '--context'"), (["chat", "-n", "0"], "'--max-new-tokens'"),
      (["chat", "--nope"], "No such option: --nope"), (["plan", "--top-p", "2"], "No such option"),
-     (["chat", "--seed", str(2**63)], "from 0 to 2^63-1"), (["chat", "--seed", "-1"], "'--seed'")],
+     (["chat", "--seed", str(2**63)], "from 0 to 2^63-1"), (["chat", "--seed", "-1"], "'--seed'"),
+     (["frobnicate"], "No such command")],
 )  # fmt: skip
 def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, needle):
     """The `promoe` entry point reports Typer's own usage errors (out of range, unknown
@@ -332,6 +333,7 @@ def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, n
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert lines[1].startswith("hint: promoe ") and "--help" in lines[1]
+    assert ("lists the commands" in lines[1]) == (needle == "No such command")
 
 
 def test_bitsandbytes_hub_kernel_warning_does_not_leak(tmp_path):
