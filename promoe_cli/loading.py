@@ -150,6 +150,9 @@ def _conversion_notes():
         if not desc.startswith(("Converting", "Rebuilding")):
             return
         now = time.monotonic()
+        if desc not in started and desc.startswith("Rebuilding"):  # a damaged or stale store: say why, always
+            err.print(f"[warn]{escape(desc)}[/]", soft_wrap=True)
+            last[desc] = now
         t0 = started.setdefault(desc, now)
         due = last.get(desc, t0 + NOTE_AFTER_S - NOTE_EVERY_S) + NOTE_EVERY_S
         if now >= due and done < total:
@@ -157,6 +160,9 @@ def _conversion_notes():
             err.print(
                 f"[dim]{escape(desc)}: {done}/{total} experts, {now - t0:.0f}s so far[/]", soft_wrap=True
             )
+        elif done == total and desc in last:  # it was said to be running: say it finished
+            del last[desc]
+            err.print(f"[dim]{escape(desc)}: done, {total} experts in {now - t0:.0f}s[/]", soft_wrap=True)
 
     return note
 

@@ -81,7 +81,13 @@ def test_without_a_terminal_a_conversion_and_a_random_default_model_are_said(tmp
         assert r.exit_code == 0, r.output
         assert "writes nonsense" in r.stderr and "Traceback" not in r.output
     assert "Converting experts: 1/" in runs[0].stderr  # the first run converts ...
+    assert "Converting experts: done" in runs[0].stderr  # ... and says when it finished ...
     assert "Converting" not in runs[1].stderr  # ... the second reuses the store
+    monkeypatch.setattr(promoe_cli.loading, "NOTE_AFTER_S", 1e9)  # a quick rebuild is said all the same
+    manifest = next((tmp_path / "home" / "stores").glob("*/int8/manifest.json"))
+    manifest.write_text("{not json")
+    r = invoke("chat", "--prompt", "x", "-n", 2, "-q", "int8")
+    assert r.exit_code == 0 and "Rebuilding" in r.stderr and "done" in r.stderr, r.stderr
 
 
 def test_missing_model(tmp_path):
