@@ -269,6 +269,11 @@ class _Fixed:
         return self.total + self.expert_bytes  # room for one expert: a slot, or the stream buffer
 
 
+def _store_bytes(spec: ModelSpec, fmt: QuantFormat) -> int:
+    """The host expert store of ``spec`` in ``fmt``: every expert, quantized."""
+    return ExpertLayout(spec.expert_shape, fmt).nbytes * spec.total_experts
+
+
 def _fixed(spec, fmt, dtype, context, reserved, unified, prefill_chunk) -> _Fixed:
     expert_bytes = ExpertLayout(spec.expert_shape, fmt).nbytes
     chunk = min(prefill_chunk, context)
@@ -439,8 +444,7 @@ def host_memory_note(spec: ModelSpec, plan: MemoryPlan, quant: str, pinned: bool
         return None
     # by size, and of two the same size the one listed first (int4 before nf4)
     names = available_formats()
-    stores = sorted((ExpertLayout(spec.expert_shape, get_format(q)).nbytes * spec.total_experts, -i, q)
-                    for i, q in enumerate(names))  # fmt: skip
+    stores = sorted((_store_bytes(spec, get_format(q)), -i, q) for i, q in enumerate(names))
     fits = [(b, q) for b, _, q in stores if b + low + HOST_MARGIN <= plan.host_memory]
     if fits:
         tip = f"--quant {fits[-1][1]} makes it {format_bytes(fits[-1][0])}"
@@ -451,7 +455,8 @@ def host_memory_note(spec: ModelSpec, plan: MemoryPlan, quant: str, pinned: bool
             if pinned else "memory-mapped, what does not fit is read from disk")  # fmt: skip
     beside = f" (and {format_bytes(low)} of low-bit copies)" if low else ""
     return (f"the {format_bytes(plan.store_bytes)} {quant} expert store{beside} does not fit in "
-            f"{format_bytes(plan.host_memory)} of host memory with 1 GiB left to the system ({then}): {tip}")  # fmt: skip
+            f"{format_bytes(plan.host_memory)} of host memory with {HOST_MARGIN / 2**30:g} GiB left to the system "
+            f"({then}): {tip}")  # fmt: skip
 
 
 def plan_load(ref: str | None, opts, *, shipped_config: bool = False) -> LoadPlan:
@@ -494,9 +499,7 @@ def check_host_memory(plan: MemoryPlan, spec: ModelSpec, opts, device: torch.dev
         return
     plan.host_memory = opts.host_memory or _this_machine_memory()
     if opts.low_bit and plan.slots < plan.total_experts:  # else nothing misses: no low-bit store
-        plan.low_store_bytes = (
-            ExpertLayout(spec.expert_shape, get_format(opts.low_bit)).nbytes * spec.total_experts
-        )
+        plan.low_store_bytes = _store_bytes(spec, get_format(opts.low_bit))
     # page-locked beside a GPU (a real one, or one a profile's link emulates)
     plan.host_note = host_memory_note(spec, plan, opts.quant, device.type == "cuda" or opts.emulates_link)
     if plan.host_note:
