@@ -52,6 +52,7 @@ def status_text(
     stats,
     *,
     prompt_tokens: int,
+    cached_tokens: int = 0,
     elapsed: float,
     budget: int | None,
     stopping: bool = False,
@@ -68,7 +69,10 @@ def status_text(
     if stopping:
         parts = [Text("stopping after this token", style="warn"), Text("Ctrl-C again to stop now")]
     elif stats is None or stats.generated_tokens == 0:
-        parts = [Text(f"reading {prompt_tokens} prompt tokens"), Text(f"{elapsed:.1f}s")]
+        reading = f"reading {prompt_tokens} prompt tokens"
+        if cached_tokens:
+            reading = f"reading {prompt_tokens - cached_tokens} new prompt tokens ({cached_tokens} cached)"
+        parts = [Text(reading), Text(f"{elapsed:.1f}s")]
     else:
         n = stats.generated_tokens
         tps = f"{stats.decode_tokens_per_s:.1f}" if stats.decode_tokens_per_s else "–"
@@ -152,9 +156,11 @@ class LiveAnswer:
     cropped. Leaving the ``with`` block erases the status and prints the last row.
     """
 
-    def __init__(self, *, prompt_tokens: int, budget: int | None, console: Console = out) -> None:
+    def __init__(self, *, prompt_tokens: int, budget: int | None, cached_tokens: int = 0,
+                 console: Console = out) -> None:  # fmt: skip
         self.console = console
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
         self.budget = budget
         self.pending = ""  # the row being written: not printed for good yet
         self.stats = None
@@ -208,6 +214,7 @@ class LiveAnswer:
             text=status_text(
                 self.stats,
                 prompt_tokens=self.prompt_tokens,
+                cached_tokens=self.cached_tokens,
                 elapsed=elapsed,
                 budget=self.budget,
                 stopping=self.stop_requested,

@@ -91,6 +91,7 @@ class ChatSession:
     def __init__(self, lm, sampling, *, system=None, chat_template=True, trace=None, stats_json=None,
                  live=False) -> None:  # fmt: skip
         from runtime.conversation import Conversation, context_limit, encoder, model_positions
+        from runtime.kv_cache import PromptCache
 
         self.lm = lm
         self.sampling = sampling
@@ -101,6 +102,7 @@ class ChatSession:
         self.trace = trace
         self.stats_json = stats_json
         self.live = live
+        self.prompt_cache = PromptCache(lm.model)  # what the last answer computed, for the next one
         self.last = None  # the last answer's DoneEvent
         self.answers = 0
 
@@ -246,13 +248,19 @@ class ChatSession:
         from promoe_cli.render import LiveAnswer, PlainAnswer
 
         if self.live:
-            view = LiveAnswer(prompt_tokens=len(prompt_ids), budget=self.lm.plan.budget)
+            view = LiveAnswer(prompt_tokens=len(prompt_ids), cached_tokens=self.prompt_cache.reusable(prompt_ids),
+                              budget=self.lm.plan.budget)  # fmt: skip
         else:
             view = PlainAnswer()
         stop = StopRequest(view.stopping)
         # the runtime polls should_stop between prefill chunks and decode steps: a safe point
         events = generation.stream_generate(
-            self.lm, prompt_ids, cfg, trace=self.trace, should_stop=lambda: stop.requested
+            self.lm,
+            prompt_ids,
+            cfg,
+            trace=self.trace,
+            should_stop=lambda: stop.requested,
+            prompt_cache=self.prompt_cache,
         )
         pieces: list[str] = []
         ids: list[int] = []

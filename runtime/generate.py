@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from runtime.conversation import PromptTooLongError, context_limit, model_positions
-from runtime.kv_cache import new_kv_cache
+from runtime.kv_cache import PromptCache, new_kv_cache
 from runtime.loader import LoadedModel
 from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
 from runtime.stats import LayerCounters
@@ -39,6 +39,7 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
+    cached_prompt_tokens: int  # of them, taken from the conversation's KV cache (not computed again)
     generated_tokens: int
     prefill_s: float
     decode_s: float
@@ -174,18 +175,19 @@ class _Clock:
 
 
 def _snapshot(
-    lm: LoadedModel, before: LayerCounters, n_prompt: int, n_gen: int, t: dict[str, float]
+    lm: LoadedModel, before: LayerCounters, n_prompt: int, n_cached: int, n_gen: int, t: dict[str, float]
 ) -> GenerationStats:
     tot = lm.cache.stats.total().since(before)
     decode_tokens = t["steps"]  # decode forwards timed so far (the first token comes from prefill)
     mem = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else lm.plan.device_total
     return GenerationStats(
         prompt_tokens=n_prompt,
+        cached_prompt_tokens=n_cached,
         generated_tokens=n_gen,
         prefill_s=t["prefill"],
         decode_s=t["decode"],
         ttft_s=t["ttft"],
-        prefill_tokens_per_s=n_prompt / t["prefill"] if t["prefill"] > 0 else 0.0,
+        prefill_tokens_per_s=(n_prompt - n_cached) / t["prefill"] if t["prefill"] > 0 else 0.0,
         decode_tokens_per_s=decode_tokens / t["decode"] if t["decode"] > 0 else 0.0,
         hit_rate=tot.hit_rate,
         uses=tot.uses,
@@ -214,12 +216,16 @@ def stream_generate(
     trace: TraceWriter | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     should_stop: Callable[[], bool] | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[TokenEvent | DoneEvent]:
     """Generate from ``prompt_ids``, yielding a TokenEvent per token and a DoneEvent last.
 
     ``should_stop`` is polled between prefill chunks and decode steps, a safe point to
     stop (``finish_reason="interrupted"``); a KeyboardInterrupt raised inside the model
     ends the stream the same way, and the cache is made whole again on the next run.
+    With ``prompt_cache`` (a chat's), the prompt's prefix that cache holds is not computed
+    again, and the cache keeps this prompt and answer for the next call; without it the
+    KV cache is new and dropped at the end.
     """
     if not prompt_ids:
         raise ValueError("empty prompt")
@@ -237,18 +243,33 @@ def stream_generate(
         rt.prefetcher.reset()
     if rt.tracer is not None:
         rt.tracer.discard()
-    _, kv_args = new_kv_cache(model)
+    if prompt_cache is None:
+        cached = 0
+        _, kv_args = new_kv_cache(model)
+    else:
+        cached = prompt_cache.begin(list(prompt_ids))
+        kv_args = prompt_cache.kv_args
     times = {"prefill": 0.0, "decode": 0.0, "ttft": 0.0, "steps": 0}
     generated: list[int] = []
     text = ""
     reason = "length"
-    pos = 0
+    pos = cached
     t0 = clock.now()
+
+    def stats() -> GenerationStats:
+        return _snapshot(lm, before, len(prompt_ids), cached, len(generated), times)
 
     def forward(ids: list[int]) -> torch.Tensor:
         nonlocal pos
         x = torch.tensor([ids], device=lm.device)
-        out = model(input_ids=x, **kv_args, logits_to_keep=1)
+        try:
+            out = model(input_ids=x, **kv_args, logits_to_keep=1)
+        except BaseException:  # cut off half-way: its layers may hold different lengths
+            if prompt_cache is not None:
+                prompt_cache.reset()
+            raise
+        if prompt_cache is not None:
+            prompt_cache.fed(ids)
         if trace is not None and rt.tracer is not None:
             trace.write(rt.tracer.flush(pos))
         pos += len(ids)
@@ -257,7 +278,7 @@ def stream_generate(
     try:
         with torch.inference_mode():
             ids = list(prompt_ids)
-            for i in range(0, len(ids), prefill_chunk):
+            for i in range(cached, len(ids), prefill_chunk):
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt
                 logits = forward(ids[i : i + prefill_chunk])
@@ -281,7 +302,7 @@ def stream_generate(
                     text = text[: text.index(hit)]
                     reason = "stop"
                     break
-                yield TokenEvent(piece, token, _snapshot(lm, before, len(prompt_ids), len(generated), times))
+                yield TokenEvent(piece, token, stats())
                 if len(prompt_ids) + len(generated) >= limit:
                     reason = "context"
                     break
@@ -294,7 +315,7 @@ def stream_generate(
         reason = "interrupted"
         if rt.tracer is not None:
             rt.tracer.discard()
-    yield DoneEvent(text, generated, reason, _snapshot(lm, before, len(prompt_ids), len(generated), times))
+    yield DoneEvent(text, generated, reason, stats())
 
 
 def generate(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from runtime.generate import DoneEvent, SamplingConfig, TokenEvent, _Detokenizer, generate, stream_generate
+from runtime.kv_cache import PromptCache
 from tests.helpers import load_small
 
 PROMPT = [5, 17, 42, 99, 7, 128, 64, 3]
@@ -107,6 +108,54 @@ def test_ctrl_c_mid_generation_keeps_the_model_usable(lm):
     assert done.finish_reason == "interrupted" and 0 < len(done.token_ids) < 12
     assert done.token_ids == want.token_ids[: len(done.token_ids)]
     assert generate(lm, PROMPT, cfg).token_ids == want.token_ids  # nothing left pinned or broken
+
+
+def _count_fed(model) -> tuple[list[int], object]:
+    """The lengths of the input ids of each forward of ``model`` (and the hook's handle)."""
+    fed: list[int] = []
+
+    def pre(module, args, kwargs):
+        fed.append(kwargs["input_ids"].shape[1])
+
+    return fed, model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_a_prompt_cache_computes_only_the_new_tokens(lm):
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
+    pc = PromptCache(lm.model)
+    first = generate(lm, PROMPT, cfg, prompt_cache=pc)
+    follow = PROMPT + first.token_ids + [11, 12, 13]
+    fed, handle = _count_fed(lm.model)
+    try:
+        second = generate(lm, follow, cfg, prompt_cache=pc)
+    finally:
+        handle.remove()
+    assert second.stats.cached_prompt_tokens == len(PROMPT) + 4
+    assert fed == [4] + [1] * 4  # the answer's last token and the new message, then decode
+    assert second.token_ids == generate(lm, follow, cfg).token_ids  # what a fresh cache gives
+    assert second.stats.prefill_tokens_per_s > 0
+
+
+def test_a_prompt_cache_is_dropped_when_a_forward_is_cut_off(lm):
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True)
+    want = generate(lm, PROMPT, cfg)
+    pc = PromptCache(lm.model)
+    calls = {"n": 0}
+
+    def interrupt(layer, hidden):
+        calls["n"] += 1
+        if calls["n"] == 3 * len(lm.spec.moe_layers) + 1:  # inside the third decode step
+            raise KeyboardInterrupt
+
+    lm.runtime.hooks.append(interrupt)
+    try:
+        done = list(stream_generate(lm, PROMPT, cfg, prompt_cache=pc))[-1]
+    finally:
+        lm.runtime.hooks.remove(interrupt)
+    assert done.finish_reason == "interrupted"
+    assert pc.ids == [] and pc.kv is None  # its layers hold different lengths now: never reused
+    again = generate(lm, PROMPT, cfg, prompt_cache=pc)
+    assert again.stats.cached_prompt_tokens == 0 and again.token_ids == want.token_ids
 
 
 def test_detokenizer_never_splits_a_character(lm):

@@ -179,3 +179,69 @@ def test_layers_without_a_slot_stream_their_experts_exactly(arch, tiny_model):
             )
     finally:
         lm.close()
+
+
+def _reference_logits_match(lm, ref, pc, seq: list[int]) -> int:
+    """Take what ``pc`` holds of ``seq``, compute the rest through it: the reference's logits."""
+    n = pc.begin(seq)
+    with torch.no_grad():
+        want = ref(torch.tensor([seq])).logits[0, n:]
+        got = lm.model(input_ids=torch.tensor([seq[n:]]), **pc.kv_args).logits[0]
+    pc.fed(seq[n:])
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-4, rel
+    return n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_cache_matches_reference(arch, tiny_model):
+    """A chat's next turn computes only what the KV cache kept from the last one does not
+    hold, extending it or cropping it to the common prefix, and still gives the reference's
+    logits and greedy tokens."""
+    from runtime.kv_cache import PromptCache
+
+    path = tiny_model(arch)
+    ref = reference_model(path)
+    lm = load_small(path, quant="none", slots_per_layer=2, predictor="none")
+    try:
+        pc = PromptCache(lm.model)
+        greedy = SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True)
+        first = generate(lm, PROMPT, greedy, prompt_cache=pc)
+        assert first.stats.cached_prompt_tokens == 0
+        assert pc.ids == PROMPT + first.token_ids[:-1]  # the last token was sampled, never fed
+
+        turn = PROMPT + first.token_ids + [3, 250, 11]  # the answer, then a new message
+        second = generate(lm, turn, greedy, prompt_cache=pc)
+        assert second.stats.cached_prompt_tokens == len(PROMPT) + 5
+        assert second.token_ids == greedy_ids(ref, turn, 6)
+
+        other = PROMPT[:7] + [42, 99, 1, 2]  # shares 7 tokens: the rest is cropped
+        third = generate(lm, other, greedy, prompt_cache=pc)
+        assert third.stats.cached_prompt_tokens == 7
+        assert third.token_ids == greedy_ids(ref, other, 6)
+
+        assert _reference_logits_match(lm, ref, pc, other + third.token_ids + [5, 17]) == 7 + 4 + 5
+        held = list(pc.ids)  # all of it held: the last token is computed again, for its logits
+        assert _reference_logits_match(lm, ref, pc, held) == len(held) - 1
+        assert _reference_logits_match(lm, ref, pc, PROMPT[:3] + [9, 9, 9]) == 3
+    finally:
+        lm.close()
+
+
+def test_prompt_cache_past_a_sliding_window(tiny_model):
+    """gpt-oss's sliding-window layers keep only their window: past it the cache can still
+    be extended, but not cropped, so a shorter common prefix starts afresh."""
+    from runtime.kv_cache import PromptCache
+
+    path = tiny_model("gpt_oss")  # a window of 32 tokens
+    ref = reference_model(path)
+    lm = load_small(path, quant="none", slots_per_layer=2, predictor="none")
+    try:
+        pc = PromptCache(lm.model)
+        long = PROMPT * 3  # 36 tokens
+        assert _reference_logits_match(lm, ref, pc, long) == 0
+        assert _reference_logits_match(lm, ref, pc, long + [8, 9]) == 36  # extended past the window
+        assert _reference_logits_match(lm, ref, pc, long[:20] + [1, 2]) == 0  # no crop past it: afresh
+        assert _reference_logits_match(lm, ref, pc, long[:20] + [7, 7]) == 20  # within it: cropped
+    finally:
+        lm.close()

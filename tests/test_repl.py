@@ -94,6 +94,9 @@ def test_two_turns_keep_history(lm, calls, capsys):
     assert second["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hello"), ("assistant", a1),
                                                                ("user", "and then?")))  # fmt: skip
     assert "<|user|>hello" in lm.tokenizer.decode(second["ids"])  # the model's chat template
+    held = first["ids"] + first["done"].token_ids[:-1]  # what the first answer computed
+    common = next((i for i, (a, b) in enumerate(zip(held, second["ids"], strict=False)) if a != b), len(held))
+    assert second["done"].stats.cached_prompt_tokens == common >= len(first["ids"]) - 1 > 0  # not again
     captured = capsys.readouterr()
     assert captured.out == a1 + "\n" + second["done"].text + "\n"  # answers on stdout, nothing else
     assert "6 tokens" in captured.err and "hit rate" in captured.err
@@ -392,6 +395,8 @@ def test_status_line(lm):
     line = status_text(done.stats, prompt_tokens=5, elapsed=1.0, budget=lm.plan.budget).plain
     assert "6 tokens" in line and "tok/s" in line and "hit rate" in line and "memory" in line
     assert "reading 5 prompt tokens" in status_text(None, prompt_tokens=5, elapsed=1.0, budget=None).plain
+    cached = status_text(None, prompt_tokens=50, cached_tokens=45, elapsed=1.0, budget=None).plain
+    assert "reading 5 new prompt tokens (45 cached)" in cached
 
 
 def test_the_status_line_fits_the_terminal(lm):
