@@ -240,20 +240,31 @@ def _page_locked(t: torch.Tensor) -> torch.Tensor:
     only its own bytes, and is unregistered when it is freed. Raises
     :class:`InsufficientMemoryError` when the host cannot spare the memory.
     """
+    import mmap
     import weakref
 
     nbytes = t.numel() * t.element_size()
-    buf = torch.empty(t.shape, dtype=t.dtype)
+    # Whole pages of its own (an anonymous mapping): the driver locks every page a range
+    # touches and refuses a range touching a page already locked (712,
+    # cudaErrorHostMemoryAlreadyRegistered), so two heap neighbours sharing a page (small
+    # layers, once a freed buffer has raised malloc's mmap threshold) would leave every
+    # layer after the first unlocked.
+    locked = -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+    mem = mmap.mmap(-1, locked, flags=mmap.MAP_PRIVATE)  # anonymous, as malloc's
+    buf = torch.frombuffer(mem, dtype=t.dtype, count=t.numel()).view(t.shape)
     buf.copy_(t)
     cudart = torch.cuda.cudart()
-    err = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0))
+    ptr = buf.data_ptr()
+    err = int(cudart.cudaHostRegister(ptr, locked, 0))
     if err != 0:
         _clear_cuda_error()
         raise InsufficientMemoryError(
             f"the driver could not page-lock {format_bytes(nbytes)} of host memory for the expert "
             f"store (CUDA error {err})", needed=nbytes, available=_available_host(), hint=_PIN_HINT,
         )  # fmt: skip
-    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    # the mapping outlives every tensor on it (their storage holds it): unregistered only
+    # once the last view of it, a copy's source included, is gone
+    weakref.finalize(mem, cudart.cudaHostUnregister, ptr)
     return buf
 
 

@@ -132,15 +132,25 @@ def test_leftover_temporaries_of_dead_processes_are_removed(tiny_model, home):
 
 
 class FakeCudart:
-    """Stands in for ``torch.cuda.cudart()``: records what is page-locked."""
+    """Stands in for ``torch.cuda.cudart()``: records what is page-locked. Like the driver, it
+    locks every page a range touches and refuses a range that touches a page already locked
+    (712, cudaErrorHostMemoryAlreadyRegistered)."""
+
+    PAGE = 4096
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.registered: dict[int, int] = {}
 
+    def _pages(self, ptr: int, size: int) -> range:
+        return range(ptr // self.PAGE, (ptr + size - 1) // self.PAGE + 1)
+
     def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
         if self.fail:
             return 2  # cudaErrorMemoryAllocation
+        new = set(self._pages(ptr, size))
+        if any(new.intersection(self._pages(p, n)) for p, n in self.registered.items()):
+            return 712  # cudaErrorHostMemoryAlreadyRegistered
         self.registered[ptr] = size
         return 0
 
@@ -164,7 +174,11 @@ def test_the_pinned_store_locks_exactly_its_own_bytes(tiny_model, home, monkeypa
     spec = describe_model(ckpt)
     plain, _ = open_store(ckpt, spec, get_format("int4"), home=home)
     store, _ = open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
-    sizes = {store.rows(layer).data_ptr(): store.rows(layer).numel() for layer in store.layers}
+    # each layer's own pages: its bytes rounded up to whole pages, shared with no other layer
+    page = FakeCudart.PAGE
+    sizes = {
+        store.rows(layer).data_ptr(): -(-store.rows(layer).numel() // page) * page for layer in store.layers
+    }
     assert cudart.registered == sizes
     for layer in store.layers:
         assert torch.equal(store.rows(layer), plain.rows(layer))
@@ -195,3 +209,38 @@ def test_the_pinned_store_locks_exactly_its_own_bytes(tiny_model, home, monkeypa
     assert failing.registered == {}
     assert all(torch.equal(store.rows(layer), plain.rows(layer)) for layer in store.layers)
     assert cleared == [True]  # tried once, the rest left mapped; no CUDA error is left for the next kernel
+
+
+def test_every_layer_of_a_small_store_is_page_locked(tiny_model, home, monkeypatch):
+    """Layers of a small store (under glibc's mmap threshold once a freed buffer of their size
+    has raised it, as conversion does) come from the heap back to back, so a plain allocation
+    shares its first and last pages with its neighbours; the driver refuses to lock a page
+    twice, which would leave every layer after the first one pageable."""
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    path = tiny_model("mixtral")
+    ckpt = Checkpoint(path)
+    spec = describe_model(ckpt)
+    store, _ = open_store(ckpt, spec, get_format("int4"), home=home, pin=True)  # converted, then locked
+    assert sorted(cudart.registered) == sorted(store.rows(layer).data_ptr() for layer in store.layers)
+    store2, _ = open_store(ckpt, spec, get_format("int8"), home=home, pin=True)  # beside the first store
+    assert len(cudart.registered) == len(store.layers) + len(store2.layers)
+
+
+def test_a_copy_source_keeps_its_layer_page_locked(tiny_model, home, monkeypatch):
+    """A ticket holds a row (a view of its layer) until its copy is done: the layer must stay
+    registered while any view of it lives, even when the store itself is gone."""
+    import gc
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    ckpt = Checkpoint(tiny_model("mixtral"))
+    store, _ = open_store(ckpt, describe_model(ckpt), get_format("int4"), home=home, pin=True)
+    row = store.row(store.layers[0], 3)
+    n = len(cudart.registered)
+    del store
+    gc.collect()
+    assert len(cudart.registered) == 1 and n > 1  # the layer the row is on, only
+    del row
+    gc.collect()
+    assert cudart.registered == {}
