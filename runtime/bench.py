@@ -145,10 +145,13 @@ def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> 
 
     lp = plan_load(ref, dataclasses.replace(base, vram=None, max_slots=None))
     p = lp.plan
-    fixed = p.reserved + p.non_expert + p.kv_cache + p.workspace
+    # The budget returned becomes --vram, and a load with --vram keeps back only base.reserved
+    # (a profile's), not the headroom (5% of the GPU) a plan of the free CUDA memory reserves:
+    # counted in, that headroom would be slots too (7 GiB on an H200: every expert).
+    fixed = base.reserved + p.non_expert + p.kv_cache + p.workspace
     slots = max(round(fraction * p.total_experts), len(lp.spec.moe_layers))
     wanted = fixed + slots * p.expert_bytes
-    return wanted if p.budget is None else min(wanted, p.budget)
+    return wanted if p.budget is None else min(wanted, p.budget - p.reserved + base.reserved)
 
 
 class BusyMachineWarning(UserWarning):

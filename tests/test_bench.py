@@ -357,3 +357,27 @@ def test_each_configuration_is_announced_as_it_finishes(bench_json):
     assert [line.split(":")[0] for line in lines] == ran and "lfu" in ran
     lfu = next(c for c in data["configs"] if c["name"] == "lfu")
     assert f"lfu: decode {lfu['decode_tokens_per_s']['median']:.1f} tok/s" in stderr
+
+
+def test_cache_fraction_budget_on_cuda_holds_that_fraction(monkeypatch):
+    """On CUDA a plan of the free memory keeps a headroom back (5% of it), but a load with
+    --vram does not: the --cache-fraction budget must not hand that headroom to the cache."""
+    import dataclasses
+
+    from runtime import memory_plan
+    from runtime.bench import budget_for_fraction
+    from runtime.loader import LoadOptions
+    from runtime.memory_plan import plan_load
+
+    free = 139 << 30  # an H200
+
+    def cuda_like(device, opts):  # runtime.memory_plan.budget_inputs on a CUDA device
+        if opts.vram is not None:
+            return opts.vram, opts.reserved, False
+        return free, max(memory_plan.CUDA_HEADROOM_MIN, int(free * memory_plan.CUDA_HEADROOM_FRACTION)), False
+
+    monkeypatch.setattr(memory_plan, "budget_inputs", cuda_like)
+    base = LoadOptions(device="cpu")
+    vram = budget_for_fraction(None, base, 0.5)
+    plan = plan_load(None, dataclasses.replace(base, vram=vram)).plan
+    assert plan.slots == round(0.5 * plan.total_experts), f"{plan.slots} of {plan.total_experts} slots"
