@@ -252,6 +252,11 @@ class ExpertCache:
                     self.stats.layer(layer).stall_s += self.transfer.wait(entry.ticket)
                     entry.ticket = None
                 part.free.append(self._drop(part, e))
+        self.collect_stall()
+
+    def collect_stall(self) -> None:
+        """Count the stall measured after the fact (CUDA events that completed since the last
+        call: copies on the compute stream, waits for on-demand copies)."""
         for layer_, stall in self.transfer.deferred_stall().items():
             self.stats.layer(layer_).stall_s += stall
 
@@ -374,6 +379,7 @@ class ExpertCache:
             part.free = [s for s in reversed(part.slots) if s not in used]
             part.pinned.clear()
             part.done.clear()
+        self.collect_stall()  # an earlier run's last events: counted before the next run's figures start
 
     def clear(self) -> None:
         """Forget every resident expert (counters are kept)."""

@@ -177,6 +177,7 @@ class _Clock:
 def _snapshot(
     lm: LoadedModel, before: LayerCounters, n_prompt: int, n_cached: int, n_gen: int, t: dict[str, float]
 ) -> GenerationStats:
+    lm.cache.collect_stall()  # the clock synchronized the compute stream: the last token's events are done
     tot = lm.cache.stats.total().since(before)
     decode_tokens = t["steps"]  # decode forwards timed so far (the first token comes from prefill)
     mem = torch.cuda.memory_allocated(lm.device) if lm.device.type == "cuda" else lm.plan.device_total

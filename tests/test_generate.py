@@ -158,6 +158,34 @@ def test_a_prompt_cache_is_dropped_when_a_forward_is_cut_off(lm):
     assert again.stats.cached_prompt_tokens == 0 and again.token_ids == want.token_ids
 
 
+def test_stall_measured_after_the_fact_belongs_to_its_own_run(lm, monkeypatch):
+    """On CUDA a copy's stall is read from events once they complete, after the forward that
+    queued them: the last forward's must count in its run's figures (the clock synchronized
+    the stream before them), and what an interrupted run left must not count in the next."""
+    layer = lm.spec.moe_layers[0]
+    done_events: dict[int, float] = {}
+
+    def deferred_stall():
+        out = dict(done_events)
+        done_events.clear()
+        return out
+
+    def forward_done(module, args, kwargs, out):  # each forward's events complete after it
+        done_events[layer] = done_events.get(layer, 0.0) + 100.0
+
+    monkeypatch.setattr(lm.cache.transfer, "deferred_stall", deferred_stall)
+    handle = lm.model.register_forward_hook(forward_done, with_kwargs=True)
+    try:
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0, ignore_eos=True))
+        forwards = 1 + 3  # the prefill, then a forward for each token but the last
+        assert forwards * 100.0 <= done.stats.stall_s < forwards * 100.0 + 1.0
+        done_events[layer] = 50.0  # left by a run cut short: counted before the next run starts
+        again = generate(lm, PROMPT, SamplingConfig(max_new_tokens=4, temperature=0, ignore_eos=True))
+        assert forwards * 100.0 <= again.stats.stall_s < forwards * 100.0 + 1.0
+    finally:
+        handle.remove()
+
+
 def test_detokenizer_never_splits_a_character(lm):
     tok = lm.tokenizer
     ids = tok("héllo wörld → ok")["input_ids"]
