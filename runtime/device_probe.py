@@ -245,11 +245,16 @@ def _dequant(dev: torch.device, dtype: torch.dtype, formats: list[str], s: Probe
         fmt = get_format(name)
         try:
             parts = fmt.quantize(w)
+            t = _timer(dev, sync, s, inner=5)(lambda f=fmt, p=parts: f.dequantize(p, w.shape, dtype))
         except ImportError as exc:
             na.append(f"dequantize {name}: {exc.name or exc} is not installed")
             step()
             continue
-        t = _timer(dev, sync, s, inner=5)(lambda f=fmt, p=parts: f.dequantize(p, w.shape, dtype))
+        except RuntimeError as exc:  # bitsandbytes without a native library for this CUDA: raises here
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            na.append(f"dequantize {name}: failed on this device ({first})")
+            step()
+            continue
         rates[name] = w.numel() / t
         step()
     return rates

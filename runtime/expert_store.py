@@ -231,13 +231,13 @@ def _load_verified(path: Path, manifest: dict, spec: ModelSpec, layout: ExpertLa
 
 
 def _page_locked(t: torch.Tensor) -> torch.Tensor:
-    """A page-locked copy of ``t``, exactly its size, so copies from it to the GPU run
-    asynchronously on the copy streams.
+    """A page-locked copy of ``t``, its size rounded up to whole pages, so copies from it to
+    the GPU run asynchronously on the copy streams.
 
     Not ``torch.empty(..., pin_memory=True)``: PyTorch's caching host allocator rounds every
     block up to a power of two, so a Mixtral-8x7B int4 layer (0.74 GiB) would lock 1 GiB and
-    the store 32 GiB instead of 23.6. A plain allocation registered with the driver locks
-    only its own bytes, and is unregistered when it is freed. Raises
+    the store 32 GiB instead of 23.6. An anonymous mapping registered with the driver locks
+    only its own pages, and is unregistered when it is freed. Raises
     :class:`InsufficientMemoryError` when the host cannot spare the memory.
     """
     import mmap

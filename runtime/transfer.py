@@ -299,10 +299,12 @@ class CudaStreamCopy(TransferEngine):
 
     1. Expert copies never run on the compute stream. Prefetches go on ``self.stream``;
        on-demand copies, and prefetches waited on before any of their bytes were issued,
-       go on ``self.urgent``, a higher-priority stream, so an on-demand copy never queues
-       behind prefetches (ProMoE's early preemption). Where both streams share one copy
-       engine it waits at most for the prefetch piece being copied: a prefetch moves in
-       ``chunks`` pieces (ProMoE's chunked prefetch).
+       go on ``self.urgent``, a stream of their own, so an on-demand copy never queues
+       behind prefetches (ProMoE's early preemption). Its higher priority orders kernels
+       only (CUDA's stream priorities do not apply to memory copies): where both streams
+       share one copy engine, what bounds its wait is that the prefetch stream holds at most
+       ``window`` prefetches (``window_bytes``), each moving in ``chunks`` pieces (ProMoE's
+       chunked prefetch), refilled at every call into the engine.
     2. Before a copy writes slot ``s``, its stream waits on ``free[s]``, an event the
        compute stream records right after the last kernel that read slot ``s``
        (:meth:`slot_released`), and on the event after the last copy into ``s`` (which

@@ -216,6 +216,23 @@ def test_profile_device_without_bitsandbytes_skips_nf4_and_says_so(monkeypatch):
     assert any("nf4" in line and "bitsandbytes" in line for line in data["not_applicable"])
 
 
+def test_profile_device_goes_on_when_a_format_fails_on_the_device(monkeypatch):
+    """bitsandbytes without a native library for this CUDA imports, then raises at its
+    first call: that format is listed as failed, the rest of the profile is still measured."""
+    from quant.nf4 import NF4
+
+    def broken(self, parts, shape, dtype):
+        raise RuntimeError("CUDA Setup failed despite GPU being available.\nmore lines")
+
+    monkeypatch.setattr(NF4, "dequantize", broken)
+    r = invoke("profile-device", "--quick", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert "nf4" not in data["dequant_weights_per_s"] and "int4" in data["dequant_weights_per_s"]
+    note = "dequantize nf4: failed on this device (CUDA Setup failed despite GPU being available.)"
+    assert note in data["not_applicable"]
+
+
 def test_gpu_timings_come_from_events_around_several_calls(monkeypatch):
     """On CUDA the probe times with events on the stream, ``inner`` calls a sample, and
     reports one call's share (stand-in events: each elapsed_time is the next of a list)."""

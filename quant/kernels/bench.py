@@ -228,10 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     names = [n for n in args.formats.split(",") if n]
     if "nf4" in names:
-        try:
-            import bitsandbytes  # noqa: F401
+        try:  # one small round trip: bitsandbytes imports without a native library for this CUDA
+            from quant import get_format
+
+            nf4, w = get_format("nf4"), torch.randn(64, 64, device="cuda")
+            nf4.dequantize(nf4.quantize(w), w.shape, torch.bfloat16)
         except ImportError:
             print("bitsandbytes is not installed: nf4 left out", file=sys.stderr)
+            names.remove("nf4")
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            print(f"bitsandbytes fails on this device ({first}): nf4 left out", file=sys.stderr)
             names.remove("nf4")
     if "int4-cpu" in names:
         from quant.cpu_int4 import kernel_available
