@@ -2,8 +2,10 @@
 
 The REPL keeps a :class:`Conversation` (a system prompt and the turns since) and, before
 each answer, asks :func:`fit_to_context` which turns still fit: a turn is a user message
-and the answer to it. The oldest turns are dropped first; the system prompt and the new
-message are always kept. Room is left for the answer: ``max_new_tokens``, or half the
+and the answer to it. The oldest turns are dropped first, a quarter of the context's worth
+beyond what is needed where possible (so the next turns extend the KV cache the chat keeps
+instead of computing the conversation again); the system prompt and the new message are
+always kept. Room is left for the answer: ``max_new_tokens``, or half the
 context if that is smaller (so a small context keeps some history); the answer is then
 capped at whatever room is left, so prompt + answer never exceed the plan's KV cache.
 
@@ -66,13 +68,21 @@ def answer_room(limit: int, max_new_tokens: int) -> int:
     return max(1, min(max_new_tokens, limit // 2))
 
 
+#: when turns must go, enough go to leave this share of the context free beyond the answer's
+#: room (where that is possible), so the next turns extend the KV cache kept from answer to
+#: answer: dropping one turn at every turn would compute the whole conversation each time
+DROP_SLACK = 0.25
+
+
 def fit_to_context(
     messages: Sequence[Message], encode: Encode, limit: int, max_new_tokens: int, model_max: int | None = None
 ) -> Fit:
     """Drop the oldest turns until the prompt plus room for the answer fits in ``limit`` tokens.
 
-    The system messages and the last turn (the message being answered) are never dropped;
-    if they alone leave no room for a single token, :class:`PromptTooLongError`.
+    When any must go, as many go as leave :data:`DROP_SLACK` of ``limit`` free too, if that
+    can be done, else the fewest that fit. The system messages and the last turn (the
+    message being answered) are never dropped; if they alone leave no room for a single
+    token, :class:`PromptTooLongError`.
     """
     system, turns = split_turns(messages)
     room = answer_room(limit, max_new_tokens)
@@ -85,20 +95,26 @@ def fit_to_context(
             tried[drop] = kept, encode(kept)
         return tried[drop]
 
-    def fits(drop: int) -> bool:
-        return len(attempt(drop)[1]) + room <= limit
+    def fits(drop: int, slack: int = 0) -> bool:
+        return len(attempt(drop)[1]) + room + slack <= limit
 
-    dropped = 0
-    if not fits(0):
+    def fewest(slack: int) -> int:
         # the prompt only shrinks as turns go: bisect for the fewest drops that fit
         lo, hi = 0, max(len(turns) - 1, 0)  # never drop the last turn
         while lo < hi:
             mid = (lo + hi) // 2
-            if fits(mid):
+            if fits(mid, slack):
                 hi = mid
             else:
                 lo = mid + 1
-        dropped = lo
+        return lo
+
+    dropped = 0
+    if not fits(0):
+        slack = int(limit * DROP_SLACK)
+        dropped = fewest(slack)
+        if not fits(dropped, slack):
+            dropped = fewest(0)
     kept, ids = attempt(dropped)
     if len(ids) >= limit:
         raise PromptTooLongError(len(ids), limit, model_max)

@@ -290,6 +290,20 @@ def test_fit_drops_oldest_turns_and_keeps_the_system_prompt():
         fit_to_context(conv, words, limit=5, max_new_tokens=5)
 
 
+def test_turns_dropped_leave_a_quarter_of_the_context_free_where_they_can():
+    """Dropping just enough would drop a turn at every turn from then on, and each time the
+    conversation would be computed again: enough go to leave a quarter of the context free."""
+    turns = [(("user", "assistant")[i % 2], "w w w") for i in range(8)]  # 4 turns of 8 tokens
+    conv = msgs(*turns, ("user", "m"))  # 32 + 2 tokens
+    fit = fit_to_context(conv, words, limit=40, max_new_tokens=8)  # needs 42: one turn must go
+    assert fit.dropped_turns == 2 and len(fit.prompt_ids) == 18  # 18 + 8 + 10 (a quarter) <= 40
+    fit = fit_to_context(conv, words, limit=30, max_new_tokens=8)  # two would fit: 18 + 8 <= 30
+    assert fit.dropped_turns == 3 and len(fit.prompt_ids) == 10  # 10 + 8 + 7 <= 30
+    long_last = msgs(*turns, ("user", "m " * 11))  # 32 + 12 tokens
+    fit = fit_to_context(long_last, words, limit=40, max_new_tokens=20)  # a quarter free: not possible
+    assert fit.dropped_turns == 3 and len(fit.prompt_ids) == 20  # so the fewest that fit: 20 + 20 <= 40
+
+
 def test_fit_keeps_half_the_context_for_history_when_answers_are_long():
     conv = msgs(("user", "a"), ("assistant", "b"), ("user", "c"))
     fit = fit_to_context(conv, words, limit=20, max_new_tokens=1000)  # room kept: 10
@@ -303,7 +317,7 @@ def test_conversation_turns():
         conv.answer(text.upper())
     conv.ask("d")
     assert conv.num_turns == 4
-    fit = conv.prepare(words, limit=12, max_new_tokens=4)
+    fit = conv.prepare(words, limit=16, max_new_tokens=4)  # one must go; two leave a quarter free
     assert fit.dropped_turns == 2 and conv.messages() == msgs(("user", "c"), ("assistant", "C"), ("user", "d"),
                                                               system="s")  # fmt: skip
     conv.retract()
