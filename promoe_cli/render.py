@@ -106,7 +106,8 @@ def status_text(
 
 
 def summary_text(done) -> str:
-    """One line after each answer (rich markup): tokens, tok/s, hit rate, time to first token."""
+    """One line after each answer (rich markup): tokens, tok/s, hit rate, time to first token,
+    and how much of the prompt the KV cache kept from the last answer held."""
     s = done.stats
     notes = {
         "length": f" · [warn]stopped at {s.generated_tokens} tokens[/] (/set max-new-tokens N)",
@@ -119,7 +120,8 @@ def summary_text(done) -> str:
         f"hit rate {pct(s.hit_rate)}",
         f"prefetch {pct(s.prediction_precision)}" if s.prediction_precision is not None else None,
         f"first token {s.ttft_s:.2f}s" if s.generated_tokens else None,
-    ]
+        f"{s.cached_prompt_tokens} of {s.prompt_tokens} prompt tokens cached" if s.cached_prompt_tokens else None,
+    ]  # fmt: skip
     return "[dim]" + " · ".join(p for p in parts if p) + "[/]" + notes.get(done.finish_reason, "")
 
 

@@ -100,6 +100,7 @@ def test_two_turns_keep_history(lm, calls, capsys):
     captured = capsys.readouterr()
     assert captured.out == a1 + "\n" + second["done"].text + "\n"  # answers on stdout, nothing else
     assert "6 tokens" in captured.err and "hit rate" in captured.err
+    assert f"{common} of {len(second['ids'])} prompt tokens cached" in captured.err.splitlines()[-1]
     assert session.conversation.num_turns == 2
 
 
