@@ -189,7 +189,12 @@ fi
 PYTEST=("$PY" -m pytest -rs -p no:cacheprovider -o addopts= -o timeout_method=signal)
 # a hung test fails alone, with the stacks, where pytest-timeout is there (the image has it)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
-step "kernel and nf4 tests" 200 "$LOGS/tests.log" "${PYTEST[@]}" tests/test_kernels.py tests/test_nf4.py
+# Triton compiles every kernel variant at its first launch (a few hundred here, on a cold
+# cache): with pytest-xdist (the image has it) eight processes compile them at once, and the
+# on-disk cache they fill serves the benchmark and the end-to-end tests after
+KPAR=()
+[ "$CUDA" = 1 ] && "$PY" -c "import xdist" 2>/dev/null && KPAR=(-n 8)
+step "kernel and nf4 tests" 200 "$LOGS/tests.log" "${PYTEST[@]}" "${KPAR[@]}" tests/test_kernels.py tests/test_nf4.py
 
 if [ "$CUDA" = 1 ]; then
     BENCH_ARGS=(--json "$LOGS/kernel_bench.json")
