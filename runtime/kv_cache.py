@@ -42,15 +42,26 @@ class PromptCache:
 
     :meth:`fed` records what a forward added; :meth:`reset` forgets it all, which the
     caller does when a forward did not finish (Ctrl-C, an error): its layers may then
-    hold different lengths. A cache that cannot be cropped exactly (a sliding-window
-    layer past its window) starts afresh.
+    hold different lengths.
+
+    A sliding-window layer (gpt-oss) needs only its last ``window - 1`` tokens, but to be cut
+    back it must still hold the tokens before the cut. So its past is recorded
+    (``activate_past_recording``) and trimmed to the window after every prefill forward and
+    whenever the tokens decoded since pass ``decode_room`` (the prefill chunk the memory plan
+    leaves room for beside the window): the cache can then be cut back anywhere in the last
+    answer, where templates re-render differently (gpt-oss's drops its analysis channel).
+    Cutting back further than a layer holds starts afresh.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, decode_room: int | None = None) -> None:
+        from runtime.memory_plan import DEFAULT_PREFILL_CHUNK
+
         self.model = model
+        self.decode_room = DEFAULT_PREFILL_CHUNK if decode_room is None else decode_room
         self.ids: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.kv: object | None = None
         self.kv_args: dict = {}
+        self._sliding: list = []  # the cache's sliding-window layers, recording their past
 
     def reusable(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of ``prompt_ids`` :meth:`begin` would take from the cache."""
@@ -59,7 +70,21 @@ class PromptCache:
             if a != b:
                 break
             n += 1
-        return min(n, len(prompt_ids) - 1)
+        n = min(n, len(prompt_ids) - 1)
+        return (
+            n
+            if n == len(self.ids) or all(self._can_remove(lay, len(self.ids) - n) for lay in self._sliding)
+            else 0
+        )
+
+    @staticmethod
+    def _can_remove(layer, count: int) -> bool:
+        """Whether ``layer`` can drop its last ``count`` tokens and still hold the window before
+        them (every token before them, where they are fewer)."""
+        if not layer.is_initialized:
+            return True
+        kept = layer.keys.shape[-2] - count
+        return kept >= min(layer.sliding_window - 1, layer.get_seq_length() - count)
 
     def begin(self, prompt_ids: list[int]) -> int:
         """Hold exactly the reusable prefix of ``prompt_ids``; returns its length (0: a fresh cache)."""
@@ -67,20 +92,33 @@ class PromptCache:
         if n > 0 and n < len(self.ids):
             try:
                 self.kv.crop(n - len(self.ids))  # a negative count: tokens removed, in every transformers 5.x
-            except (RuntimeError, ValueError):  # a sliding-window layer past its window keeps no past
+            except (RuntimeError, ValueError):  # never expected: reusable() checked every layer can
                 n = 0
         if n > 0 and any(layer.get_seq_length() != n for layer in getattr(self.kv, "layers", ())):
             n = 0  # not what it should hold: never guess
         if n == 0:
             self.reset()
             self.kv, self.kv_args = new_kv_cache(self.model)
+            self._sliding = [
+                lay for lay in getattr(self.kv, "layers", ()) if getattr(lay, "is_sliding", False)
+            ]
+            for lay in self._sliding:
+                lay.activate_past_recording()
         else:
             del self.ids[n:]
         return n
 
     def fed(self, ids: list[int]) -> None:
         self.ids.extend(ids)
+        for lay in self._sliding:  # keep the window, the tokens decoded since (up to decode_room)
+            room = 0 if len(ids) > 1 else self.decode_room
+            if (
+                lay.get_seq_length() >= lay.sliding_window
+                and lay.keys.shape[-2] > lay.sliding_window - 1 + room
+            ):
+                lay.crop(0)  # back to the window: the past before it is gone
 
     def reset(self) -> None:
         self.ids = []
         self.kv, self.kv_args = None, {}
+        self._sliding = []

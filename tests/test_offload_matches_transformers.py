@@ -243,5 +243,26 @@ def test_prompt_cache_past_a_sliding_window(tiny_model):
         assert _reference_logits_match(lm, ref, pc, long + [8, 9]) == 36  # extended past the window
         assert _reference_logits_match(lm, ref, pc, long[:20] + [1, 2]) == 0  # no crop past it: afresh
         assert _reference_logits_match(lm, ref, pc, long[:20] + [7, 7]) == 20  # within it: cropped
+
+        # past the window, a prefill keeps the window and decoding adds to it: the next turn can
+        # cut back into the answer (where templates re-render it differently), not before it
+        greedy = SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True)
+        pc = PromptCache(lm.model)
+        answer = generate(lm, long, greedy, prompt_cache=pc).token_ids
+        window = lm.spec.config.sliding_window
+        assert all(lay.keys.shape[-2] == window - 1 + 5 for lay in pc._sliding)  # 5 decoded tokens fed
+        turn = long + answer[:2] + [3, 250]
+        again = generate(lm, turn, greedy, prompt_cache=pc)
+        assert again.stats.cached_prompt_tokens == len(long) + 2
+        assert again.token_ids == greedy_ids(ref, turn, 6)
+        assert pc.reusable(long[:30] + [1, 2]) == 0  # what the status line is told, before trying
+        assert generate(lm, long[:30] + [1, 2], greedy, prompt_cache=pc).stats.cached_prompt_tokens == 0
+
+        pc = PromptCache(lm.model, decode_room=2)  # the decoded tokens past that are trimmed away
+        answer = generate(lm, long, greedy, prompt_cache=pc).token_ids
+        assert all(lay.keys.shape[-2] <= window - 1 + 2 for lay in pc._sliding)
+        turn = long + answer[:2] + [3, 250]
+        again = generate(lm, turn, greedy, prompt_cache=pc)
+        assert again.stats.cached_prompt_tokens == 0 and again.token_ids == greedy_ids(ref, turn, 6)
     finally:
         lm.close()
