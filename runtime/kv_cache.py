@@ -29,6 +29,27 @@ def new_kv_cache(model: torch.nn.Module) -> tuple[object, dict]:
     return kv, {_kv_name(type(model)): kv, "use_cache": True}
 
 
+@functools.cache
+def sliding_past_recording_works() -> bool:
+    """Whether this transformers' sliding-window layers can record their past across forwards.
+
+    From some 5.x on, a layer recording its past returns only the window (and the new
+    tokens) to attention, whatever it holds; before (5.17, the lent GPU machines'), it
+    returns everything it holds, which the attention mask, sized to the window, refuses.
+    Tried once on a layer of 4 tokens' window.
+    """
+    try:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        layer = DynamicSlidingWindowLayer(sliding_window=4)
+        layer.activate_past_recording()
+        layer.update(torch.zeros(1, 1, 6, 2), torch.zeros(1, 1, 6, 2))
+        keys, _ = layer.update(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+        return keys.shape[-2] == 4  # the window less one, and the new token
+    except Exception:  # another layer API: do without
+        return False
+
+
 class PromptCache:
     """One conversation's KV cache, kept from one answer to the next (prompt caching).
 
@@ -50,7 +71,8 @@ class PromptCache:
     whenever the tokens decoded since pass ``decode_room`` (the prefill chunk the memory plan
     leaves room for beside the window): the cache can then be cut back anywhere in the last
     answer, where templates re-render differently (gpt-oss's drops its analysis channel).
-    Cutting back further than a layer holds starts afresh.
+    Cutting back further than a layer holds starts afresh, and so does any cut past the window
+    where this transformers cannot record a layer's past (:func:`sliding_past_recording_works`).
     """
 
     def __init__(self, model: torch.nn.Module, decode_room: int | None = None) -> None:
@@ -102,8 +124,9 @@ class PromptCache:
             self._sliding = [
                 lay for lay in getattr(self.kv, "layers", ()) if getattr(lay, "is_sliding", False)
             ]
-            for lay in self._sliding:
-                lay.activate_past_recording()
+            if sliding_past_recording_works():
+                for lay in self._sliding:
+                    lay.activate_past_recording()
         else:
             del self.ids[n:]
         return n

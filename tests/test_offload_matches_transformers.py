@@ -231,7 +231,7 @@ def test_prompt_cache_matches_reference(arch, tiny_model):
 def test_prompt_cache_past_a_sliding_window(tiny_model):
     """gpt-oss's sliding-window layers keep only their window: past it the cache can still
     be extended, but not cropped, so a shorter common prefix starts afresh."""
-    from runtime.kv_cache import PromptCache
+    from runtime.kv_cache import PromptCache, sliding_past_recording_works
 
     path = tiny_model("gpt_oss")  # a window of 32 tokens
     ref = reference_model(path)
@@ -246,14 +246,17 @@ def test_prompt_cache_past_a_sliding_window(tiny_model):
 
         # past the window, a prefill keeps the window and decoding adds to it: the next turn can
         # cut back into the answer (where templates re-render it differently), not before it
+        # (where this transformers can record a sliding layer's past; 5.17 cannot: afresh there)
+        recording = sliding_past_recording_works()
         greedy = SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True)
         pc = PromptCache(lm.model)
         answer = generate(lm, long, greedy, prompt_cache=pc).token_ids
         window = lm.spec.config.sliding_window
-        assert all(lay.keys.shape[-2] == window - 1 + 5 for lay in pc._sliding)  # 5 decoded tokens fed
+        held = window - 1 + (5 if recording else 0)  # the 5 decoded tokens fed, where recorded
+        assert all(lay.keys.shape[-2] == held for lay in pc._sliding)
         turn = long + answer[:2] + [3, 250]
         again = generate(lm, turn, greedy, prompt_cache=pc)
-        assert again.stats.cached_prompt_tokens == len(long) + 2
+        assert again.stats.cached_prompt_tokens == (len(long) + 2 if recording else 0)
         assert again.token_ids == greedy_ids(ref, turn, 6)
         assert pc.reusable(long[:30] + [1, 2]) == 0  # what the status line is told, before trying
         assert generate(lm, long[:30] + [1, 2], greedy, prompt_cache=pc).stats.cached_prompt_tokens == 0
