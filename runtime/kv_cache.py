@@ -1,4 +1,5 @@
-"""The KV cache a transformers model's forward takes, under the name its version uses.
+"""The KV cache a transformers model's forward takes, under the name its version uses, and
+the one a chat keeps from answer to answer (:class:`PromptCache`).
 
 transformers renamed forward's ``past_key_values`` to ``cache`` during 5.x: 5.24 still
 takes the old name but warns that it goes in 5.40, while 5.17 (the lent GPU machines')
@@ -93,11 +94,10 @@ class PromptCache:
                 break
             n += 1
         n = min(n, len(prompt_ids) - 1)
-        return (
-            n
-            if n == len(self.ids) or all(self._can_remove(lay, len(self.ids) - n) for lay in self._sliding)
-            else 0
-        )
+        cut = len(self.ids) - n  # tokens the cache would drop
+        if cut and not all(self._can_remove(lay, cut) for lay in self._sliding):
+            return 0
+        return n
 
     @staticmethod
     def _can_remove(layer, count: int) -> bool:
