@@ -15,6 +15,14 @@ def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
+def test_every_unit_is_its_power_of_ten_or_of_two():
+    """SI units are powers of 1000, IEC units (KiB...TiB) powers of 1024, bare letters SI."""
+    for k, prefix in enumerate("kmgt", start=1):
+        assert parse_size(f"3{prefix}") == parse_size(f"3{prefix}b") == 3 * 1000**k, prefix
+        assert parse_size(f"3{prefix.upper()}iB") == 3 * 1024**k, prefix
+    assert parse_size("3B") == parse_size("3") == 3
+
+
 @pytest.mark.parametrize("text", ["6XB", "", "GB", "six GB", "6 G B", "-1GB", "1.5"])
 def test_bad_sizes_raise_with_a_hint(text):
     with pytest.raises(InvalidSizeError) as exc:
@@ -52,10 +60,16 @@ def test_a_needed_figure_rounds_up_so_that_it_is_enough():
         assert parse_size(format_bytes(n, up=True)) >= n, n
 
 
+def test_format_bytes_moves_to_the_next_unit_at_1000():
+    printed = [format_bytes(n) for n in (999, 1000, 999_000, 1_000_000)]
+    assert printed == ["999 B", "1.0 KB", "999.0 KB", "1.0 MB"]
+
+
 def test_format_duration():
     from runtime.sizes import format_duration
 
     assert [format_duration(t) for t in (2e-5, 0.02, 1.5)] == ["20 us", "20.0 ms", "1.50 s"]
+    assert [format_duration(t) for t in (999e-6, 1e-3, 1.0)] == ["999 us", "1.0 ms", "1.00 s"]
 
 
 def test_format_link():
