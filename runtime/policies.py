@@ -126,9 +126,7 @@ class ARC(EvictionPolicy):
         allowed = set(candidates)
         in_t1 = [e for e in self.t1 if e in allowed]
         in_t2 = [e for e in self.t2 if e in allowed]
-        from_t1 = bool(in_t1) and (
-            len(self.t1) > self.p or (incoming in self.b2 and len(self.t1) == int(self.p))
-        )
+        from_t1 = bool(in_t1) and (len(self.t1) > self.p or (incoming in self.b2 and len(self.t1) == self.p))
         if from_t1 or not in_t2:
             return in_t1[0] if in_t1 else candidates[0]
         return in_t2[0]

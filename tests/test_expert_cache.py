@@ -362,6 +362,76 @@ def test_a_needed_prefetch_still_queued_goes_ahead_of_the_misses_copies():
     link.synchronize()
 
 
+def textbook_arc(requests: list[int], c: int) -> list[bool]:
+    """ARC as Megiddo & Modha's paper gives it (FAST 2003, Fig. 4), written independently of
+    runtime/: one hit flag per request, for a cache of ``c`` pages, p real-valued."""
+    from collections import OrderedDict
+
+    t1, t2, b1, b2 = OrderedDict(), OrderedDict(), OrderedDict(), OrderedDict()
+    p = 0.0
+    hits = []
+
+    def replace(x):
+        if t1 and (len(t1) > p or (x in b2 and len(t1) == p)):
+            b1[t1.popitem(last=False)[0]] = None
+        else:
+            b2[t2.popitem(last=False)[0]] = None
+
+    for x in requests:
+        hits.append(x in t1 or x in t2)
+        if hits[-1]:  # case I
+            t1.pop(x, None)
+            t2.pop(x, None)
+            t2[x] = None
+        elif x in b1:  # case II
+            p = min(c, p + max(len(b2) / len(b1), 1))
+            replace(x)
+            del b1[x]
+            t2[x] = None
+        elif x in b2:  # case III
+            p = max(0, p - max(len(b1) / len(b2), 1))
+            replace(x)
+            del b2[x]
+            t2[x] = None
+        else:  # case IV
+            if len(t1) + len(b1) == c:
+                if len(t1) < c:
+                    b1.popitem(last=False)
+                    replace(x)
+                else:
+                    t1.popitem(last=False)
+            elif len(t1) + len(b1) + len(t2) + len(b2) >= c:
+                if len(t1) + len(b1) + len(t2) + len(b2) == 2 * c:
+                    b2.popitem(last=False)
+                replace(x)
+            t1[x] = None
+    return hits
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_arc_follows_the_paper_request_by_request(seed):
+    """One expert a token, so nothing is pinned but the one requested: the cache with ARC
+    hits exactly where the paper's ARC does, on phases of hot sets and scans that make its
+    target move both ways."""
+    rng = random.Random(seed)
+    n = rng.choice([6, 8, 16, 32])
+    c = rng.randint(1, n - 1)
+    requests = []
+    for _ in range(rng.randint(5, 15)):
+        if rng.random() < 0.5:
+            hot = rng.sample(range(n), rng.randint(1, c))
+            requests += [rng.choice(hot) for _ in range(rng.randint(5, 40))]
+        else:
+            requests += [rng.randrange(n) for _ in range(rng.randint(5, 40))]
+    cache = ExpertCache({0: c}, lambda layer, cap: ARC(cap), expert_bytes=1)
+    hits = []
+    for x in requests:
+        before = cache.stats.layer(0).hits
+        _use(cache, 0, x)
+        hits.append(cache.stats.layer(0).hits > before)
+    assert hits == textbook_arc(requests, c)
+
+
 def test_arc_grows_its_recency_target_on_a_ghost_hit():
     arc = ARC(2)
     arc.on_insert(1)
