@@ -380,12 +380,3 @@ class ExpertCache:
             part.pinned.clear()
             part.done.clear()
         self.collect_stall()  # an earlier run's last events: counted before the next run's figures start
-
-    def clear(self) -> None:
-        """Forget every resident expert (counters are kept)."""
-        self.transfer.synchronize()
-        for part in self._parts.values():
-            for e in list(part.entries):
-                entry = part.entries.pop(e)
-                part.policy.on_evict(e)
-                part.free.append(entry.slot)

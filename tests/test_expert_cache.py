@@ -510,3 +510,80 @@ def test_release_tells_the_copy_engine_the_slot_may_be_overwritten():
     cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), store=byte_store(16)(), transfer=Spy())
     _use(cache, 0, 1)
     assert released == [cache.slot_of(0, 1)]
+
+
+@pytest.mark.parametrize("at", [0.0, 0.3])
+def test_a_miss_with_only_copies_in_flight_never_gives_up_a_needed_expert(at):
+    """No slot is free or ready: a needed prefetch is on the link (1) and an unneeded copy (2,
+    an invocation cut short after load_ahead) is queued behind it or, once it has started,
+    moving. The miss takes 2's slot, cancelling its copy while it can and waiting for it when
+    it cannot; 1 stays and is used as the late prefetch it is. Every wait is stall."""
+    from tests.test_prefetch import FakeClock, fake_link
+
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=16384, latency=0.0)  # four pieces of 4 KiB, 1 s a copy
+    cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), store=byte_store(16384)(), transfer=link)
+    assert cache.prefetch(0, 1)
+    cache.begin(0, [2])
+    assert cache.load_ahead(0, 2)  # urgent: moves after 1's first piece
+    cache.end(0)
+    clock.now = at
+    cache.begin(0, [3, 1], reorder=False)
+    cache.acquire(0, 3)
+    cache.release(0, 3)
+    st = cache.stats.layer(0)
+    assert cache.resident(0) == [1, 3]
+    assert st.stall_s == pytest.approx(clock.now - at)
+    assert st.bytes_moved == (2 if at == 0.0 else 3) * 16384  # 2 cancelled unmoved, or moved
+    assert st.prefetch_cancelled == 0  # 2 was a miss's copy, not a prefetch
+    cache.acquire(0, 1)
+    cache.release(0, 1)
+    cache.end(0)
+    assert (st.misses, st.late, st.prefetch_used) == (1, 1, 1)
+
+
+def test_recover_frees_the_slot_of_a_cancelled_prefetch():
+    """After Ctrl-C a queued prefetch is dropped unmoved, and its slot is free again: each
+    interrupted answer would otherwise leave the cache a slot smaller."""
+    from tests.test_prefetch import FakeClock, fake_link
+
+    clock = FakeClock()
+    link = fake_link(clock, bandwidth=4096, latency=0.0)  # a copy: 1 s
+    cache = ExpertCache({0: 2}, lambda layer, n: LRU(n), store=byte_store(4096)(), transfer=link)
+    assert cache.prefetch(0, 1) and cache.prefetch(0, 2)
+    clock.now += 0.5  # 1 on the link, 2 queued
+    cache.recover()
+    assert cache.resident(0) == [1]
+    clock.now += 5
+    _use(cache, 0, 3)
+    assert cache.resident(0) == [1, 3]  # into the freed slot: 1 was not evicted
+    assert cache.stats.layer(0).misses == 1
+
+
+def test_uses_served_without_a_slot_count_for_the_policy():
+    """A miss computed on the host (or from a low-bit copy) is still a use: LFU counts it."""
+    cache = ExpertCache({0: 2}, lambda layer, n: LFU(n), expert_bytes=1)
+    _use(cache, 0, 1)
+    _use(cache, 0, 3)
+    for _ in range(3):
+        cache.begin(0, [2])
+        cache.record_bypass(0, 2, "host", nbytes=0, stall_s=0.0)
+        cache.end(0)
+    _use(cache, 0, 2)  # evicts 1 (the older of two used once)
+    _use(cache, 0, 3)  # 3: used twice, now the more recent
+    _use(cache, 0, 4)  # 2 (four uses) stays, 3 (two) goes
+    assert cache.resident(0) == [2, 4]
+    st = cache.stats.layer(0)
+    assert (st.uses, st.misses, st.cpu_computed) == (8, 7, 3)
+
+
+def test_fill_loads_every_expert_a_layer_has_room_for():
+    cache = ExpertCache({0: 3, 1: 8}, lambda layer, n: LRU(n), expert_bytes=1)
+    cache.fill()
+    assert cache.resident(0) == [0, 1, 2] and cache.resident(1) == list(range(8))
+
+
+def test_impossible_slot_counts_are_refused():
+    with pytest.raises(ValueError, match="0 or more"):
+        ExpertCache({0: 2, 1: -1}, lambda layer, n: LRU(n), expert_bytes=1)
+    ExpertCache({0: 0}, lambda layer, n: LRU(n), expert_bytes=1)  # a layer that streams: no slot

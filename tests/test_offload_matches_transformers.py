@@ -84,7 +84,9 @@ def test_cpu_without_a_budget_reads_experts_in_place(arch, tiny_model):
     ref = reference_model(path)
     lm = load_model(str(path), LoadOptions(quant="none", device="cpu"))
     try:
-        assert lm.plan.in_place and lm.plan.cache_bytes == 0 and lm.cache.slots is None
+        assert (
+            lm.plan.in_place and lm.plan.cache_bytes == 0 and lm.cache.slots is None and lm.cache.nbytes == 0
+        )
         assert lm.runtime.prefetcher is None  # nothing to predict: every expert is resident
         layer = lm.spec.moe_layers[0]
         row = lm.store.row(layer, 1)
