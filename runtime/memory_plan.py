@@ -226,16 +226,14 @@ def split_slots(total: int, layers: list[int], num_experts: int, split: str) -> 
         return {layer: int(k in chosen) for k, layer in enumerate(layers)}
     raw = [total * w / sum(weights) for w in weights]
     alloc = [min(num_experts, max(1, math.floor(r))) for r in raw]
-    # hand out what rounding left, largest remainder first, respecting the caps
-    order = sorted(range(n), key=lambda k: raw[k] - math.floor(raw[k]), reverse=True)
+    # settle what rounding (and the floor of one) left, a slot at a time: to the layer
+    # furthest below its share, from the one furthest above it; the shallower on a tie
     while sum(alloc) < total:
-        for k in order:
-            if sum(alloc) < total and alloc[k] < num_experts:
-                alloc[k] += 1
+        k = max((k for k in range(n) if alloc[k] < num_experts), key=lambda k: (raw[k] - alloc[k], -k))
+        alloc[k] += 1
     while sum(alloc) > total:
-        for k in reversed(order):
-            if sum(alloc) > total and alloc[k] > 1:
-                alloc[k] -= 1
+        k = min((k for k in range(n) if alloc[k] > 1), key=lambda k: (raw[k] - alloc[k], -k))
+        alloc[k] -= 1
     return dict(zip(layers, alloc, strict=True))
 
 

@@ -424,3 +424,77 @@ def test_the_shallow_split_gives_early_layers_more_slots():
     assert sum(slots) == 12 and slots == sorted(slots, reverse=True) and slots[0] > slots[-1]
     # shares 2, 1.67, 1.33, 1 of 6: the largest remainder gets the spare slot
     assert split_slots(6, [0, 1, 2, 3], 8, "shallow") == {0: 2, 1: 2, 2: 1, 3: 1}
+
+
+def test_split_slots_keeps_its_rules_for_every_total():
+    """Every total is handed out in full (up to every expert), no layer gets more slots than
+    it has experts, every layer gets one once there are as many as layers, and shallow never
+    gives a deeper layer more than a shallower one."""
+    from runtime.memory_plan import split_slots
+
+    for n in range(1, 9):
+        for experts in (2, 4, 8):
+            for total in range(0, n * experts + 3):
+                for split in ("uniform", "shallow"):
+                    got = list(split_slots(total, list(range(n)), experts, split).values())
+                    assert sum(got) == min(total, n * experts), (n, experts, total, split)
+                    assert max(got) <= experts and (total < n or min(got) >= 1), (n, experts, total, split)
+                    if split == "shallow":
+                        assert got == sorted(got, reverse=True), (n, experts, total)
+
+
+def test_max_slots_caps_the_plan_and_a_capped_cpu_plan_is_not_in_place(tiny_model):
+    """bench's on-demand and resident rows cap the slots; a CPU plan that cannot hold every
+    expert must not read them in place (the cache would refuse it)."""
+    spec = describe_model(Checkpoint(tiny_model("mixtral")))
+    fmt, n = get_format("int4"), len(spec.moe_layers)
+    capped = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=64, max_slots=n, in_place=True)
+    assert capped.slots == n and not capped.in_place
+    whole = plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=64, in_place=True)
+    assert whole.slots == spec.total_experts and whole.in_place
+    budget = whole.device_total + 3 * whole.expert_bytes  # room for every expert, capped lower
+    assert (
+        plan_memory(spec, fmt, budget=budget, dtype=torch.float32, context=64, max_slots=2 * n).slots == 2 * n
+    )
+
+
+def test_a_context_shorter_than_the_prefill_chunk_plans_a_chunk_of_the_context(tiny_model):
+    spec = describe_model(Checkpoint(tiny_model("mixtral")))
+    fmt = get_format("int4")
+
+    def plan(context, chunk=512):
+        return plan_memory(spec, fmt, budget=None, dtype=torch.float32, context=context, prefill_chunk=chunk)
+
+    assert plan(64).workspace == plan(64, chunk=64).workspace < plan(512).workspace
+
+
+def test_the_workspace_grows_with_a_dense_mlp_wider_than_an_expert(tiny_model, tmp_path):
+    """qwen2-moe's shared expert and deepseek's dense layers are wider than a routed expert:
+    a prefill chunk's activations through them must be planned, not just the experts'."""
+    src = tiny_model("deepseek_v3")
+    specs = {}
+    for width in (128, 256):  # the routed experts are 32 wide
+        d = tmp_path / str(width)
+        d.mkdir()
+        config = json.loads((src / "config.json").read_text())
+        config["intermediate_size"] = width
+        (d / "config.json").write_text(json.dumps(config))
+        specs[width] = describe_model(Checkpoint(d), weights=False)
+    chunk = 64
+
+    def workspace(width):
+        return plan_memory(specs[width], get_format("int4"), budget=None, dtype=torch.float32,
+                           context=chunk, prefill_chunk=chunk).workspace  # fmt: skip
+
+    assert workspace(256) - workspace(128) == chunk * 3 * (256 - 128) * 4  # float32 activations
+
+
+def test_a_context_as_long_as_the_model_is_accepted_and_one_longer_refused(tiny_model):
+    from runtime.errors import UsageError
+    from runtime.memory_plan import default_context
+
+    config = describe_model(Checkpoint(tiny_model("mixtral"))).config
+    limit = config.max_position_embeddings
+    assert default_context(config, limit) == limit
+    with pytest.raises(UsageError, match=f"longer than this model's {limit} positions"):
+        default_context(config, limit + 1)
