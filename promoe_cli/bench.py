@@ -231,12 +231,11 @@ def bench(
 
 
 def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out: bool) -> None:
-    from transformers import AutoTokenizer
-
     from promoe_cli.loading import progress_display
     from runtime.bench import bench_prompts
     from runtime.checkpoint import Checkpoint
     from runtime.errors import UsageError
+    from runtime.loader import load_tokenizer
     from runtime.quality import evaluate_quality
     from runtime.resolve import resolve_model
 
@@ -245,7 +244,7 @@ def _quality(model, opts, tokens: int, low_bit: str, threshold: float, json_out:
     if limit and tokens > limit:
         raise UsageError(f"--quality-tokens {tokens} is longer than this model's {limit} positions",
                           hint=f"use --quality-tokens {limit} or less")  # fmt: skip
-    ids = bench_prompts(AutoTokenizer.from_pretrained(resolved.path), tokens, 0)[0]
+    ids = bench_prompts(load_tokenizer(resolved.path), tokens, 0)[0]
     with progress_display(not json_out) as progress:
         rows = evaluate_quality(model, opts, ids, mixed=("int4", low_bit), mixed_threshold=threshold,
                                 progress=progress)  # fmt: skip

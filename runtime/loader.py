@@ -227,7 +227,7 @@ def load_model(
 
     # what is cheap to check goes before the store's conversion, which can take minutes
     _check_non_expert_shapes(spec, ckpt)
-    tokenizer = _load_tokenizer(resolved.path)
+    tokenizer = load_tokenizer(resolved.path)
     home = opts.home or promoe_home()
     fmt = expert_format(fmt, spec, device, opts, plan)
     store, report = open_store(ckpt, spec, fmt, home=home, pin=device.type == "cuda",
@@ -349,12 +349,36 @@ def _materialize(model, spec: ModelSpec, ckpt: Checkpoint, device: torch.device,
     model.requires_grad_(False)
 
 
-def _load_tokenizer(path: Path):
+#: a folder holds a tokenizer when it has one of these (fast, sentencepiece, BPE, WordPiece, tiktoken)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "*.tiktoken",
+)
+_TOKENIZER_HINT = (
+    "copy its model's tokenizer files (tokenizer.json and tokenizer_config.json) into the folder"
+)
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer, or a CheckpointError: without its files transformers would build
+    an empty one for some models (a vocabulary of one or two tokens) and every prompt would
+    encode to nothing."""
     from transformers import AutoTokenizer
 
+    if not any(next(path.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or vocab.json)",
+                              hint=_TOKENIZER_HINT)  # fmt: skip
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not load the tokenizer from {path} ({first})",
-                              hint="the folder needs tokenizer.json or the tokenizer files of its model") from None  # fmt: skip
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(
+            f"could not load the tokenizer from {path} ({first})", hint=_TOKENIZER_HINT
+        ) from None
+    if len(tok) < 16:
+        raise CheckpointError(f"the tokenizer in {path} has only {len(tok)} tokens", hint=_TOKENIZER_HINT)
+    return tok

@@ -307,15 +307,22 @@ def test_a_config_that_does_not_match_the_weights_is_a_checkpoint_error(
     assert not any((home / "stores").glob("mismatch-*"))
 
 
-def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(tiny_model, tmp_path, home):
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen2_moe"])
+def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(arch, tiny_model, tmp_path, home):
+    """Without its files transformers builds olmoe and qwen2-moe an empty tokenizer (a
+    vocabulary of one or two tokens), which encoded every prompt to nothing."""
     import shutil
 
     bad = tmp_path / "notok"
-    shutil.copytree(tiny_model("mixtral"), bad)
+    shutil.copytree(tiny_model(arch), bad)
     for f in bad.glob("tokenizer*"):
         f.unlink()
-    one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, "could not load the tokenizer")
+    one_line_error(
+        invoke("chat", bad, "--prompt", "x", "-n", 2), 3, f"{bad} has no tokenizer", "tokenizer.json"
+    )
     assert not any((home / "stores").glob("notok-*"))
+    (bad / "tokenizer.json").write_text("{not json")
+    one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, "could not load the tokenizer")
 
 
 @pytest.mark.parametrize(
