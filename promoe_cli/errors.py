@@ -61,6 +61,9 @@ def handle_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err.print("[warn]interrupted[/]")
         sys.exit(130)
+    except BrokenPipeError:  # whoever read stdout stopped reading (`| head`): stop quietly, as
+        _silence_stdout()  # rich's console does when its own write finds the pipe broken
+        sys.exit(1)
     except OSError as exc:  # a path that is a folder, a full disk, no permission...
         if debug:
             raise
@@ -81,3 +84,12 @@ def handle_errors() -> Iterator[None]:
             "[hint]hint:[/] this is a promoe bug; run again with PROMOE_DEBUG=1 for the traceback and report it"
         )
         sys.exit(1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit finds no broken pipe either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

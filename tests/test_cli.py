@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -335,8 +336,6 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(arch, 
 def test_command_line_usage_errors_are_one_line_too(monkeypatch, capsys, argv, needle):
     """The `promoe` entry point reports Typer's own usage errors (out of range, unknown
     option) as one line and a hint, like every other error, not as a boxed panel."""
-    import sys
-
     from promoe_cli.main import run
 
     monkeypatch.setattr(sys, "argv", ["promoe", *argv])
@@ -356,7 +355,6 @@ def test_bitsandbytes_hub_kernel_warning_does_not_leak(tmp_path):
     import importlib.util
     import os
     import subprocess
-    import sys
 
     from bitsandbytes.functional import has_avx512bf16
 
@@ -377,8 +375,6 @@ def test_a_file_given_as_the_model_is_called_a_file(tmp_path):
 
 
 def test_bare_promoe_prints_the_help_and_nothing_on_stderr(monkeypatch, capsys):
-    import sys
-
     from promoe_cli.main import run
 
     monkeypatch.setattr(sys, "argv", ["promoe"])
@@ -409,3 +405,23 @@ def test_a_ctrl_c_typer_turns_into_exit_130_still_says_interrupted(monkeypatch, 
     with pytest.raises(SystemExit) as exc:
         main.run()
     assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_a_reader_that_stops_reading_ends_promoe_quietly(one_shot, tiny_model, home):
+    """`promoe chat ... | head -1`: the pipe breaks under a long answer; promoe stops at once,
+    with no error on stderr (it said 'error: Broken pipe' and blamed the paths)."""
+    import subprocess
+
+    args = ["--prompt", "def f(x):"] if one_shot else []
+    p = subprocess.Popen([sys.executable, "-m", "promoe_cli.main", "chat", str(tiny_model("mixtral")), "-n", "400",
+                          "-t", "1", "--seed", "0", *args],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    if not one_shot:
+        p.stdin.write(b"def f(x):\nclass A:\nimport os\n")
+    p.stdin.close()
+    p.stdout.read(1)
+    p.stdout.close()  # the reader goes away
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1
+    assert "error" not in stderr and "Traceback" not in stderr, stderr
