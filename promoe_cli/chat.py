@@ -164,10 +164,12 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
         err.print("[warn]interrupted[/]")
         sys.exit(130)
     if done.finish_reason == "context":  # stopped short of --max-new-tokens: say why (exit 0: it is whole)
-        err.print(
-            f"[warn]the context is full at {done.stats.prompt_tokens + done.stats.generated_tokens} tokens: "
-            "the completion stops there[/] (a longer --context lets it go on, up to the model's own)"
-        )
+        from runtime.conversation import model_positions
+
+        full, own = done.stats.prompt_tokens + done.stats.generated_tokens, model_positions(lm)
+        why = (f"a longer --context lets it go on, up to the model's {own} positions" if own and full < own
+               else "the model attends to no more")  # fmt: skip
+        err.print(f"[warn]the context is full at {full} tokens: the completion stops there[/] ({why})")
 
 
 def write_stats(path: Path, lm, done) -> None:

@@ -105,12 +105,14 @@ def status_text(
     return line
 
 
-def summary_text(done) -> str:
+def summary_text(done, hint: bool = True) -> str:
     """One line after each answer (rich markup): tokens, tok/s, hit rate, time to first token,
-    and how much of the prompt the KV cache kept from the last answer held."""
+    and how much of the prompt the KV cache kept from the last answer held. ``hint`` adds how
+    to let a stopped answer go on (the chat gives it once)."""
     s = done.stats
     notes = {
-        "length": f" · [warn]stopped at {s.generated_tokens} tokens[/] (/set max-new-tokens N)",
+        "length": f" · [warn]stopped at {s.generated_tokens} tokens[/]"
+        + (" (/set max-new-tokens N)" if hint else ""),
         "context": f" · [warn]the context is full at {s.prompt_tokens + s.generated_tokens} tokens[/]",
         "interrupted": " · [warn]interrupted[/]",
     }

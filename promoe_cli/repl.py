@@ -105,6 +105,7 @@ class ChatSession:
         self.prompt_cache = PromptCache(lm.model)  # what the last answer computed, for the next one
         self.last = None  # the last answer's DoneEvent
         self.answers = 0
+        self.hinted_length = False  # the summary has said how to let a stopped answer go on
 
     def handle(self, line: str) -> bool:
         """One line of input; False when the session should end."""
@@ -234,7 +235,8 @@ class ChatSession:
         if done.stats is None:
             err.print("[warn]interrupted[/]")
         else:
-            err.print(summary_text(done), soft_wrap=False)
+            err.print(summary_text(done, hint=not self.hinted_length), soft_wrap=False)
+            self.hinted_length = self.hinted_length or done.finish_reason == "length"
             if self.stats_json is not None:
                 from promoe_cli.chat import write_stats
 

@@ -174,7 +174,13 @@ def test_one_shot_completion_cut_by_the_context_says_so(tiny_model):
         "chat", tiny_model("mixtral"), "--prompt", "x " * 100, "-n", 100, "-t", 0, "--no-chat-template"
     )
     assert r.exit_code == 0, r.output
-    assert "the context is full at 256 tokens" in r.stderr and "--context" in r.stderr
+    assert "the context is full at 256 tokens" in r.stderr and "the model attends to no more" in r.stderr
+    assert "--context" not in r.stderr  # 256 is the model's own: a longer one cannot be given
+    r = invoke("chat", tiny_model("mixtral"), "--prompt", "x " * 60, "-n", 100, "-t", 0, "--no-chat-template",
+               "--context", 128)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "the context is full at 128 tokens" in r.stderr
+    assert "a longer --context lets it go on, up to the model's 256 positions" in r.stderr
     r = invoke("chat", tiny_model("mixtral"), "--prompt", "x", "-n", 4, "-t", 0, "--no-chat-template")
     assert r.exit_code == 0 and "context is full" not in r.stderr
 

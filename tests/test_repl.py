@@ -459,6 +459,13 @@ def test_an_answer_that_fills_the_context_says_so(lm, calls, capsys, monkeypatch
     assert "the context is full at 40 tokens" in capsys.readouterr().err
 
 
+def test_how_to_let_a_stopped_answer_go_on_is_said_once(lm, calls, capsys):
+    chat(lm, "hi", "again", "more")  # each stops at GREEDY's 6 tokens
+    lines = [line for line in capsys.readouterr().err.splitlines() if "stopped at 6 tokens" in line]
+    assert len(lines) == 3
+    assert ["/set max-new-tokens" in line for line in lines] == [True, False, False]
+
+
 def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
     """On the CPU with no budget every expert is read in place: /stats must not claim a prefetcher."""
     from runtime.loader import LoadOptions, load_model
