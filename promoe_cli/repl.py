@@ -127,7 +127,8 @@ class ChatSession:
         handler = {"/help": self.cmd_help, "/stats": self.cmd_stats, "/reset": self.cmd_reset,
                    "/system": self.cmd_system, "/set": self.cmd_set}.get(name)  # fmt: skip
         if handler is None:
-            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            starts = [c for c in COMMANDS if c.startswith(name)]  # a command cut short: /st is /stats
+            close = starts if len(starts) == 1 else difflib.get_close_matches(name, list(COMMANDS), n=1)
             maybe = f" (did you mean {close[0]}?)" if close else ""
             err.print(f"[error]unknown command[/] {escape(name)}{maybe} · commands: {' '.join(COMMANDS)}")
         else:

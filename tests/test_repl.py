@@ -193,11 +193,12 @@ def test_ctrl_c_while_rendering_and_at_the_prompt(lm, monkeypatch, capsys):
 
 
 def test_unknown_command_lists_the_commands(lm, calls, capsys):
-    chat(lm, "/stast", "/help")
+    chat(lm, "/stast", "/st", "/help")
     captured = capsys.readouterr()
     err = captured.err
     assert "//text" in err and not captured.out  # /help says how to send a message starting with /
     assert "unknown command /stast (did you mean /stats?)" in err
+    assert "unknown command /st (did you mean /stats?)" in err  # cut short, not the closest spelling (/set)
     for name in ("/help", "/stats", "/reset", "/system", "/set", "/quit"):
         assert name in err
     assert not calls
