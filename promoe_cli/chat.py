@@ -93,7 +93,7 @@ def chat(
 ) -> None:
     """Chat with a Mixture-of-Experts model whose experts do not fit on the device."""
     with handle_errors():
-        from promoe_cli.loading import banner, load, load_options, offline_environment
+        from promoe_cli.loading import banner, load, load_options, miss_options_given, offline_environment
         from runtime.errors import UsageError
 
         if not 0 < top_p <= 1:  # checked here: typer's range can show only one bound, x<=1.0
@@ -121,11 +121,14 @@ def chat(
             trace = _open_trace(trace_out)
             try:
                 if prompt is not None:
+                    from promoe_cli.loading import unused_options
+
+                    idle = unused_options(lm, miss_options_given(ctx))
+                    if idle:  # a script is told too: no banner says it
+                        err.print(f"[warn]note:[/] every expert is resident, nothing can miss: {idle} unused")
                     _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace)
                 else:
-                    # by name: typer 0.29 carries a click of its own, whose enum is not click's
-                    given = getattr(ctx.get_parameter_source("prefetch"), "name", "") == "COMMANDLINE"
-                    banner(lm, profile=profile, prefetch_given=given)
+                    banner(lm, profile=profile, given=miss_options_given(ctx))
                     from promoe_cli.repl import run_chat
 
                     run_chat(lm, sampling, system=system, chat_template=not no_chat_template, trace=trace,

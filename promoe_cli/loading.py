@@ -191,9 +191,35 @@ def load(ref: str | None, opts, *, show_progress: bool = True):
     return lm
 
 
-def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> None:
+#: the options that act only on misses: (parameter, flag)
+MISS_OPTIONS = (("prefetch", "--prefetch"), ("policy", "--policy"), ("slot_split", "--slot-split"),
+                ("low_bit", "--low-bit"), ("low_bit_threshold", "--low-bit-threshold"),
+                ("host_misses", "--host-misses"))  # fmt: skip
+
+
+def miss_options_given(ctx) -> dict[str, str]:
+    """The options of MISS_OPTIONS typed on the command line: flag -> value ('' for a switch)."""
+    given = {}
+    for param, flag in MISS_OPTIONS:
+        # by name: typer 0.29 carries a click of its own, whose enum is not click's
+        if param in ctx.params and getattr(ctx.get_parameter_source(param), "name", "") == "COMMANDLINE":
+            value = ctx.params[param]
+            given[flag] = "" if isinstance(value, bool) else str(value)
+    return given
+
+
+def unused_options(lm, given: dict[str, str]) -> str | None:
+    """'--policy arc, --host-misses' when those were given and nothing can miss (every expert
+    read in place, or loaded into a cache that holds them all); else None."""
+    if not given or not (lm.plan.in_place or lm.all_loaded):
+        return None
+    return ", ".join(f"{flag} {value}" if value else flag for flag, value in given.items())
+
+
+def banner(lm, profile: str | None = None, *, given: dict[str, str] | None = None) -> None:
     """Three lines on stderr: the model and its experts; the cache, device and budget; load time.
-    ``prefetch_given``: the user chose a --prefetch, which is said to go unused if nothing can miss."""
+    ``given``: the options typed that act only on misses (:func:`miss_options_given`), said to
+    go unused when nothing can miss."""
     from runtime.sizes import format_bytes
 
     plan, spec, rep, opts = lm.plan, lm.spec, lm.store_report, lm.options
@@ -219,7 +245,8 @@ def banner(lm, profile: str | None = None, *, prefetch_given: bool = False) -> N
         f"({kernel}{format_bytes(plan.expert_bytes)} each)",
         soft_wrap=False,
     )
-    unused = f" · nothing to prefetch (--prefetch {opts.predictor} unused)" if prefetch_given else ""
+    idle = unused_options(lm, given or {})
+    unused = f" · nothing can miss ({idle} unused)" if idle else ""
     if plan.in_place:  # nothing to cache or prefetch: the CPU computes from the host store
         cache = f"all {total} experts read in place from host memory · {where}, {budget}{unused}"
     elif lm.all_loaded:  # filled at load: nothing to evict or predict

@@ -390,16 +390,22 @@ def test_bare_promoe_prints_the_help_and_nothing_on_stderr(monkeypatch, capsys):
     assert "Usage: promoe" in captured.out and captured.err == ""
 
 
-def test_the_banner_says_an_explicit_prefetch_goes_unused(tiny_model):
-    """In place on the CPU nothing is prefetched: a --prefetch the user typed is said to go
-    unused; the default, which nobody asked for, is not mentioned."""
-    note = "nothing to prefetch (--prefetch cross-layer unused)"
-    asked = runner.invoke(
-        app, ["chat", str(tiny_model("mixtral")), "--prefetch", "cross-layer"], input="/quit\n"
-    )
-    default = runner.invoke(app, ["chat", str(tiny_model("mixtral"))], input="/quit\n")
+def test_the_banner_says_explicit_options_for_misses_go_unused(tiny_model):
+    """In place on the CPU nothing misses: the options for misses the user typed are said to
+    go unused, in the banner and, for a one-shot completion, in a note; defaults, which nobody
+    asked for, are not mentioned."""
+    typed = ["--prefetch", "cross-layer", "--policy", "arc", "--low-bit", "int2", "--host-misses"]
+    note = "--prefetch cross-layer, --policy arc, --low-bit int2, --host-misses unused"
+    path = str(tiny_model("mixtral"))
+    asked = runner.invoke(app, ["chat", path, *typed], input="/quit\n")
+    default = runner.invoke(app, ["chat", path], input="/quit\n")
     assert asked.exit_code == 0 and default.exit_code == 0, asked.output + default.output
-    assert note in asked.stderr and "nothing to prefetch" not in default.stderr
+    assert f"nothing can miss ({note})" in " ".join(asked.stderr.split())  # as wrapped to the width
+    assert "nothing can miss" not in default.stderr
+    one_shot = runner.invoke(app, ["chat", path, *typed, "--prompt", "x", "-n", 1])
+    assert one_shot.exit_code == 0 and f"nothing can miss: {note}" in " ".join(one_shot.stderr.split())
+    quiet = runner.invoke(app, ["chat", path, "--prompt", "x", "-n", 1])
+    assert quiet.exit_code == 0 and "nothing can miss" not in quiet.stderr
 
 
 def test_a_ctrl_c_typer_turns_into_exit_130_still_says_interrupted(monkeypatch, capsys):

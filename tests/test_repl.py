@@ -480,10 +480,10 @@ def test_stats_in_place_says_nothing_is_predicted(tiny_model, capsys):
         assert "prefetch none (experts read in place)" in capsys.readouterr().err
         from promoe_cli.loading import banner
 
-        banner(lm, prefetch_given=True)  # a --prefetch asked for is said to go unused, not dropped
-        assert "nothing to prefetch (--prefetch cross-layer unused)" in capsys.readouterr().err
+        banner(lm, given={"--prefetch": "cross-layer"})  # asked for: said to go unused, not dropped
+        assert "nothing can miss (--prefetch cross-layer unused)" in capsys.readouterr().err
         banner(lm)  # the default, not asked for: nothing said
-        assert "nothing to prefetch" not in capsys.readouterr().err
+        assert "nothing can miss" not in capsys.readouterr().err
     finally:
         lm.close()
 
@@ -498,11 +498,11 @@ def test_stats_and_banner_of_a_cache_that_holds_the_model_name_no_predictor(tiny
                                                             link_bandwidth=1e9))  # fmt: skip
     try:
         assert not lm.plan.in_place and lm.cache.num_slots == lm.spec.total_experts
-        banner(lm, prefetch_given=True)
+        banner(lm, given={"--prefetch": "cross-layer"})
         chat(lm, "/stats")
         err = capsys.readouterr().err
         assert "all loaded" in err and "· prefetch cross-layer" not in err  # not claimed to run ...
-        assert "nothing to prefetch (--prefetch cross-layer unused)" in err  # ... said to go unused
+        assert "nothing can miss (--prefetch cross-layer unused)" in err  # ... said to go unused
         assert "prefetch none (every expert loaded)" in err
     finally:
         lm.close()
