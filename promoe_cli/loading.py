@@ -234,11 +234,9 @@ def banner(lm, profile: str | None = None, *, given: dict[str, str] | None = Non
     kernel = ""
     if isinstance(lm.runtime.fmt, Int4CpuPacked):  # the CPU computes experts with torch's int4 kernel
         kernel = "torch's CPU int4 kernel, " if lm.device.type == "cpu" else "torch's CPU int4 layout, "
-    store = {
-        "reused": "expert store reused",
-        "converted": f"experts converted from {rep.source} in {rep.seconds:.1f}s, stored in {rep.path}",
-        "rebuilt": f"expert store rebuilt from {rep.source} in {rep.seconds:.1f}s ({rep.reason}), in {rep.path}",
-    }[rep.action]
+    store = _store_said(rep, "expert store")
+    if lm.low_store_report is not None:
+        store += " · " + _store_said(lm.low_store_report, f"{opts.low_bit} copies' store")
     err.print(
         f"[bold accent]{escape(lm.name)}[/]  {spec.arch.name} · {spec.num_layers} layers · "
         f"{spec.num_experts} experts, top-{spec.top_k} · [bold]{opts.quant}[/] experts "
@@ -260,7 +258,26 @@ def banner(lm, profile: str | None = None, *, given: dict[str, str] | None = Non
         tip = "" if opts.host_misses else "; --host-misses computes them on the host when that is quicker"
         err.print(f"{len(plan.streamed_layers)} of {spec.num_moe_layers} MoE layers have no slot and stream "
                   f"their experts through one buffer{tip}", soft_wrap=True)  # fmt: skip
+    handler = lm.runtime.miss_handler
+    routes = []
+    if handler is not None and opts.low_bit is not None:
+        routes.append(
+            f"from {opts.low_bit} copies when their gate weight is below {opts.low_bit_threshold:g}"
+        )
+    if handler is not None and opts.host_misses:
+        routes.append("computed on the host when that is quicker than the copy")
+    if routes:
+        err.print(f"misses: {' · '.join(routes)}", soft_wrap=True)
     err.print(f"[dim]loaded in {lm.timings['total_s']:.1f}s · {escape(store)}[/]", soft_wrap=False)
+
+
+def _store_said(rep, what: str) -> str:
+    """'expert store reused', or converted / rebuilt, from what, how long it took, where."""
+    return {
+        "reused": f"{what} reused",
+        "converted": f"{what} converted from {rep.source} in {rep.seconds:.1f}s, in {rep.path}",
+        "rebuilt": f"{what} rebuilt from {rep.source} in {rep.seconds:.1f}s ({rep.reason}), in {rep.path}",
+    }[rep.action]
 
 
 def check_output_file(path: Path | None, flag: str) -> None:

@@ -426,7 +426,11 @@ def open_store(
         reason = "corrupt: manifest missing"
 
     action = "converted" if reason == "no store yet" else "rebuilt"
-    title = "Converting experts" if action == "converted" else f"Rebuilding expert store ({reason})"
+    title = (
+        f"Converting experts to {fmt.name}"
+        if action == "converted"
+        else f"Rebuilding the {fmt.name} expert store ({reason})"
+    )
     t0 = time.perf_counter()
     source = _repack_source(ckpt, spec, fmt, home, progress)
     if source is not None:

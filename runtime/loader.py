@@ -91,6 +91,7 @@ class LoadedModel:
     dtype: torch.dtype
     options: LoadOptions
     timings: dict[str, float] = field(default_factory=dict)
+    low_store_report: StoreReport | None = None  # the low-bit copies' store (--low-bit), if opened
 
     @property
     def name(self) -> str:
@@ -246,8 +247,9 @@ def load_model(
         mlp.experts = OffloadedExperts(layer, mlp.experts, rt)
     _materialize(model, spec, ckpt, device, dtype, progress)
     resident = always_resident(opts, plan, spec)  # then no miss handler and no predictor
+    low_report = None
     if not resident:
-        rt.miss_handler = _miss_handler(
+        rt.miss_handler, low_report = _miss_handler(
             opts, ckpt, spec, store, fmt, cache, device, model, home, progress, plan
         )
     ckpt.close()
@@ -262,28 +264,29 @@ def load_model(
     timings["weights_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return LoadedModel(model, tokenizer, spec, resolved, store, report, cache, plan, rt, device, dtype, opts,
-                       timings)  # fmt: skip
+                       timings, low_report)  # fmt: skip
 
 
 def _miss_handler(opts: LoadOptions, ckpt, spec, store, fmt, cache, device, model, home, progress, plan):
     if opts.low_bit is None and not opts.host_misses and not plan.streamed_layers:
-        return None
+        return None, None
     from runtime.miss import MissHandler, calibrate
 
-    low_store = low_fmt = None
+    low_store = low_fmt = low_report = None
     if opts.low_bit is not None:
         check_low_bit(opts.low_bit, opts.quant)
         low_fmt = get_format(opts.low_bit)
-        low_store, _ = open_store(ckpt, spec, low_fmt, home=home, pin=device.type == "cuda",
-                                  quantize_device=device if device.type == "cuda" else None,
-                                  progress=progress)  # fmt: skip
+        low_store, low_report = open_store(ckpt, spec, low_fmt, home=home, pin=device.type == "cuda",
+                                           quantize_device=device if device.type == "cuda" else None,
+                                           progress=progress)  # fmt: skip
     cost = None
     if opts.host_misses:  # the only route that weighs costs
         link = (opts.link_bandwidth, opts.link_latency)
         gate_fn = model.model.layers[spec.moe_layers[0]].mlp.experts._gate_fn
         cost = calibrate(store, fmt, device, link, gate_fn)
-    return MissHandler(cache, store, fmt, cost, host=opts.host_misses, low_store=low_store, low_fmt=low_fmt,
-                       threshold=opts.low_bit_threshold)  # fmt: skip
+    handler = MissHandler(cache, store, fmt, cost, host=opts.host_misses, low_store=low_store, low_fmt=low_fmt,
+                          threshold=opts.low_bit_threshold)  # fmt: skip
+    return handler, low_report
 
 
 def _targets(model) -> dict[str, torch.Tensor]:

@@ -81,8 +81,8 @@ def test_without_a_terminal_a_conversion_and_a_random_default_model_are_said(tmp
     for r in runs:
         assert r.exit_code == 0, r.output
         assert "writes nonsense" in r.stderr and "Traceback" not in r.output
-    assert "Converting experts: 1/" in runs[0].stderr  # the first run converts ...
-    assert "Converting experts: done" in runs[0].stderr  # ... and says when it finished ...
+    assert "Converting experts to int8: 1/" in runs[0].stderr  # the first run converts ...
+    assert "Converting experts to int8: done" in runs[0].stderr  # ... and says when it finished ...
     assert "Converting" not in runs[1].stderr  # ... the second reuses the store
     monkeypatch.setattr(promoe_cli.loading, "NOTE_AFTER_S", 1e9)  # a quick rebuild is said all the same
     manifest = next((tmp_path / "home" / "stores").glob("*/int8/manifest.json"))
@@ -437,3 +437,29 @@ def test_a_reader_that_stops_reading_ends_promoe_quietly(one_shot, tiny_model, h
     stderr = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1
     assert "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_the_banner_says_how_misses_are_served_and_what_the_low_bit_store_did(
+    tiny_model, tmp_path, monkeypatch
+):
+    """With --low-bit and --host-misses the banner says both routes, and whether the low-bit
+    copies' store was converted or reused (it said 'expert store reused' right after
+    converting the int2 copies, which the progress note called just 'Converting experts')."""
+    import promoe_cli.loading
+
+    monkeypatch.setattr(promoe_cli.loading, "NOTE_AFTER_S", 0.0)  # a tiny conversion is quick
+    monkeypatch.setenv("PROMOE_HOME", str(tmp_path / "home"))
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int4", 2)
+    args = ["chat", path, "--vram", vram, "--low-bit", "int2", "--host-misses", "--link-bandwidth", "1GB/s"]
+    runs = []
+    for _ in range(2):
+        r = runner.invoke(app, [str(a) for a in args], input="/quit\n")
+        assert r.exit_code == 0, r.output
+        runs.append(" ".join(r.stderr.split()))
+    assert "Converting experts to int4: done" in runs[0] and "Converting experts to int2: done" in runs[0]
+    assert "expert store converted from the checkpoint" in runs[0]
+    assert "int2 copies' store converted from the checkpoint" in runs[0]
+    assert "expert store reused · int2 copies' store reused" in runs[1] and "Converting" not in runs[1]
+    for said in runs:
+        assert "misses: from int2 copies when their gate weight is below 0.3 · computed on the host" in said
