@@ -52,6 +52,9 @@ def plan(
         opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
                             policy="lru", slot_split=slot_split, prefetch="none", link_bandwidth=link_bandwidth,
                             link_latency=link_latency)  # fmt: skip
+        for_gpu = dtype is None and _gpu_profile_on_this_cpu(profile, opts)
+        if for_gpu:  # what the question is: does it fit that GPU, which computes in bf16
+            opts.dtype = "bfloat16"
         offline_environment()
         from runtime.errors import InsufficientMemoryError
         from runtime.memory_plan import plan_load
@@ -66,7 +69,17 @@ def plan(
         if as_json:
             out.print_json(json.dumps(_json(lp, opts, profile)))
         else:
-            _render(lp, opts, profile)
+            _render(lp, opts, profile, for_gpu)
+
+
+def _gpu_profile_on_this_cpu(profile: str | None, opts) -> bool:
+    """A GPU profile planned on a machine whose device resolves to the CPU (no CUDA, or --device cpu)."""
+    if not profile:
+        return False
+    from runtime.device_profile import load_profile
+    from runtime.loader import pick_device
+
+    return load_profile(profile).device_type == "cuda" and pick_device(opts.device).type == "cpu"
 
 
 def _link(opts) -> str | None:
@@ -93,7 +106,7 @@ def _json(lp, opts, profile: str | None) -> dict:
     }
 
 
-def _render(lp, opts, profile: str | None) -> None:
+def _render(lp, opts, profile: str | None, for_gpu: bool = False) -> None:
     from rich.table import Table
 
     from runtime.sizes import format_bytes
@@ -101,8 +114,9 @@ def _render(lp, opts, profile: str | None) -> None:
     p, spec = lp.plan, lp.spec
     budget = format_bytes(p.budget) if p.budget is not None else "unlimited"
     where = f"profile {profile}" if profile else f"budget {budget}"
+    device = "the profile's GPU" if for_gpu else lp.device
     table = Table(title=f"{lp.resolved.label} · {spec.arch.model_type} · {opts.quant} experts · "
-                        f"{str(lp.dtype).removeprefix('torch.')} on {lp.device} · {where}",
+                        f"{str(lp.dtype).removeprefix('torch.')} on {device} · {where}",
                   title_justify="left")  # fmt: skip
     table.add_column("item")
     table.add_column("size", justify="right")
@@ -124,7 +138,7 @@ def _render(lp, opts, profile: str | None) -> None:
     out.print(f"slots per MoE layer ({opts.split}): {per_layer}")
     link = _link(opts)
     if link:
-        out.print(f"emulated link: {link}")
+        out.print(f"{'link' if for_gpu else 'emulated link'}: {link}")
     for note in p.notes:
         out.print(f"note: {note}")
     if p.in_place:
@@ -132,6 +146,9 @@ def _render(lp, opts, profile: str | None) -> None:
                   "use --profile or --vram to plan a device's cache[/]")  # fmt: skip
     elif p.budget is None:
         err.print("[dim]no budget given: every expert resident; use --profile or --vram to size the cache[/]")
+    elif for_gpu:
+        err.print("[dim]planned in bfloat16, as the profile's GPU computes; here on the CPU, chat and bench "
+                  "emulate it in float32 (--dtype float32 shows their plan)[/]")  # fmt: skip
     elif lp.device.type == "cpu" and opts.link_bandwidth is not None and str(lp.dtype) == "torch.float32":
         err.print(f"[dim]planned in {str(lp.dtype).removeprefix('torch.')}, as the CPU computes; "
                   "--dtype bfloat16 shows the plan for the device itself[/]")  # fmt: skip

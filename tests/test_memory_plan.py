@@ -266,14 +266,27 @@ def test_plan_command_predicts_the_loaded_plan(tiny_model, home):
     finally:
         lm.close()
     r = invoke("plan", path, "--profile", "small-gpu", "--quant", "int4", "--context", 128, "--slot-split",
-               "shallow", "--device", "cpu", "--json")  # fmt: skip
+               "shallow", "--device", "cpu", "--dtype", "float32", "--json")  # fmt: skip
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["slots"] == planned.slots and data["non_expert"] == planned.non_expert
     assert data["slots_per_layer"] == {str(k): v for k, v in planned.slots_per_layer.items()}
     assert data["emulated_link"] == {"bandwidth": 2e9, "latency_s": pytest.approx(20e-6)}
-    r = invoke("plan", path, "--profile", "small-gpu", "--context", 128, "--device", "cpu")
+    r = invoke(
+        "plan", path, "--profile", "small-gpu", "--context", 128, "--device", "cpu", "--dtype", "float32"
+    )
     assert r.exit_code == 0 and "expert cache" in r.stdout and "emulated link" in r.stdout
+    # without --dtype a GPU profile is planned as that GPU computes, in bf16: what `plan` is asked
+    r = invoke("plan", path, "--profile", "small-gpu", "--context", 128, "--device", "cpu", "--json")
+    half = json.loads(r.stdout)
+    assert (
+        half["dtype"] == "bfloat16"
+        and half["non_expert"] < planned.non_expert
+        and half["slots"] > planned.slots
+    )
+    r = invoke("plan", path, "--profile", "small-gpu", "--context", 128, "--device", "cpu")
+    assert r.exit_code == 0 and "bfloat16 on the profile's GPU" in " ".join(r.stdout.split())
+    assert "planned in bfloat16, as the profile's GPU computes" in " ".join(r.stderr.split())
 
 
 def test_plan_on_the_cpu_without_a_budget_reads_experts_in_place(tiny_model, home):
