@@ -106,12 +106,25 @@ def main() -> None:
     print("| layer | usage entropy, trained | untrained | router entropy, trained | untrained "
           "| cross-layer recall, trained | untrained |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
+
+    def recall(row: dict) -> str:
+        return f"{row['cross_layer_recall']:.3f}" if "cross_layer_recall" in row else "-"
+
+    def mean(rows, key: str) -> float:
+        values = [r[key] for r in rows if key in r]
+        return sum(values) / len(values)
+
     for layer, t in trained["layers"].items():
         u = init["layers"][layer]
         print(
             f"| {layer} | {t['usage_entropy']:.2f} | {u['usage_entropy']:.2f} | {t['router_entropy']:.2f} | "
-            f"{u['router_entropy']:.2f} | {t.get('cross_layer_recall', '-')} | {u.get('cross_layer_recall', '-')} |"
+            f"{u['router_entropy']:.2f} | {recall(t)} | {recall(u)} |"
         )
+    t, u = trained["layers"].values(), init["layers"].values()
+    print(
+        f"| mean | {mean(t, 'usage_entropy'):.2f} | {mean(u, 'usage_entropy'):.2f} | {mean(t, 'router_entropy'):.2f} | "
+        f"{mean(u, 'router_entropy'):.2f} | {mean(t, 'cross_layer_recall'):.3f} | {mean(u, 'cross_layer_recall'):.3f} |"
+    )
 
 
 if __name__ == "__main__":
