@@ -92,7 +92,11 @@ def prompt_room(context: int, new_tokens: int, positions: int | None = None) -> 
     """
     room = context - new_tokens - 1  # generation keeps one position back
     if room < MIN_PROMPT_TOKENS:
-        left = f"room for only {room} prompt tokens" if room > 0 else "no room for a prompt"
+        left = (
+            f"room for only {room} prompt token{'' if room == 1 else 's'}"
+            if room > 0
+            else "no room for a prompt"
+        )
         fewer, more = context - MIN_PROMPT_TOKENS - 1, new_tokens + MIN_PROMPT_TOKENS + 1
         tips = [f"--new-tokens {fewer} or less"] if fewer >= 0 else []
         tips += [f"--context {more} or more"] if positions is None or more <= positions else []

@@ -28,6 +28,9 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(_NUMBER + r"([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
+    if m is None and re.fullmatch(r"\s*-" + _NUMBER + r"[a-zA-Z]*\s*", str(text)):
+        raise InvalidSizeError(f"'{text}' is negative: a size is a number of bytes",
+                               hint="write a positive number and a unit, e.g. 6GB or 512MiB")  # fmt: skip
     if m is None or unit not in _BYTE_UNITS:
         raise InvalidSizeError(
             f"'{text}' is not a size",

@@ -30,6 +30,12 @@ def test_bad_sizes_raise_with_a_hint(text):
     assert repr(text)[1:-1] in str(exc.value) and "6GB" in exc.value.hint
 
 
+def test_a_negative_size_is_called_negative():
+    with pytest.raises(InvalidSizeError, match="'-1GB' is negative") as exc:
+        parse_size("-1GB")
+    assert "6GB" in exc.value.hint
+
+
 def test_bandwidth_and_duration():
     assert parse_bandwidth("8GB/s") == 8e9
     assert parse_bandwidth("500 MB/s") == 5e8
