@@ -130,7 +130,7 @@ def _usage_error(exc) -> int:
         return exc.exit_code
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "promoe"
-    err.print(f"[error]error:[/] {escape(' '.join(exc.format_message().split()))}")
+    err.print(f"[error]error:[/] {escape(_plain_range(' '.join(exc.format_message().split())))}")
     what = (
         "commands"
         if exc.format_message().startswith("No such command")
@@ -138,6 +138,24 @@ def _usage_error(exc) -> int:
     )
     err.print(f"[hint]hint:[/] {escape(command)} --help lists the {what}")
     return exc.exit_code
+
+
+#: typer's range messages, in the words promoe's own errors use
+_RANGE_WORDS = (
+    (r"Input should be greater than or equal to (\S+)", r"it must be \1 or more"),
+    (r"Input should be less than or equal to (\S+)", r"it must be \1 or less"),
+    (r"Input should be greater than (\S+)", r"it must be more than \1"),
+    (r"Input should be less than (\S+)", r"it must be less than \1"),
+)
+
+
+def _plain_range(message: str) -> str:
+    """'...: Input should be greater than or equal to 1' -> '...: it must be 1 or more'."""
+    import re
+
+    for pattern, words in _RANGE_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
 
 
 if __name__ == "__main__":

@@ -334,7 +334,9 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(arch, 
 
 @pytest.mark.parametrize(
     "argv,needle",
-    [(["chat", "--context", "-1"], "Invalid value for '--context'"), (["chat", "-n", "0"], "'--max-new-tokens'"),
+    [(["chat", "--context", "-1"], "Invalid value for '--context': it must be 16 or more"),
+     (["chat", "-n", "0"], "'--max-new-tokens' / '-n': it must be 1 or more"),
+     (["chat", "-t", "101"], "'--temperature' / '-t': it must be 100 or less"),
      (["chat", "--nope"], "No such option: --nope"), (["plan", "--top-p", "2"], "No such option"),
      (["chat", "--seed", str(2**63)], "from 0 to 2^63-1"), (["chat", "--seed", "-1"], "'--seed'"),
      (["frobnicate"], "No such command")],
