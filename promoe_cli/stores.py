@@ -118,6 +118,14 @@ def _find(home, target: str):
             found = find(home, str(resolve_model(target).path))
         except ModelNotFoundError:
             found = None
+    if found is None:  # the listed name without its hash (tiny-code-moe), when it names one model
+        from runtime.store_catalog import list_stores
+
+        named = [m for m in list_stores(home) if m.name.rsplit("-", 1)[0] == target]
+        if len(named) > 1:
+            raise UsageError(f"'{target}' names {len(named)} models' stores: {', '.join(m.name for m in named)}",
+                             hint="give the listed name of the one to remove")  # fmt: skip
+        found = named[0] if named else None
     if found is None:
         raise UsageError(f"no stores of '{target}' in {home / 'stores'}",
                          hint="'promoe stores' lists them; a model whose folder is gone goes by its listed name")  # fmt: skip
@@ -175,7 +183,7 @@ def _render(models, home) -> None:
         predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
         table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
     out.print(table)
-    line = f"{len(models)} model(s), {format_bytes(sum(m.nbytes for m in models) + stray)}"
+    line = f"{len(models)} model{'' if len(models) == 1 else 's'}, {format_bytes(sum(m.nbytes for m in models) + stray)}"
     gone = [m for m in models if m.checkpoint == "gone"]
     if gone:
         line += f"; {len(gone)} whose checkpoint is gone ({format_bytes(sum(m.nbytes for m in gone))})"
@@ -183,4 +191,4 @@ def _render(models, home) -> None:
         line += f"; {format_bytes(stray)} left by a removal cut short"
     if gone or stray or any(m.leftover_bytes for m in models):
         line += ": promoe stores prune"
-    err.print(line)
+    out.print(line)  # with the table: `promoe stores > file` keeps the total

@@ -16,6 +16,7 @@ from quant import get_format
 from runtime.checkpoint import Checkpoint
 from runtime.expert_store import MANIFEST, model_dir, open_store
 from runtime.model_spec import describe_model
+from runtime.sizes import format_bytes
 
 runner = CliRunner()
 
@@ -62,6 +63,7 @@ def test_the_listing_names_each_store_its_checkpoint_and_its_size(checkpoint, ho
 
     r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and folder.name in r.stdout and "int8" in r.stdout and "int4" in r.stdout
+    assert f"1 model, {format_bytes(m['bytes'])}" in r.stdout  # the total goes with the table
 
 
 def test_an_empty_home_says_so(home):
@@ -98,6 +100,22 @@ def test_rm_by_listed_name_removes_the_whole_folder(checkpoint, home):
     r = runner.invoke(app, ["stores", "rm", folder.name])
     assert r.exit_code == 0, r.output
     assert not folder.exists() and list((home / "stores").iterdir()) == []
+
+
+def test_rm_by_the_listed_name_without_its_hash(checkpoint, tmp_path, home):
+    """`promoe stores rm my-moe`: the name the listing shows, less its hash, when it names one
+    model (the bundled model has no alias to go by); two checkpoints of one name are refused."""
+    other = tmp_path / "elsewhere" / "my-moe"
+    shutil.copytree(checkpoint, other)
+    _convert(checkpoint, home, "int4")
+    _convert(other, home, "int4")
+    r = runner.invoke(app, ["stores", "rm", "my-moe"])
+    assert r.exit_code == 2 and "'my-moe' names 2 models' stores" in r.stderr
+    assert model_dir(home, checkpoint).is_dir() and model_dir(home, other).is_dir()
+    shutil.rmtree(model_dir(home, other))
+    r = runner.invoke(app, ["stores", "rm", "my-moe"])
+    assert r.exit_code == 0, r.output
+    assert list((home / "stores").iterdir()) == []
 
 
 def test_rm_errors_are_one_line(checkpoint, home):
@@ -203,7 +221,7 @@ def test_a_removal_cut_short_is_listed_and_pruned(checkpoint, home):
     os.replace(folder, stray)
     size = _disk_bytes(stray)
     r = runner.invoke(app, ["stores"])
-    assert r.exit_code == 0 and "left by a removal cut short" in r.stderr and "prune" in r.stderr
+    assert r.exit_code == 0 and "left by a removal cut short" in r.stdout and "prune" in r.stdout
     assert json.loads(runner.invoke(app, ["stores", "--json"]).stdout)["leftover_bytes"] == size
     r = runner.invoke(app, ["stores", "prune", "--dry-run"])
     assert "would remove (stores)" in r.stdout and stray.is_dir()
