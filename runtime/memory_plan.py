@@ -48,6 +48,7 @@ without reading a weight (``promoe plan``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -471,7 +472,9 @@ def plan_load(ref: str | None, opts, *, shipped_config: bool = False) -> LoadPla
     try:
         resolved = resolve_model(ref)
     except ModelNotFoundError:
-        resolved = known_config(ref) if shipped_config else None  # promoe's copy of its config.json
+        # promoe's copy of the config.json of what names the model: the reference, or the default's
+        asked = ref if ref is not None else os.environ.get("PROMOE_DEFAULT_MODEL")
+        resolved = known_config(asked) if shipped_config and asked else None
         if resolved is None:
             raise
     ckpt = Checkpoint(resolved.path)

@@ -186,6 +186,15 @@ def test_a_model_not_downloaded_is_planned_from_its_shipped_config(tmp_path, mon
     one_line_error(invoke("chat", "mixtral", "--prompt", "x"), 2, "hf download", "promoe plan mixtral")
 
 
+def test_a_default_model_not_downloaded_is_planned_from_its_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("PROMOE_DEFAULT_MODEL", "mixtral")
+    r = invoke("plan", "--vram", "6GB", "--dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    model = json.loads(r.output)["model"]
+    assert model.startswith("mistralai/Mixtral-8x7B-Instruct-v0.1 (not on this machine")
+
+
 def test_hint_names_the_change_that_fits(tiny_model):
     spec = describe_model(Checkpoint(tiny_model("mixtral")))
 
