@@ -375,3 +375,14 @@ def test_a_cache_that_holds_the_model_is_filled_at_load(tiny_model, room_for_all
         assert (done.stats.misses == 0) == room_for_all
     finally:
         lm.close()
+
+
+def test_stop_tokens_include_every_listed_eos():
+    """generation_config's eos_token_id is often a list (end of text, end of turn): each stops."""
+    from types import SimpleNamespace as NS
+
+    from runtime.generate import stop_token_ids
+
+    lm = NS(model=NS(generation_config=NS(eos_token_id=[7, 9])), spec=NS(config=NS(eos_token_id=None)),
+            tokenizer=NS(eos_token_id=None))  # fmt: skip
+    assert stop_token_ids(lm) == {7, 9}

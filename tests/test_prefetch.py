@@ -338,3 +338,18 @@ def test_experts_are_ranked_by_gate_score_and_unchosen_ones_dropped():
 
     assert rank_experts(torch.tensor([[3, 1]]), torch.tensor([[0.2, 0.8]]), 4) == [1, 3]
     assert sorted(rank_experts(torch.tensor([[0, 1], [1, 0]]), None, 8)) == [0, 1]
+
+
+def test_cancel_refuses_a_copy_the_link_has_taken_by_now():
+    """A queued copy the link started since the last look cannot be cancelled: reported as
+    cancelled, its bytes would still land, in a slot the cache had given to another expert."""
+    clock = FakeClock()
+    link = fake_link(clock)  # 1000 B/s and 0.5 s: a 2000-byte copy takes 2.5 s
+    a = link.submit(torch.ones(500), torch.zeros(500), slot=0, layer=0, urgent=False)
+    dst = torch.zeros(500)
+    b = link.submit(torch.ones(500), dst, slot=1, layer=0, urgent=False)
+    assert b.state == "queued"
+    clock.now = 3.0  # a ended at 2.5, and b took the link then
+    assert link.cancel(b) is False and b.state != "cancelled"
+    link.synchronize()
+    assert a.state == b.state == "done" and dst.all()
