@@ -41,6 +41,9 @@ def test_events_stream_text_and_live_stats(lm):
     s = done.stats
     assert s.prompt_tokens == len(PROMPT) and s.hits + s.late + s.misses == s.uses
     assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 and s.ttft_s > 0
+    # rates over what each phase computed: the prompt's tokens, and the 9 tokens after the first
+    assert s.prefill_tokens_per_s == pytest.approx(len(PROMPT) / s.prefill_s)
+    assert s.decode_tokens_per_s == pytest.approx(9 / s.decode_s)
 
 
 def test_each_generation_counts_only_its_own_expert_uses(lm):
@@ -133,7 +136,7 @@ def test_a_prompt_cache_computes_only_the_new_tokens(lm):
     assert second.stats.cached_prompt_tokens == len(PROMPT) + 4
     assert fed == [4] + [1] * 4  # the answer's last token and the new message, then decode
     assert second.token_ids == generate(lm, follow, cfg).token_ids  # what a fresh cache gives
-    assert second.stats.prefill_tokens_per_s > 0
+    assert second.stats.prefill_tokens_per_s == pytest.approx(4 / second.stats.prefill_s)  # computed ones
 
 
 def test_a_prompt_cache_is_dropped_when_a_forward_is_cut_off(lm):
@@ -156,6 +159,19 @@ def test_a_prompt_cache_is_dropped_when_a_forward_is_cut_off(lm):
     assert pc.ids == [] and pc.kv is None  # its layers hold different lengths now: never reused
     again = generate(lm, PROMPT, cfg, prompt_cache=pc)
     assert again.stats.cached_prompt_tokens == 0 and again.token_ids == want.token_ids
+
+
+def test_a_prompt_cache_whose_layers_disagree_with_its_tokens_starts_afresh(lm):
+    """Layers holding another length than the tokens recorded (a forward that never said
+    what it fed) are never reused: the prefix is computed again, and the answer is right."""
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
+    pc = PromptCache(lm.model)
+    generate(lm, PROMPT, cfg, prompt_cache=pc)
+    pc.ids.append(7)  # recorded, but no layer holds it
+    follow = pc.ids + [11, 12]
+    second = generate(lm, follow, cfg, prompt_cache=pc)
+    assert second.stats.cached_prompt_tokens == 0
+    assert second.token_ids == generate(lm, follow, cfg).token_ids
 
 
 def test_stall_measured_after_the_fact_belongs_to_its_own_run(lm, monkeypatch):
@@ -273,6 +289,24 @@ def test_generation_stops_when_the_context_is_full(tiny_model, monkeypatch):
         monkeypatch.setattr(lm.plan, "context", len(PROMPT))
         with pytest.raises(PromptTooLongError, match=f"the prompt is {len(PROMPT)} tokens"):
             generate(lm, PROMPT, SamplingConfig(max_new_tokens=5))
+    finally:
+        lm.close()
+
+
+def test_generation_never_passes_the_models_positions(tiny_model, monkeypatch):
+    """A plan with a longer KV cache than the model attends to stops at the model's positions."""
+    from runtime.conversation import PromptTooLongError
+
+    lm = load_small(tiny_model("mixtral"), quant="none", slots_per_layer=2)
+    try:
+        monkeypatch.setattr(lm.plan, "context", 10_000)
+        monkeypatch.setattr(lm.spec.config, "max_position_embeddings", len(PROMPT) + 3)
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=50, temperature=0, ignore_eos=True))
+        assert done.finish_reason == "context" and len(done.token_ids) == 3
+        monkeypatch.setattr(lm.spec.config, "max_position_embeddings", len(PROMPT))
+        with pytest.raises(PromptTooLongError, match=f"the context holds {len(PROMPT)}") as err:
+            generate(lm, PROMPT, SamplingConfig(max_new_tokens=5))
+        assert "all this model can attend to" in err.value.hint  # no larger --context would help
     finally:
         lm.close()
 
