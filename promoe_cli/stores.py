@@ -141,6 +141,7 @@ def _json(m) -> dict:
         "bytes": m.nbytes,
         "formats": {f.quant: {"bytes": f.nbytes, "complete": f.complete} for f in m.formats},
         "predictor_bytes": m.predictor_bytes,
+        "predictor_damage": m.predictor_damage,
         "leftover_bytes": m.leftover_bytes,
         "busy": [
             {"store": what, "kind": "converting" if kind == "tmp" else "removing", "pid": pid}
@@ -181,6 +182,8 @@ def _render(models, home) -> None:
         elif m.checkpoint == "unknown" and m.source is not None:
             source = f"not reachable: {source}"
         predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
+        if m.predictor_damage:
+            predictor += f" [warn](damaged: {escape(m.predictor_damage)})[/]"
         table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
     out.print(table)
     line = f"{len(models)} model{'' if len(models) == 1 else 's'}, {format_bytes(sum(m.nbytes for m in models) + stray)}"
@@ -192,3 +195,6 @@ def _render(models, home) -> None:
     if gone or stray or any(m.leftover_bytes for m in models):
         line += ": promoe stores prune"
     out.print(line)  # with the table: `promoe stores > file` keeps the total
+    if any(m.predictor_damage for m in models):
+        err.print("a damaged learned predictor is refused when loaded: promoe train-predictor MODEL "
+                  "trains it again (promoe stores rm NAME removes it with the stores)")  # fmt: skip

@@ -48,6 +48,7 @@ class StoredModel:
     source: Path | None  # the checkpoint its stores came from (None: nothing says)
     formats: tuple[StoredFormat, ...]
     predictor_bytes: int  # the learned predictor's files; 0 when there is none
+    predictor_damage: str | None  # why the predictor would be refused (None: sound, or none)
     leftover_bytes: int  # temporaries whose process is gone
     busy: tuple[tuple[str, str, int], ...]  # (store name, "tmp" or "old", pid) of live temporaries
 
@@ -111,8 +112,33 @@ def describe(path: Path) -> StoredModel:
         sources += [source] if source is not None else []
     predictor = sum(tree_bytes(path / f) for f in (PREDICTOR_FILE, PREDICTOR_META) if (path / f).is_file())
     return StoredModel(
-        path, sources[0] if sources else None, tuple(formats), predictor, leftover, tuple(busy)
-    )
+        path, sources[0] if sources else None, tuple(formats), predictor, predictor_damage(path), leftover,
+        tuple(busy),
+    )  # fmt: skip
+
+
+def predictor_damage(path: Path) -> str | None:
+    """What the loader would refuse in the learned predictor beside ``path``'s stores: one
+    of its two files missing, settings that are not JSON, weights whose checksum does not
+    match (a file cut short). None when it is sound or there is none. Shapes and values are
+    only checked by loading it (``runtime.predictor.load_learned_predictor``)."""
+    weights, settings = path / PREDICTOR_FILE, path / PREDICTOR_META
+    if not weights.is_file() and not settings.is_file():
+        return None
+    if not weights.is_file() or not settings.is_file():
+        return f"{PREDICTOR_META if weights.is_file() else PREDICTOR_FILE} is missing"
+    meta = _read_json(settings)
+    if not isinstance(meta, dict):
+        return f"{PREDICTOR_META} is unreadable"
+    if "xxh3_128" in meta:
+        import xxhash
+
+        try:
+            if xxhash.xxh3_128_hexdigest(weights.read_bytes()) != meta["xxh3_128"]:
+                return "its checksum does not match"
+        except OSError:
+            return f"{PREDICTOR_FILE} is unreadable"
+    return None
 
 
 def list_stores(home: Path) -> list[StoredModel]:

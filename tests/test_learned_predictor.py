@@ -25,6 +25,7 @@ from runtime.predictor import (
     save_predictors,
     train_predictors,
 )
+from runtime.store_catalog import predictor_damage
 from tests.helpers import budget_for_slots, greedy_ids, load_small, reference_model
 
 runner = CliRunner()
@@ -206,6 +207,7 @@ def test_saved_predictor_carries_a_checksum_and_no_temporary_files(saved):
     assert len(meta["xxh3_128"]) == 32 and meta["layers"] == [0, 1]
     assert sorted(p.name for p in saved.parent.iterdir()) == [PREDICTOR_META, PREDICTOR_FILE]
     assert set(load_learned_predictor(saved, SPEC).nets) == {0, 1}
+    assert predictor_damage(saved.parent) is None  # `promoe stores` lists it as sound
 
 
 @pytest.mark.parametrize("byte", [b"\xff", b"\x00"])  # NaN weights; finite zeros only the checksum sees
@@ -214,6 +216,7 @@ def test_damaged_predictor_weights_are_refused(saved, byte):
     with pytest.raises(StoreError, match=r"is damaged \(its checksum does not match\)") as e:
         load_learned_predictor(saved, SPEC)
     assert "promoe train-predictor" in e.value.hint
+    assert predictor_damage(saved.parent) == "its checksum does not match"  # and `promoe stores` says so
 
 
 def test_predictor_saved_before_checksums_still_loads_unless_its_weights_are_nan(saved):

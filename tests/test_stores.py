@@ -329,3 +329,33 @@ def test_a_long_checkpoint_path_keeps_its_state_and_its_end_in_the_table(tiny_mo
     assert "gone:" in rows and "f" * 40 in rows.replace(" ", "").replace("│", "")
     name = model_dir(home, deep).name
     assert name in r.stdout  # whole: it is what `stores rm` takes
+
+
+def test_the_listing_says_which_learned_predictor_the_loader_would_refuse(checkpoint, home):
+    """A predictor cut short, or half of it gone, is listed as damaged, not as a sound one."""
+    import xxhash
+
+    from runtime.store_paths import PREDICTOR_FILE, PREDICTOR_META
+
+    _convert(checkpoint, home, "int4")
+    folder = model_dir(home, checkpoint)
+    blob = b"weights" * 50
+    (folder / PREDICTOR_FILE).write_bytes(blob)
+    meta = {"source": {"model": str(checkpoint)}, "xxh3_128": xxhash.xxh3_128_hexdigest(blob)}
+    (folder / PREDICTOR_META).write_text(json.dumps(meta))
+    assert _listing(home)[folder.name]["predictor_damage"] is None
+
+    (folder / PREDICTOR_FILE).write_bytes(blob[:-10])  # cut short
+    assert _listing(home)[folder.name]["predictor_damage"] == "its checksum does not match"
+    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "damaged: its checksum does not match" in r.stdout
+    assert "promoe train-predictor" in r.stderr
+
+    (folder / PREDICTOR_META).write_text("{not json")
+    assert _listing(home)[folder.name]["predictor_damage"] == f"{PREDICTOR_META} is unreadable"
+    (folder / PREDICTOR_META).unlink()
+    assert _listing(home)[folder.name]["predictor_damage"] == f"{PREDICTOR_META} is missing"
+    (folder / PREDICTOR_FILE).unlink()
+    assert _listing(home)[folder.name]["predictor_damage"] is None  # no predictor at all
+    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    assert "damaged" not in r.stdout and "train-predictor" not in r.stderr
