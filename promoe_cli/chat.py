@@ -18,7 +18,8 @@ EXAMPLES = (
     "[cyan]promoe chat[/]  the bundled tiny model, interactive\n\n"
     "[cyan]promoe chat mixtral --vram 6GB[/]  Mixtral-8x7B from your Hugging Face cache on a 6 GB GPU\n\n"
     '[cyan]promoe chat --prompt "def fibonacci(n):" -n 64 -t 0[/]  one greedy completion on stdout\n\n'
-    "[cyan]promoe chat ./my-olmoe --quant int8 --stats-json run.json --prompt Hello[/]  figures as JSON"
+    "[cyan]promoe chat ./my-olmoe --quant int8 --stats-json run.json --prompt Hello[/]  figures as JSON\n\n"
+    "[cyan]promoe chat --jsonl < questions.txt > answers.jsonl[/]  one message per line in, one JSON line out"
 )
 
 
@@ -75,6 +76,14 @@ def chat(
         Path | None,
         typer.Option("--stats-json", metavar="PATH", help="Write the run's figures to this JSON file."),
     ] = None,
+    jsonl: Annotated[
+        bool,
+        typer.Option(
+            "--jsonl",
+            help="Write each answer as one JSON line on stdout (message, answer, why it stopped, "
+            "figures), not streamed: for scripts. A message refused gets a line with its error.",
+        ),
+    ] = False,
     trace_out: o.TraceOut = None,
     quant: o.Quant = "int4",
     vram: o.Vram = None,
@@ -126,13 +135,13 @@ def chat(
                     idle = unused_options(lm, miss_options_given(ctx))
                     if idle:  # a script is told too: no banner says it
                         err.print(f"[warn]note:[/] every expert is resident, nothing can miss: {idle} unused")
-                    _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace)
+                    _one_shot(lm, prompt, sampling, not no_chat_template, system, stats_json, trace, jsonl)
                 else:
                     banner(lm, profile=profile, given=miss_options_given(ctx))
                     from promoe_cli.repl import run_chat
 
                     run_chat(lm, sampling, system=system, chat_template=not no_chat_template, trace=trace,
-                             stats_json=stats_json)  # fmt: skip
+                             stats_json=stats_json, jsonl=jsonl)  # fmt: skip
             finally:
                 if trace is not None:
                     trace.close()
@@ -148,8 +157,10 @@ def _open_trace(path: Path | None):
     return TraceWriter(path)
 
 
-def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json: Path | None, trace) -> None:
-    """Print only the completion on stdout, streamed; figures go to --stats-json."""
+def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json: Path | None, trace,
+              jsonl: bool = False) -> None:  # fmt: skip
+    """Print only the completion on stdout, streamed (with ``jsonl``: one JSON line at the
+    end); figures go to --stats-json."""
     from runtime.generate import DoneEvent, encode_prompt, stream_generate
 
     ids = encode_prompt(lm.tokenizer, prompt, chat_template=chat_template, system=system)
@@ -157,10 +168,13 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
     for ev in stream_generate(lm, ids, sampling, trace=trace):
         if isinstance(ev, DoneEvent):
             done = ev
-        elif ev.text:
+        elif ev.text and not jsonl:
             out.print(ev.text, end="", markup=False, highlight=False)
             out.file.flush()
-    out.print(markup=False)
+    if jsonl:
+        write_jsonl(prompt, done)
+    else:
+        out.print(markup=False)
     if stats_json is not None:
         write_stats(stats_json, lm, done)
     if done.finish_reason == "interrupted":  # Ctrl-C: a script must tell a cut-off completion
@@ -173,6 +187,17 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
         why = (f"a longer --context lets it go on, up to the model's {own} positions" if own and full < own
                else "the model attends to no more")  # fmt: skip
         err.print(f"[warn]the context is full at {full} tokens: the completion stops there[/] ({why})")
+
+
+def write_jsonl(message: str, done=None, error: BaseException | None = None) -> None:
+    """One answer (or the error that refused its message) as one JSON line on stdout."""
+    if error is not None:
+        record = {"message": message, "error": str(error), "hint": getattr(error, "hint", "") or None}
+    else:
+        record = {"message": message, "text": done.text, "finish_reason": done.finish_reason,
+                  "token_ids": done.token_ids, "stats": done.stats.to_json() if done.stats else None}  # fmt: skip
+    out.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.file.flush()
 
 
 def write_stats(path: Path, lm, done) -> None:

@@ -151,6 +151,16 @@ class PlainAnswer:
         self.console.file.flush()
 
 
+class QuietAnswer(PlainAnswer):
+    """The answer kept, not shown (``--jsonl`` writes it whole at the end)."""
+
+    def add(self, piece: str, stats=None) -> None:
+        self.text += piece
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class LiveAnswer:
     """The answer streamed on a terminal, a transient status line under it.
 

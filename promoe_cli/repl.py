@@ -89,7 +89,7 @@ class ChatSession:
     """One conversation with one loaded model: messages in, answers and figures out."""
 
     def __init__(self, lm, sampling, *, system=None, chat_template=True, trace=None, stats_json=None,
-                 live=False) -> None:  # fmt: skip
+                 live=False, jsonl=False) -> None:  # fmt: skip
         from runtime.conversation import Conversation, context_limit, encoder, model_positions
         from runtime.kv_cache import PromptCache
 
@@ -101,7 +101,8 @@ class ChatSession:
         self.model_max = model_positions(lm)
         self.trace = trace
         self.stats_json = stats_json
-        self.live = live
+        self.live = live and not jsonl
+        self.jsonl = jsonl  # each answer as one JSON line on stdout, not streamed
         self.prompt_cache = PromptCache(lm.model)  # what the last answer computed, for the next one
         self.last = None  # the last answer's DoneEvent
         self.answers = 0
@@ -214,6 +215,10 @@ class ChatSession:
         except PromoeError as exc:  # too long for the context, or refused by the chat template
             conv.retract()
             report(exc)
+            if self.jsonl:  # a line for every message: a script pairs them up
+                from promoe_cli.chat import write_jsonl
+
+                write_jsonl(text, error=exc)
             return
         except BaseException:  # Ctrl-C while encoding: as if the message had not been sent
             conv.retract()
@@ -233,6 +238,10 @@ class ChatSession:
                 conv.retract()  # nothing was written: as if the message had not been sent
         self.answers += 1
         self.last = done
+        if self.jsonl:
+            from promoe_cli.chat import write_jsonl
+
+            write_jsonl(text, done)
         if done.stats is None:
             err.print("[warn]interrupted[/]")
         else:
@@ -248,9 +257,11 @@ class ChatSession:
     def _stream(self, prompt_ids: list[int], cfg):
         """Generate and show one answer; Ctrl-C ends it early (see :class:`StopRequest`)."""
         import runtime.generate as generation
-        from promoe_cli.render import LiveAnswer, PlainAnswer
+        from promoe_cli.render import LiveAnswer, PlainAnswer, QuietAnswer
 
-        if self.live:
+        if self.jsonl:
+            view = QuietAnswer()
+        elif self.live:
             view = LiveAnswer(prompt_tokens=len(prompt_ids), cached_tokens=self.prompt_cache.reusable(prompt_ids),
                               budget=self.lm.plan.budget)  # fmt: skip
         else:
@@ -323,7 +334,8 @@ class StopRequest:
 
 
 def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats_json=None, stdin=None,
-             read: Callable[[], str] | None = None, live: bool | None = None) -> ChatSession:  # fmt: skip
+             read: Callable[[], str] | None = None, live: bool | None = None, jsonl: bool = False,
+             ) -> ChatSession:  # fmt: skip
     """Read a message, stream the answer, repeat, until Ctrl-D, ``/quit`` or the end of stdin.
 
     ``read`` returns the next message and raises EOFError at the end (tests pass a script);
@@ -339,7 +351,7 @@ def run_chat(lm, sampling, *, system=None, chat_template=True, trace=None, stats
             else line_reader(stdin, prompt=isatty(stdin))
         )
     session = ChatSession(lm, sampling, system=system, chat_template=chat_template, trace=trace,
-                          stats_json=stats_json, live=terminal if live is None else live)  # fmt: skip
+                          stats_json=stats_json, live=terminal if live is None else live, jsonl=jsonl)  # fmt: skip
     if terminal:
         err.print(WELCOME)
         if not (chat_template and getattr(lm.tokenizer, "chat_template", None)):

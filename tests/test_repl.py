@@ -389,6 +389,42 @@ def test_piped_stdin_gives_plain_answers(tiny_model):
     assert "tok/s" in r.stderr and "hit rate" in r.stderr
 
 
+def test_jsonl_gives_one_line_per_message_with_its_answer_or_its_error(lm, calls, capsys, monkeypatch):
+    """A script pairs each message with one JSON line, even for a message that was refused;
+    answers hold newlines of their own, so plain text could not be split back."""
+    monkeypatch.setattr(lm.plan, "context", 100)
+    chat(lm, "hello", "/stats", "word " * 100, '"""two\nlines"""', jsonl=True)
+    first, second = calls  # the long message never reached the model
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    for rec, call in ((records[0], first), (records[2], second)):
+        done = call["done"]
+        assert rec["text"] == done.text and rec["token_ids"] == done.token_ids
+        assert rec["finish_reason"] == done.finish_reason == "length"
+        assert rec["stats"]["generated_tokens"] == len(done.token_ids) == 6
+    assert [r["message"] for r in records] == ["hello", "word " * 100, "two\nlines"]
+    assert "the context holds 100" in records[1]["error"] and records[1]["hint"]
+    assert "text" not in records[1]
+    assert second["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hello"), ("assistant", first["done"].text),
+                                                               ("user", "two\nlines")))  # fmt: skip
+
+
+def test_jsonl_one_shot_prints_one_record(tiny_model):
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int8", 2)
+    r = CliRunner().invoke(app, ["chat", str(path), "--quant", "int8", "--vram", str(vram), "-t", "0", "-n", "8",
+                                 "--prefetch", "none", "--no-chat-template", "--prompt", "def f(x):", "--jsonl"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    lm = load_small(path, quant="int8", slots_per_layer=2)
+    want = generate(lm, lm.tokenizer.encode("def f(x):"), SamplingConfig(max_new_tokens=8, temperature=0))
+    lm.close()
+    (line,) = r.stdout.splitlines()
+    rec = json.loads(line)
+    assert rec["message"] == "def f(x):" and rec["text"] == want.text and rec["token_ids"] == want.token_ids
+    assert rec["stats"]["prompt_tokens"] == len(lm.tokenizer.encode("def f(x):"))
+
+
 # -- the live view -------------------------------------------------------------------------
 
 
