@@ -3,11 +3,13 @@ drops stale prefetches, and lets on-demand loads jump the queue."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from runtime.generate import SamplingConfig, generate
-from runtime.transfer import EmulatedLink
+from runtime.transfer import EmulatedLink, chunk_bounds
 from tests.helpers import greedy_ids, load_small, reference_model
 
 PROMPT = [5, 17, 42, 99, 7, 128, 64, 3, 250, 11]
@@ -198,6 +200,78 @@ def test_an_on_demand_copy_waits_for_one_piece_of_a_prefetch(chunks):
     assert link.wait(v) == pytest.approx(1.5)  # b's first piece ends at 6, v runs 6 - 7
     link.synchronize()
     assert clock.now == pytest.approx(10.0) and torch.equal(dst[1], big[1])  # b: 5 - 6, 7 - 10
+
+
+def byte_row(nbytes: int, seed: int = 0) -> torch.Tensor:
+    """A host row of ``nbytes`` bytes with contents that differ from byte to byte (never all zero)."""
+    return ((torch.arange(nbytes) + seed) % 251 + 1).to(torch.uint8)
+
+
+def test_an_on_demand_copy_moves_as_one_piece():
+    """Each piece on the link pays its latency. A prefetch of 16 KiB moves in 4 pieces (4
+    latencies); an on-demand copy of the same row is one piece, so it pays the latency once."""
+    clock = FakeClock()
+    link = EmulatedLink(4096.0, 0.5, chunks=4, clock=clock, sleep=clock.sleep)  # 1 s per 4 KiB + 0.5
+    src, dst = byte_row(16384), torch.zeros(16384, dtype=torch.uint8)
+    p = link.submit(src, dst, slot=0, layer=0, urgent=False)
+    link.synchronize()
+    assert clock.now == pytest.approx(4 * 0.5 + 4.0) and p.state == "done" and torch.equal(dst, src)
+    dst.zero_()
+    u = link.submit(src, dst, slot=0, layer=0, urgent=True)
+    assert link.wait(u) == pytest.approx(0.5 + 4.0)
+    assert torch.equal(dst, src)
+
+
+def test_copy_now_goes_ahead_of_queued_prefetches_and_waits_for_itself_only():
+    """copy_now (a miss served from the buffer outside the slots) is urgent: it waits for
+    the piece of a prefetch in progress, then moves in one piece ahead of the prefetches
+    queued, and returns when its own bytes have landed, while the prefetches' have not."""
+    clock = FakeClock()
+    link = EmulatedLink(4096.0, 0.25, chunks=4, clock=clock, sleep=clock.sleep)  # 1 s per 4 KiB + 0.25
+    rows = [byte_row(16384, seed=i) for i in range(2)]  # 4 pieces of 1.25 s each
+    slots = [torch.zeros(16384, dtype=torch.uint8) for _ in range(2)]
+    a = link.submit(rows[0], slots[0], slot=0, layer=0, urgent=False)  # first piece 0 - 1.25
+    b = link.submit(rows[1], slots[1], slot=1, layer=0, urgent=False)  # queued behind a
+    clock.now = 0.5
+    src, buf = byte_row(8192, seed=7), torch.zeros(8192, dtype=torch.uint8)
+    assert link.copy_now(src, buf, layer=3) == pytest.approx(3.0)  # 1.25 - 3.5: 0.25 + 2 s, one piece
+    assert clock.now == pytest.approx(3.5) and torch.equal(buf, src)
+    assert not slots[0].any() and not slots[1].any()  # neither prefetch has landed
+    assert not link.is_done(a) and not link.is_done(b)
+    link.synchronize()  # a's 3 pieces left 3.5 - 7.25, then b's 4: 7.25 - 12.25
+    assert clock.now == pytest.approx(12.25)
+    assert torch.equal(slots[0], rows[0]) and torch.equal(slots[1], rows[1]) and torch.equal(buf, src)
+
+
+SIZES = [1, 2, 3, 100, 4095, 4096, 4097, 5000, 8191, 8192, 8193, 12288, 16383, 16384, 16385, 100_000, 1 << 20]
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4, 7, 16])
+def test_prefetch_pieces_are_never_empty_and_cover_the_row_exactly(chunks):
+    """However small the row, its pieces are at most ``chunks``, none empty, 4 KiB-aligned
+    inside, and together exactly the row."""
+    for nbytes in SIZES:
+        bounds = chunk_bounds(nbytes, chunks)
+        assert bounds[0] == 0 and bounds[-1] == nbytes, (nbytes, bounds)
+        assert all(a < b for a, b in itertools.pairwise(bounds)), (nbytes, bounds)
+        assert 1 <= len(bounds) - 1 <= chunks, (nbytes, bounds)
+        assert all(b % 4096 == 0 for b in bounds[1:-1]), (nbytes, bounds)
+
+
+PIECES = [(1, 1), (100, 1), (4095, 1), (4096, 1), (4097, 2), (5000, 2), (8192, 2), (8193, 3), (16384, 4)]
+
+
+@pytest.mark.parametrize(("nbytes", "pieces"), PIECES)
+def test_a_small_prefetch_pays_the_latency_once_per_real_piece(nbytes, pieces):
+    """A row of up to 4 KiB is one piece (an empty piece would still cost the link its
+    latency); bigger rows split on 4 KiB pages into at most 4 pieces. The bytes all land."""
+    clock = FakeClock()
+    link = EmulatedLink(4096.0, 1.0, chunks=4, clock=clock, sleep=clock.sleep)
+    src, dst = byte_row(nbytes), torch.zeros(nbytes, dtype=torch.uint8)
+    t = link.submit(src, dst, slot=0, layer=0, urgent=False)
+    link.synchronize()
+    assert clock.now == pytest.approx(pieces * 1.0 + nbytes / 4096.0)
+    assert t.state == "done" and torch.equal(dst, src)
 
 
 def test_emulated_link_idle_time_is_not_carried_over():
