@@ -52,7 +52,9 @@ def profile_device(
 
         offline_environment()
         busy = _others_cpu_percent()
-        if busy > BUSY_PERCENT:
+        from runtime.device_probe import BUSY_SHARE
+
+        if busy > 100 * BUSY_SHARE:
             err.print(
                 f"[warn]warning:[/] the machine looks busy: {busy:.0f}% of its CPU is in use by other "
                 "processes; copy and compute figures will come out low"
@@ -72,14 +74,11 @@ def profile_device(
             err.print(f"wrote profile [accent]{write}[/] to {path}; use it with --profile {write}")
 
 
-BUSY_PERCENT = 25.0  # of the whole CPU, used by others before measuring: warn
-
-
 def _others_cpu_percent() -> float:
-    """How much of the CPU the rest of the machine uses while promoe waits half a second."""
-    import psutil
+    """How much of the CPU (percent) other processes use while promoe waits half a second."""
+    from runtime.device_probe import others_cpu_share_now
 
-    return psutil.cpu_percent(interval=0.5)
+    return 100 * others_cpu_share_now(0.5)
 
 
 def _json(r) -> dict:

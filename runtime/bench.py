@@ -35,6 +35,7 @@ import torch
 from runtime.baselines import bench_hf
 from runtime.bench_configs import BASELINES, PREFETCHING, REACTIVE, fallback_config, select_configs
 from runtime.bench_report import BenchReport, ConfigResult, emulated_budget, host_rss
+from runtime.device_probe import BUSY_SHARE, CpuSample, others_cpu_share
 from runtime.errors import InsufficientMemoryError, PromoeError, StoreError, UsageError
 from runtime.loader import LoadedModel, LoadOptions, load_model
 from runtime.memory_plan import default_context
@@ -162,8 +163,10 @@ def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tu
     """An emulated link on which one expert copy takes ``ratio`` times one expert's decode compute.
 
     Times one expert (random weights of the model's expert shape, in the run's format) on
-    one token, median of 50 after warm-up. Returns (bytes per second, compute seconds);
-    warns (BusyMachineWarning) when the median is over twice the fastest run.
+    one token, median of the runs after 10 of warm-up (60 runs, and half a second at least). Returns (bytes per second, compute seconds);
+    warns (BusyMachineWarning) when the median is over twice the fastest run, or, on the
+    CPU, when other processes used over a quarter of the machine's CPU time meanwhile (a
+    load that never lets up slows every run alike, which the spread cannot show).
     """
     from quant import get_format
     from runtime.expert_layout import ExpertLayout
@@ -187,18 +190,30 @@ def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tu
         return torch.nn.functional.silu(g) * u
 
     times = []
+    start = CpuSample.now()
     with torch.inference_mode():
-        for i in range(60):
+        i = 0  # 60 runs, and for at least half a second: CPU times are counted in 10 ms ticks
+        while i < 60 or (time.perf_counter() - start.wall < 0.5 and i < 20_000):
+            i += 1
             if lp.device.type == "cuda":
                 torch.cuda.synchronize(lp.device)
             t0 = time.perf_counter()
             expert_mlp(x, w, fmt, layout, gate)
             if lp.device.type == "cuda":
                 torch.cuda.synchronize(lp.device)
-            if i >= 10:
+            if i > 10:
                 times.append(time.perf_counter() - t0)
+    others = others_cpu_share(start, CpuSample.now()) if lp.device.type == "cpu" else 0.0
     compute = statistics.median(times)
-    if compute > 2 * min(times):
+    if others > BUSY_SHARE:
+        warnings.warn(
+            f"the machine looks busy: other processes used {others:.0%} of its CPU time while one "
+            f"expert's compute was timed ({compute * 1e3:.2f} ms); the figures will be slower than "
+            "this machine alone gives, and noisy if that load changes",
+            BusyMachineWarning,
+            stacklevel=2,
+        )
+    elif compute > 2 * min(times):
         warnings.warn(
             f"the machine looks busy: one expert's compute took {min(times) * 1e3:.2f} to "
             f"{max(times) * 1e3:.2f} ms (median {compute * 1e3:.2f}); timings will be noisy",

@@ -40,6 +40,44 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds the whole machine and this process had used, at a wall-clock time."""
+
+    wall: float
+    machine_busy: float  # every core's non-idle seconds, summed
+    own: float  # this process's (all its threads')
+    cores: int
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        import psutil
+
+        t = psutil.cpu_times()  # Linux's guest times are inside user and nice already
+        busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+        own = psutil.Process().cpu_times()
+        return cls(time.perf_counter(), busy, own.user + own.system, psutil.cpu_count() or 1)
+
+
+def others_cpu_share(before: CpuSample, after: CpuSample) -> float:
+    """The share of the machine's CPU time (0 to 1) that other processes used between two samples."""
+    capacity = (after.wall - before.wall) * after.cores
+    if capacity <= 0:
+        return 0.0
+    others = (after.machine_busy - before.machine_busy) - (after.own - before.own)
+    return min(max(others / capacity, 0.0), 1.0)
+
+
+BUSY_SHARE = 0.25  # other processes using more of the CPUs than this make CPU timings unreliable
+
+
+def others_cpu_share_now(seconds: float = 0.5) -> float:
+    """The share of the machine's CPU time other processes use while this one waits ``seconds``."""
+    before = CpuSample.now()
+    time.sleep(seconds)
+    return others_cpu_share(before, CpuSample.now())
+
+
+@dataclass(frozen=True)
 class ProbeSettings:
     sizes: tuple[int, ...] = (1 * MB, 4 * MB, 16 * MB, 64 * MB, 256 * MB)
     warmup: int = 2

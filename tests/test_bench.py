@@ -176,6 +176,51 @@ def test_link_calibration_warns_on_a_busy_machine(tiny_model, monkeypatch):
     assert compute >= 0.01 and bandwidth > 0
 
 
+def test_link_calibration_warns_when_other_processes_load_the_cpus(tiny_model, monkeypatch):
+    """A load that never lets up slows every run alike: the spread cannot show it, the CPU time
+    other processes used can."""
+    import runtime.bench as bench
+    from runtime.loader import LoadOptions
+
+    seen = []
+
+    def share(before, after):
+        seen.append(after.wall - before.wall)
+        return 0.6
+
+    monkeypatch.setattr(bench, "others_cpu_share", share)
+    with pytest.warns(bench.BusyMachineWarning, match="other processes used 60% of its CPU time"):
+        bench.calibrate_link(str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu"))
+    assert seen and seen[0] >= 0.5  # long enough for CPU times counted in ticks
+
+
+def test_other_processes_cpu_share():
+    import subprocess
+    import sys
+    import time
+
+    from runtime.device_probe import CpuSample, others_cpu_share
+
+    a = CpuSample(wall=10.0, machine_busy=100.0, own=5.0, cores=2)
+    b = CpuSample(wall=12.0, machine_busy=103.0, own=6.0, cores=2)  # 3 s busy in 4 core-seconds, 1 ours
+    assert others_cpu_share(a, b) == pytest.approx(0.5)
+    assert others_cpu_share(a, CpuSample(12.0, 101.0, 6.0, 2)) == 0.0  # only ours
+    assert others_cpu_share(a, a) == 0.0
+
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"]
+    )
+    try:
+        time.sleep(0.3)  # past its start-up
+        before = CpuSample.now()
+        time.sleep(1.0)
+        after = CpuSample.now()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert others_cpu_share(before, after) >= 0.7 / after.cores  # one core kept busy by another process
+
+
 def test_cache_fraction_budget_never_exceeds_the_device(tiny_model, monkeypatch):
     import runtime.memory_plan as mp
     from runtime.bench import budget_for_fraction
