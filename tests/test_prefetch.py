@@ -427,3 +427,140 @@ def test_cancel_refuses_a_copy_the_link_has_taken_by_now():
     assert link.cancel(b) is False and b.state != "cancelled"
     link.synchronize()
     assert a.state == b.state == "done" and dst.all()
+
+
+class LinearRouter(torch.nn.Module):
+    """A router stand-in: logits = the identity of the hidden state (so a test writes the logits
+    as the input), then softmax top-k, returning (logits, scores, indices) as transformers' do."""
+
+    def __init__(self, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.lin = torch.nn.Linear(num_experts, num_experts, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.eye(num_experts))
+
+    def forward(self, hidden):
+        logits = self.lin(hidden)  # [T, E]
+        scores, indices = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)  # [T, K]
+        return logits, scores, indices
+
+
+def cross_layer(moe_layers, top_k=2, num_experts=6, **kw):
+    from runtime.prefetch import CrossLayerPredictor
+
+    routers = {layer: LinearRouter(num_experts, top_k) for layer in moe_layers}
+    return CrossLayerPredictor(routers, moe_layers, top_k, num_experts, **kw)
+
+
+def test_cross_layer_stops_at_the_last_moe_layer():
+    """Looking further ahead than the MoE layers left predicts only those left (the MoE
+    layers need not be consecutive layer numbers), and nothing from the last one."""
+    pred = cross_layer([1, 3, 5], lookahead=3)
+    h = torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])  # top-2 of any router here: 1, then 4
+    assert pred.predict(1, h) == [(3, [1, 4]), (5, [1, 4])]
+    assert pred.predict(3, h) == [(5, [1, 4])]
+    assert pred.predict(5, h) == []
+    assert cross_layer([1, 3, 5], lookahead=1).predict(5, h) == []
+
+
+def test_prefill_ranking_breaks_count_ties_by_total_score_and_drops_unchosen_experts():
+    from runtime.prefetch import rank_experts
+
+    indices = torch.tensor([[0, 2], [2, 0], [1, 3], [5, 3]])  # chosen: 0, 2, 3 twice; 1, 5 once; 4 never
+    scores = torch.tensor([[0.6, 0.4], [0.9, 0.1], [0.3, 0.7], [0.8, 0.2]])
+    # total scores: 2 (1.3) > 3 (0.9) > 0 (0.7), and 5 (0.8) > 1 (0.3); 5 stays behind 0: a count beats a score
+    assert rank_experts(indices, scores, 6) == [2, 3, 0, 5, 1]
+    assert sorted(rank_experts(indices, None, 6)) == [0, 1, 2, 3, 5]  # no scores: the same set
+
+
+def test_wider_candidates_follow_the_top_k_ranking_without_duplicates():
+    """With ``extra``: the experts the router picks (most-chosen first), then the next most
+    likely by logits over the tokens, each once."""
+    pred = cross_layer([0, 1], top_k=1, num_experts=6, extra=1)
+    h = torch.tensor([  # per token, top-1 then the second most likely
+        [5.0, 4.0, 0.0, 0.0, 0.0, 0.0],  # 0, then 1
+        [5.0, 0.0, 4.0, 0.0, 0.0, 0.0],  # 0, then 2
+        [0.0, 0.0, 4.0, 5.0, 0.0, 0.0],  # 3, then 2
+    ])  # fmt: skip
+    # top-1: 0 twice, 3 once; top-2 adds 2 (twice) then 1 (once); 4 and 5 never
+    assert pred.predict(0, h) == [(1, [0, 3, 2, 1])]
+    wide = cross_layer([0, 1], top_k=1, num_experts=6, extra=10).predict(0, h)[0][1]  # capped at E
+    assert wide[:2] == [0, 3] and sorted(wide) == list(range(6))
+
+
+def prefetcher_on_small_cache(predictor, layers=(0, 1, 2), slots=4):
+    from runtime.expert_cache import ExpertCache
+    from runtime.policies import LRU
+    from runtime.prefetch import Prefetcher
+
+    cache = ExpertCache({layer: slots for layer in layers}, lambda layer, n: LRU(n), expert_bytes=1)
+    return Prefetcher(predictor, cache), cache
+
+
+def scored(cache, layer):
+    st = cache.stats.layer(layer)
+    return st.pred_tp, st.pred_fp, st.pred_fn
+
+
+def test_predictions_for_several_layers_ahead_are_each_scored_at_their_layer():
+    class FromLayer0:  # layer 0 looks two layers ahead; the others predict nothing
+        def predict(self, layer, hidden):
+            return [(1, [1, 2]), (2, [3, 0])] if layer == 0 else []
+
+    pf, cache = prefetcher_on_small_cache(FromLayer0())
+    pf.on_layer(0, [0], torch.zeros(1, 4))
+    pf.on_layer(1, [1], torch.zeros(1, 4))
+    assert scored(cache, 1) == (1, 1, 0) and scored(cache, 2) == (0, 0, 0)
+    pf.on_layer(2, [3, 4], torch.zeros(1, 4))  # layer 0's prediction for layer 2 was kept
+    assert scored(cache, 2) == (1, 1, 1)
+    pf.on_layer(2, [3, 4], torch.zeros(1, 4))  # scored once: nothing pending for it now
+    assert scored(cache, 2) == (1, 1, 1)
+
+
+def test_cross_layer_prefetcher_scores_each_layer_against_its_own_experts():
+    """The cross-layer predictor two layers ahead through the prefetcher: each layer's
+    prediction is scored against what that layer used, not another layer's."""
+    pf, cache = prefetcher_on_small_cache(cross_layer([0, 1, 2], top_k=2, num_experts=6, lookahead=2))
+    h = torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])  # predicts 1 and 4 for every layer
+    pf.on_layer(0, [0, 1], h)
+    pf.on_layer(1, [1, 4], h)
+    pf.on_layer(2, [2, 3], h)
+    assert [scored(cache, layer) for layer in (0, 1, 2)] == [(0, 0, 0), (2, 0, 0), (0, 2, 2)]
+
+
+def test_reset_forgets_pending_predictions():
+    class FromLayer0:
+        def predict(self, layer, hidden):
+            return [(1, [1, 2]), (2, [3])] if layer == 0 else []
+
+    pf, cache = prefetcher_on_small_cache(FromLayer0())
+    pf.on_layer(0, [0], torch.zeros(1, 4))
+    pf.reset()
+    pf.on_layer(1, [1], torch.zeros(1, 4))
+    pf.on_layer(2, [3], torch.zeros(1, 4))
+    assert scored(cache, 1) == scored(cache, 2) == (0, 0, 0)
+
+
+def test_a_new_sequence_is_not_scored_against_the_last_ones_predictions(tiny_model):
+    """A prediction still pending when a sequence ends (here: the last MoE layer predicting
+    the first one of the next token) is dropped when the next sequence starts."""
+    lm = load_small(tiny_model("mixtral"), quant="none", slots_per_layer=2, predictor="cross-layer")
+    first, last = lm.spec.moe_layers[0], lm.spec.moe_layers[-1]
+
+    class NextTokensFirstLayer:
+        def predict(self, layer, hidden):
+            return [(first, [0, 1])] if layer == last else []
+
+    try:
+        lm.runtime.prefetcher.predictor = NextTokensFirstLayer()
+        cfg = SamplingConfig(max_new_tokens=2, temperature=0, ignore_eos=True)
+        done = generate(lm, PROMPT, cfg)  # two forwards: the second's first layer is scored
+        assert done.stats.prediction_precision is not None
+        before = scored(lm.cache, first)
+        assert sum(before) > 0
+        done = generate(lm, PROMPT, SamplingConfig(max_new_tokens=1, temperature=0, ignore_eos=True))
+        assert scored(lm.cache, first) == before  # one forward, nothing predicted in it
+        assert done.stats.prediction_precision is None and done.stats.prediction_recall is None
+    finally:
+        lm.close()
