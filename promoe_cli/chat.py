@@ -161,16 +161,22 @@ def _one_shot(lm, prompt: str, sampling, chat_template: bool, system, stats_json
               jsonl: bool = False) -> None:  # fmt: skip
     """Print only the completion on stdout, streamed (with ``jsonl``: one JSON line at the
     end); figures go to --stats-json."""
+    from runtime.errors import PromoeError
     from runtime.generate import DoneEvent, encode_prompt, stream_generate
 
-    ids = encode_prompt(lm.tokenizer, prompt, chat_template=chat_template, system=system)
     done = None
-    for ev in stream_generate(lm, ids, sampling, trace=trace):
-        if isinstance(ev, DoneEvent):
-            done = ev
-        elif ev.text and not jsonl:
-            out.print(ev.text, end="", markup=False, highlight=False)
-            out.file.flush()
+    try:
+        ids = encode_prompt(lm.tokenizer, prompt, chat_template=chat_template, system=system)
+        for ev in stream_generate(lm, ids, sampling, trace=trace):
+            if isinstance(ev, DoneEvent):
+                done = ev
+            elif ev.text and not jsonl:
+                out.print(ev.text, end="", markup=False, highlight=False)
+                out.file.flush()
+    except PromoeError as exc:  # refused (too long, the chat template): the record says so too
+        if jsonl:
+            write_jsonl(prompt, error=exc)
+        raise
     if jsonl:
         write_jsonl(prompt, done)
     else:

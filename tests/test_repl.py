@@ -423,6 +423,12 @@ def test_jsonl_one_shot_prints_one_record(tiny_model):
     rec = json.loads(line)
     assert rec["message"] == "def f(x):" and rec["text"] == want.text and rec["token_ids"] == want.token_ids
     assert rec["stats"]["prompt_tokens"] == len(lm.tokenizer.encode("def f(x):"))
+    long = "word " * 5000  # past the bundled model's positions: refused, with a record saying so
+    r = CliRunner().invoke(app, ["chat", str(path), "--quant", "int8", "--vram", str(vram), "--no-chat-template",
+                                 "--prompt", long, "--jsonl"])  # fmt: skip
+    assert r.exit_code == 2 and "error: the prompt is" in r.stderr
+    (line,) = r.stdout.splitlines()
+    assert json.loads(line)["error"].startswith("the prompt is") and json.loads(line)["message"] == long
 
 
 # -- the live view -------------------------------------------------------------------------
