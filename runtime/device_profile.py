@@ -29,6 +29,7 @@ so the profile's reserve is not subtracted from it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -245,10 +246,15 @@ def _figure(raw: Any, fname: str, kind: str, bad) -> Figure:
         )
     try:
         number = float(value) if isinstance(value, (int, float)) else _PARSERS[kind](value)
-    except InvalidSizeError:
+    except (InvalidSizeError, OverflowError):  # OverflowError: "1e999GB" as an int
         raise bad(f"{fname}.value", f"is not a {kind} ({value!r})", f"write e.g. {_EXAMPLES[kind]}") from None
     if not number > 0 and not (fname == "reserved_memory" and number == 0):
         raise bad(f"{fname}.value", f"must be positive (got {value!r})")
+    if not math.isfinite(number):
+        raise bad(f"{fname}.value", f"must be finite (got {value!r})", f"write e.g. {_EXAMPLES[kind]}")
+    if kind == "size" and number != int(number):
+        raise bad(f"{fname}.value", f"is a fraction of a byte (got {value!r})",
+                  "a bare number is bytes: write e.g. \"6GiB\"")  # fmt: skip
     source = raw.get("source")
     if (
         not isinstance(source, str)
@@ -267,11 +273,17 @@ def _dequant(raw: Any, bad) -> tuple[dict[str, float], str]:
     for key, value in raw.items():
         if key == "source":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise bad(f"dequant.{key}", f"must be a positive number of weights per second (got {value!r})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise bad(
+                f"dequant.{key}", f"must be a finite positive number of weights per second (got {value!r})"
+            )
         rates[key] = float(value)
     source = raw.get("source", "")
-    if rates and (not isinstance(source, str) or source.split(":", 1)[0].strip() not in SOURCE_KINDS):
+    if rates and (
+        not isinstance(source, str)
+        or source.split(":", 1)[0].strip() not in SOURCE_KINDS
+        or ":" not in source
+    ):
         raise bad("dequant.source", "must start with 'measured:', 'estimate:' or 'datasheet:'")
     return rates, source if isinstance(source, str) else ""
 

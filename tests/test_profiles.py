@@ -11,14 +11,18 @@ from typer.testing import CliRunner
 from promoe_cli.main import app
 from runtime.device_profile import (
     FIGURES,
+    DeviceProfile,
     apply_profile,
     available_profiles,
+    check_name,
     load_profile,
+    parse_flops,
     parse_profile,
     profile_to_toml,
     shipped_dir,
+    write_profile,
 )
-from runtime.errors import ProfileError
+from runtime.errors import InvalidSizeError, ProfileError
 from runtime.loader import LoadOptions
 from tests.test_cli import one_line_error
 
@@ -84,17 +88,134 @@ def _broken(change) -> dict:
         (lambda d: d.update(host_memory="16GB"), "host_memory"),
         (lambda d: d["device_memory"].update(unit="GB"), "device_memory.unit"),
         (lambda d: d.update(dequant={"int4": -1.0}), "dequant.int4"),
+        (lambda d: d.update(description=5), "description"),
+        (lambda d: d.update(unified=1), "unified"),  # a number is not a bool
+        (lambda d: d["reserved_memory"].update(value="6GiB"), "reserved_memory"),  # equal is not smaller
+        (lambda d: d["reserved_memory"].update(value=-1), "reserved_memory.value"),
+        (lambda d: d["device_memory"].update(value=True), "device_memory.value"),
+        (lambda d: d["compute"].update(value=False), "compute.value"),
+        (lambda d: d["device_memory"].update(value="six"), "device_memory.value"),
+        (lambda d: d["compute"].update(value="22TFLOPZ"), "compute.value"),  # not a FLOPS unit
+        (lambda d: d["compute"].update(value="22TB/s"), "compute.value"),
+        (lambda d: d["compute"].update(value="0TFLOPS"), "compute.value"),
+        (lambda d: d["device_memory"].update(source="datasheet"), "device_memory.source"),  # no colon
+        (lambda d: d["link_latency"].pop("source"), "link_latency.source"),
+        (lambda d: d["compute"].update(source=5), "compute.source"),
+        (lambda d: d["compute"].update(source="rumour: a blog"), "compute.source"),  # not a known kind
+        (lambda d: d.update(link_bandwidth_pageable={"value": "fast", "source": "measured: x"}),
+         "link_bandwidth_pageable.value"),  # an optional figure is validated too
+        (lambda d: d.update(link_bandwidth_pageable="3GB/s"), "link_bandwidth_pageable"),
+        (lambda d: d.update(dequant=5), "dequant"),
+        (lambda d: d.update(dequant={"source": "measured: x", "int4": 0}), "dequant.int4"),
+        (lambda d: d.update(dequant={"source": "measured: x", "int4": True}), "dequant.int4"),
+        (lambda d: d.update(dequant={"source": "measured: x", "int4": "2e9"}), "dequant.int4"),
+        (lambda d: d.update(dequant={"int4": 2e9}), "dequant.source"),
+        (lambda d: d.update(dequant={"source": "a blog", "int4": 2e9}), "dequant.source"),
+        (lambda d: d.update(dequant={"source": 5, "int4": 2e9}), "dequant.source"),
+        (lambda d: d.update(dequant={"source": "rumour: a blog", "int4": 2e9}), "dequant.source"),
+        (lambda d: d["compute"].update(value=float("inf")), "compute.value"),
+        (lambda d: d["compute"].update(value="1e999TFLOPS"), "compute.value"),
+        (lambda d: d["link_latency"].update(value="1e999s"), "link_latency.value"),
+        (lambda d: d["device_memory"].update(value="1e999GB"), "device_memory.value"),  # was OverflowError
+        (lambda d: d.update(reserved_memory={"value": 0, "source": "estimate: x"},
+                            device_memory={"value": 0.5, "source": "estimate: x"}), "device_memory.value"),
+        (lambda d: d["host_memory"].update(value=16e9 + 0.5), "host_memory.value"),
+        (lambda d: d.update(dequant={"source": "measured: x", "int4": float("nan")}), "dequant.int4"),
+        (lambda d: d.update(dequant={"source": "measured: x", "int4": float("inf")}), "dequant.int4"),
+        (lambda d: d.update(dequant={"source": "measured", "int4": 2e9}), "dequant.source"),  # no colon
     ],
-)
+)  # fmt: skip
 def test_broken_profile_names_the_field(change, field):
     with pytest.raises(ProfileError) as exc:
         parse_profile(_broken(change), name="broken")
     assert f"field '{field}'" in str(exc.value) and exc.value.hint
 
 
-def test_a_missing_field_is_called_missing():
-    with pytest.raises(ProfileError, match="field 'unified' is missing"):
-        parse_profile(_broken(lambda d: d.pop("unified")), name="broken")
+@pytest.mark.parametrize("fname", sorted(set(FIGURES) - {"reserved_memory"}))
+@pytest.mark.parametrize("value", [0, 0.0, -1])
+def test_a_figure_must_be_positive(fname, value):
+    """A bare number is the base unit; zero or less is no figure (only a reserve may be 0)."""
+    data = _broken(lambda d: d.update({fname: {"value": value, "source": "estimate: x"}}))
+    with pytest.raises(ProfileError, match=f"field '{fname}.value' must be positive"):
+        parse_profile(data, name="broken")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("unified"), "field 'unified' is missing"),
+        (lambda d: d.pop("device_type"), "field 'device_type' is missing"),
+        (lambda d: d.pop("compute"), "field 'compute' is missing"),
+        (lambda d: d["compute"].pop("value"), "field 'compute.value' is missing"),
+        (lambda d: d["host_memory"].update(value=True), "field 'host_memory.value' must be a number or"),
+        (lambda d: d["compute"].update(value="22TFLOPZ"), "field 'compute.value' is not a flops"),
+        (lambda d: d["reserved_memory"].update(value="6GiB"), "field 'reserved_memory' .* must be smaller"),
+        (
+            lambda d: d["link_bandwidth"].update(value=float("inf")),
+            "field 'link_bandwidth.value' must be finite",
+        ),
+        (lambda d: d["host_memory"].update(value=0.5), "field 'host_memory.value' is a fraction of a byte"),
+    ],
+)
+def test_a_broken_field_says_what_is_wrong(change, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_profile(_broken(change), name="broken")
+
+
+def test_what_a_profile_may_be_is_accepted():
+    """The limits of the checks above: a reserve of 0, a bare number in the base unit, an
+    optional figure, a dequant table with its source, a description left out."""
+
+    def change(d):
+        d.pop("description")
+        d["reserved_memory"].update(value=0)
+        d["device_memory"].update(value=6 * GIB)
+        d["link_bandwidth"].update(value=12e9)
+        d["link_bandwidth_pageable"] = {"value": "3GB/s", "source": "measured: x"}
+        d["dequant"] = {"source": "measured: x", "int4": 2e9, "nf4": 1}
+
+    p = parse_profile(_broken(change), name="ok")
+    assert (p.reserved_memory, p.device_memory, p.link_bandwidth) == (0, 6 * GIB, 12e9)
+    assert p.value("link_bandwidth_pageable") == 3e9 and p.description == ""
+    assert p.dequant == {"int4": 2e9, "nf4": 1.0} and p.dequant_source == "measured: x"
+    p = parse_profile(_broken(lambda d: d["reserved_memory"].update(value=6 * GIB - 1)), name="ok")
+    assert p.reserved_memory == p.device_memory - 1
+
+
+@pytest.mark.parametrize("text", ["22TFLOPZ", "fast", "-5TFLOPS", "22 TB/s", "TFLOPS"])
+def test_parse_flops_refuses_what_is_not_a_compute_rate(text):
+    with pytest.raises(InvalidSizeError, match="is not a compute rate"):
+        parse_flops(text)
+
+
+def test_parse_flops_reads_its_units():
+    assert parse_flops("22TFLOPS") == 22e12 and parse_flops("500 gflops/s") == 500e9
+    assert parse_flops("1.5e3MFLOPS") == 1.5e9 and parse_flops("7flops") == 7.0
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "Big", "", "-lead", "x" * 65, "ok name"])
+def test_a_profile_name_must_be_plain(name):
+    with pytest.raises(ProfileError, match="is not a usable profile name"):
+        check_name(name)
+    assert check_name("my-box_2.0") == "my-box_2.0" and check_name("x" * 64)
+
+
+def test_a_missing_profile_file_and_one_not_utf8(tmp_path):
+    with pytest.raises(ProfileError, match="no device profile file"):
+        load_profile(str(tmp_path / "nowhere.toml"))
+    f = tmp_path / "latin.toml"
+    f.write_bytes(b'description = "caf\xe9"\n')
+    with pytest.raises(ProfileError, match="is not valid TOML"):
+        load_profile(str(f))
+
+
+def test_a_profile_that_would_not_load_is_not_written(home):
+    p = load_profile("cpu")
+    broken = DeviceProfile(p.name, p.description, p.device_type, p.unified,
+                           {**p.figures, "reserved_memory": p.figures["device_memory"]})  # fmt: skip
+    with pytest.raises(ProfileError, match="field 'reserved_memory'"):
+        write_profile(broken, "broken")
+    assert not (home / "profiles" / "broken.toml").exists()
 
 
 def _write_user_profile(home, name: str, text: str):
