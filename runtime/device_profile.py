@@ -246,7 +246,7 @@ def _figure(raw: Any, fname: str, kind: str, bad) -> Figure:
         )
     try:
         number = float(value) if isinstance(value, (int, float)) else _PARSERS[kind](value)
-    except (InvalidSizeError, OverflowError):  # OverflowError: "1e999GB" as an int
+    except InvalidSizeError:
         raise bad(f"{fname}.value", f"is not a {kind} ({value!r})", f"write e.g. {_EXAMPLES[kind]}") from None
     if not number > 0 and not (fname == "reserved_memory" and number == 0):
         raise bad(f"{fname}.value", f"must be positive (got {value!r})")

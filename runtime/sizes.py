@@ -37,6 +37,9 @@ def parse_size(text: str | int) -> int:
             hint="write a number and a unit, e.g. 6GB, 6GiB, 512MB (GB = 10^9 bytes, GiB = 2^30)",
         )
     value = float(m.group(1)) * _BYTE_UNITS[unit]
+    if not math.isfinite(value):
+        raise InvalidSizeError(f"'{text}' is too large to be a size",
+                               hint="write a number and a unit, e.g. 6GB or 512MiB")  # fmt: skip
     if unit in ("", "b") and value != int(value):
         raise InvalidSizeError(
             f"'{text}' is a fraction of a byte",
@@ -61,7 +64,7 @@ def parse_bandwidth(text: str) -> float:
 def parse_duration(text: str) -> float:
     """``"20us"`` -> 2e-05 seconds."""
     m = re.fullmatch(_NUMBER + r"([a-zµ]*)\s*", str(text).lower())
-    if m is None or m.group(2) not in _TIME_UNITS:
+    if m is None or m.group(2) not in _TIME_UNITS or not math.isfinite(float(m.group(1))):
         raise InvalidSizeError(
             f"'{text}' is not a duration", hint="write a number and s, ms, us or ns, e.g. 20us"
         )
