@@ -465,3 +465,32 @@ def test_the_banner_says_how_misses_are_served_and_what_the_low_bit_store_did(
     assert "expert store reused · int2 copies' store reused" in runs[1] and "Converting" not in runs[1]
     for said in runs:
         assert "misses: from int2 copies when their gate weight is below 0.3 · computed on the host" in said
+
+
+def test_the_readme_names_every_command_and_option():
+    """README.md documents every command and flag: one added without a word there fails here."""
+    import re
+
+    import typer
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing, checked = [], []
+
+    def walk(command, path):  # typer's own click: its Group and Option are not click's
+        for name, sub in getattr(command, "commands", {}).items():
+            if not sub.hidden:
+                walk(sub, [*path, name])
+        if path and f"promoe {' '.join(path)}" not in readme:
+            missing.append(" ".join(path))
+        for param in command.params:
+            if param.param_type_name != "option":
+                continue
+            for flag in param.opts + param.secondary_opts:
+                if flag.startswith("--") and flag != "--help":
+                    checked.append(flag)
+                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", readme):
+                        missing.append(f"{' '.join(path)} {flag}")
+
+    walk(typer.main.get_command(app), [])
+    assert "--jsonl" in checked and len(checked) > 50  # it saw the commands' options
+    assert not missing, f"not in README.md: {missing}"
