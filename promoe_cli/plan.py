@@ -49,10 +49,18 @@ def plan(
     with handle_errors():
         from promoe_cli.loading import load_options, offline_environment
 
-        opts = load_options(quant=quant, vram=vram, profile=profile, context=context, device=device, dtype=dtype,
-                            policy="lru", slot_split=slot_split, prefetch="none", link_bandwidth=link_bandwidth,
-                            link_latency=link_latency)  # fmt: skip
-        for_gpu = dtype is None and _gpu_profile_on_this_cpu(profile, opts)
+        gpu = _cuda_asked_without_one(device)  # planning for a GPU elsewhere: no weight is loaded
+        if gpu and vram is None and not profile:
+            from runtime.errors import UsageError
+
+            raise UsageError(f"--device {device}: this machine has no CUDA device, so the GPU's size is unknown",
+                             hint="say how much memory the GPU you plan for has: --vram 6GB, or "
+                                  "--profile rtx3060-laptop-6gb")  # fmt: skip
+        # a GPU's plan is arithmetic: its budget and dtype are what differ from the CPU's
+        opts = load_options(quant=quant, vram=vram, profile=profile, context=context,
+                            device="cpu" if gpu else device, dtype=dtype, policy="lru", slot_split=slot_split,
+                            prefetch="none", link_bandwidth=link_bandwidth, link_latency=link_latency)  # fmt: skip
+        for_gpu = dtype is None and (gpu or _gpu_profile_on_this_cpu(profile, opts))
         if for_gpu:  # what the question is: does it fit that GPU, which computes in bf16
             opts.dtype = "bfloat16"
         offline_environment()
@@ -67,9 +75,20 @@ def plan(
                                            "error": str(exc), "hint": exc.hint}))  # fmt: skip
             raise
         if as_json:
-            out.print_json(json.dumps(_json(lp, opts, profile)))
+            out.print_json(json.dumps(_json(lp, opts, profile, gpu)))
         else:
-            _render(lp, opts, profile, for_gpu)
+            _render(lp, opts, profile, for_gpu, gpu)
+
+
+def _cuda_asked_without_one(device: str) -> bool:
+    """``--device cuda`` or ``cuda:N`` where torch sees no CUDA device."""
+    import torch
+
+    try:
+        asked = torch.device(device).type == "cuda"
+    except RuntimeError:  # not a device name: load_options says so
+        return False
+    return asked and not torch.cuda.is_available()
 
 
 def _gpu_profile_on_this_cpu(profile: str | None, opts) -> bool:
@@ -88,14 +107,14 @@ def _link(opts) -> str | None:
     return format_link(opts.link_bandwidth, opts.link_latency)
 
 
-def _json(lp, opts, profile: str | None) -> dict:
+def _json(lp, opts, profile: str | None, gpu: bool = False) -> dict:
     return {
         "fits": True,
         "model": lp.resolved.label,
         "model_path": str(lp.resolved.path),
         "architecture": lp.spec.arch.model_type,
         "quant": opts.quant,
-        "device": str(lp.device),
+        "device": "cuda" if gpu else str(lp.device),
         "dtype": str(lp.dtype).removeprefix("torch."),
         "profile": profile,
         "slot_split": opts.split,
@@ -106,7 +125,7 @@ def _json(lp, opts, profile: str | None) -> dict:
     }
 
 
-def _render(lp, opts, profile: str | None, for_gpu: bool = False) -> None:
+def _render(lp, opts, profile: str | None, for_gpu: bool = False, gpu: bool = False) -> None:
     from rich.table import Table
 
     from runtime.sizes import format_bytes
@@ -114,7 +133,7 @@ def _render(lp, opts, profile: str | None, for_gpu: bool = False) -> None:
     p, spec = lp.plan, lp.spec
     budget = format_bytes(p.budget) if p.budget is not None else "unlimited"
     where = f"profile {profile}" if profile else f"budget {budget}"
-    device = "the profile's GPU" if for_gpu else lp.device
+    device = "the profile's GPU" if for_gpu and profile else "a CUDA GPU" if gpu else lp.device
     table = Table(title=f"{lp.resolved.label} · {spec.arch.model_type} · {opts.quant} experts · "
                         f"{str(lp.dtype).removeprefix('torch.')} on {device} · {where}",
                   title_justify="left")  # fmt: skip
@@ -146,6 +165,9 @@ def _render(lp, opts, profile: str | None, for_gpu: bool = False) -> None:
                   "use --profile or --vram to plan a device's cache[/]")  # fmt: skip
     elif p.budget is None:
         err.print("[dim]no budget given: every expert resident; use --profile or --vram to size the cache[/]")
+    elif gpu:
+        err.print(f"[dim]planned for a CUDA GPU, which this machine does not have"
+                  f"{', in bfloat16, as it computes (--dtype sets another)' if for_gpu else ''}[/]")  # fmt: skip
     elif for_gpu:
         err.print("[dim]planned in bfloat16, as the profile's GPU computes; here on the CPU, chat and bench "
                   "emulate it in float32 (--dtype float32 shows their plan)[/]")  # fmt: skip

@@ -298,6 +298,31 @@ def test_plan_command_predicts_the_loaded_plan(tiny_model, home):
     assert "planned in bfloat16, as the profile's GPU computes" in " ".join(r.stderr.split())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans a GPU this machine lacks")
+def test_plan_for_a_cuda_gpu_this_machine_lacks(tiny_model):
+    """`plan --device cuda` without one answers for a GPU of the size given, in bf16 as it
+    computes (the figures a CUDA machine plans: budget and dtype are all that differ); with
+    no size it says what to add."""
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int4", 3)
+    r = invoke("plan", path, "--vram", vram, "--device", "cuda", "--json")
+    assert r.exit_code == 0, r.output
+    gpu = json.loads(r.stdout)
+    assert gpu["device"] == "cuda" and gpu["dtype"] == "bfloat16" and gpu["budget"] == vram
+    want = plan_load(str(path), LoadOptions(vram=vram, device="cpu", dtype="bfloat16")).plan
+    assert gpu["non_expert"] == want.non_expert and gpu["slots"] == want.slots > 0
+    assert not gpu["in_place"]  # a cache of slots, as on the device
+    r = invoke("plan", path, "--vram", vram, "--device", "cuda:0")
+    assert r.exit_code == 0 and "on a CUDA GPU" in " ".join(r.stdout.split())
+    assert "planned for a CUDA GPU, which this machine does not have, in bfloat16" in " ".join(
+        r.stderr.split()
+    )
+    r = invoke("plan", path, "--vram", vram, "--device", "cuda", "--dtype", "float32", "--json")
+    assert json.loads(r.stdout)["dtype"] == "float32"
+    one_line_error(invoke("plan", path, "--device", "cuda"), 2, "no CUDA device", "--vram 6GB")
+    one_line_error(invoke("chat", path, "--device", "cuda", "--prompt", "x"), 2, "sees no CUDA device")
+
+
 def test_plan_on_the_cpu_without_a_budget_reads_experts_in_place(tiny_model, home):
     """No budget on the CPU: the plan counts the host store once, read in place (no slots);
     a budget, or an emulated link, plans a cache of slots as on a device."""
