@@ -114,6 +114,7 @@ def test_interrupted_conversion_leaves_nothing_used(tiny_model, home):
     final = store_dir(home, Checkpoint(path), get_format("int8"))
     assert not final.exists()
     assert not list(final.parent.glob(".*tmp*"))  # the temporary directory was removed
+    assert not final.parent.exists()  # nor a model folder left empty
     _, rep = _open(path, home)
     assert rep.action == "converted"
     manifest = json.loads((rep.path / MANIFEST).read_text())
@@ -244,3 +245,144 @@ def test_a_copy_source_keeps_its_layer_page_locked(tiny_model, home, monkeypatch
     del row
     gc.collect()
     assert cudart.registered == {}
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("format", "not a promoe store"),
+        ("version", "another promoe store version"),
+        ("layout", "layout changed"),
+        ("layers", "MoE layers changed"),
+        ("num_experts", "number of experts changed"),
+    ],
+)
+def test_a_manifest_field_that_no_longer_matches_makes_the_store_stale(tiny_model, home, key, why):
+    """A store whose manifest records another format, store version, row layout, set of MoE
+    layers or expert count (say, written by another promoe) is rebuilt, and the reason says
+    which; its checksums still match, so only the field check can tell."""
+    path = tiny_model("mixtral")
+    _, rep = _open(path, home)
+    manifest = json.loads((rep.path / MANIFEST).read_text())
+    manifest[key] = {
+        "format": "another-store",
+        "version": manifest["version"] + 1,
+        "layout": {**manifest["layout"], "nbytes": -1},
+        "layers": [*manifest["layers"], 99],
+        "num_experts": manifest["num_experts"] + 1,
+    }[key]
+    (rep.path / MANIFEST).write_text(json.dumps(manifest))
+    _, rep2 = _open(path, home)
+    assert rep2.action == "rebuilt" and rep2.reason.startswith("stale: ") and why in rep2.reason, rep2.reason
+    assert _open(path, home)[1].action == "reused"
+
+
+def test_a_missing_layer_file_or_entry_is_detected_and_rebuilt(tiny_model, home):
+    path = tiny_model("olmoe")
+    _, rep = _open(path, home)
+    victim = sorted(rep.path.glob("layer-*.safetensors"))[1]
+    victim.unlink()
+    _, rep2 = _open(path, home)
+    assert rep2.action == "rebuilt" and rep2.reason == f"corrupt: {victim.name} is missing"
+    manifest = json.loads((rep.path / MANIFEST).read_text())
+    del manifest["files"][victim.name]  # the file is there, the manifest does not vouch for it
+    (rep.path / MANIFEST).write_text(json.dumps(manifest))
+    _, rep3 = _open(path, home)
+    assert rep3.action == "rebuilt" and rep3.reason == f"corrupt: {victim.name} is missing"
+    (rep.path / MANIFEST).unlink()
+    _, rep4 = _open(path, home)
+    assert rep4.action == "rebuilt" and rep4.reason == "corrupt: manifest missing"
+    assert _open(path, home)[1].action == "reused"
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_a_layer_file_of_another_shape_or_type_is_rebuilt(tiny_model, home, change):
+    """The same bytes (so the same checksum) as another shape or element type, the manifest's
+    size updated to match: still not a layer of this store."""
+    from safetensors.torch import save_file
+
+    path = tiny_model("mixtral")
+    store, rep = _open(path, home)
+    name = sorted(rep.path.glob("layer-*.safetensors"))[0].name
+    rows = store.rows(store.layers[0]).clone()
+    save_file({"experts": rows.view(2, -1) if change == "shape" else rows.view(torch.int8)}, rep.path / name)
+    manifest = json.loads((rep.path / MANIFEST).read_text())
+    manifest["files"][name]["bytes"] = (rep.path / name).stat().st_size
+    (rep.path / MANIFEST).write_text(json.dumps(manifest))
+    del store
+    _, rep2 = _open(path, home)
+    assert rep2.action == "rebuilt" and rep2.reason == f"corrupt: {name} has the wrong shape"
+
+
+def test_a_killed_conversion_leaves_no_store_and_the_next_start_converts(tiny_model, home):
+    """A conversion cut off with no chance to clean up (killed, power lost) has written
+    only into its temporary: no store folder exists, so none gets used, and the next start
+    converts afresh (not "rebuilt" from a half-written folder) and clears the leftover."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = tiny_model("qwen2_moe")
+    code = (
+        "import os, sys\n"
+        "from quant import get_format\n"
+        "from runtime.checkpoint import Checkpoint\n"
+        "from runtime.expert_store import open_store\n"
+        "from runtime.model_spec import describe_model\n"
+        "from pathlib import Path\n"
+        "ckpt = Checkpoint(sys.argv[1])\n"
+        "def die(desc, done, total):\n"
+        "    if done == total // 2 + 1:\n"
+        "        os._exit(9)\n"
+        "open_store(ckpt, describe_model(ckpt), get_format('int8'), home=Path(sys.argv[2]), progress=die)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path), str(home)], cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 9, r.stderr
+    final = store_dir(home, Checkpoint(path), get_format("int8"))
+    assert not final.exists()
+    assert list(final.parent.glob(f".{final.name}.tmp-*"))  # what it wrote: a leftover temporary
+    _, rep = _open(path, home)
+    assert rep.action == "converted" and rep.reason == ""
+    assert not list(final.parent.glob(f".{final.name}.tmp-*"))
+
+
+def test_every_file_is_synced_before_the_store_is_renamed_into_place(tiny_model, home, monkeypatch):
+    """Power lost right after the rename must not find files whose data never reached the
+    disk: each layer file and the manifest is fsynced before the temporary becomes the store."""
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tiny_model("mixtral")
+    _, rep = _open(path, home)
+    renamed = events.index(("replace", str(rep.path)))
+    synced = {ino for kind, ino in events[:renamed] if kind == "fsync"}
+    files = [*rep.path.glob("layer-*.safetensors"), rep.path / MANIFEST]
+    assert len(files) == 5 and all(f.stat().st_ino in synced for f in files), events
+
+
+def test_a_layer_that_exactly_fits_the_room_left_is_page_locked(tiny_model, home, monkeypatch):
+    """Room beside the margin for exactly two layers, to the byte: both are locked."""
+    from runtime import expert_store
+
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    ckpt = Checkpoint(tiny_model("mixtral"))
+    spec = describe_model(ckpt)
+    plain, _ = open_store(ckpt, spec, get_format("int4"), home=home)
+    layer_bytes = plain.rows(plain.layers[0]).numel()
+    monkeypatch.setattr(expert_store, "_available_host", lambda: expert_store.HOST_MARGIN + 2 * layer_bytes)
+    store, _ = open_store(ckpt, spec, get_format("int4"), home=home, pin=True)
+    locked = [layer for layer in store.layers if store.rows(layer).data_ptr() in cudart.registered]
+    assert locked == store.layers[:2]

@@ -241,3 +241,92 @@ def test_a_low_bit_miss_takes_no_slot(tiny_model):
         assert st.hits == 0 and st.low_bit_loads == st.misses == st.uses > 0
     finally:
         lm.close()
+
+
+def test_a_tie_goes_to_the_link_and_a_weight_at_the_threshold_is_copied_whole():
+    """The host takes a miss only when it would finish strictly sooner, and a low-bit copy
+    serves only weights strictly below the threshold (figures exact in binary)."""
+    handler = _handler("cpu")
+    handler.cost = CostModel(link_bandwidth=1e6, link_latency=0.0, host_fixed_s=0.25, host_per_token_s=0.25)
+    w = torch.tensor([[0.75]])
+    assert handler.cost.copy_s(10**6) == 1.0 == handler.cost.host_s(3)
+    assert handler.routes(1, [(0, 3, w)]) == {0: "copy"}  # 1 s either way
+    assert handler.routes(1, [(0, 2, w)]) == {0: "host"}  # 0.75 s on the host
+    handler.host = False
+    handler.low_store = type("S", (), {"layout": type("L", (), {"nbytes": 250_000})()})()
+    handler.threshold = 0.5
+    assert handler.routes(1, [(0, 1, torch.tensor([[0.5]]))]) == {0: "copy"}
+    assert handler.routes(1, [(0, 1, torch.tensor([[0.25]]))]) == {0: "low-bit"}
+
+
+def test_low_bit_routes_beside_a_gpu_need_no_cost_model():
+    """Without host misses the loader builds no cost model (nothing weighs costs): routing
+    low-bit misses beside a GPU must not consult one."""
+    handler = _handler("cuda", host=False)
+    handler.cost = None
+    handler.low_store = type("S", (), {"layout": type("L", (), {"nbytes": 250_000})()})()
+    handler.threshold = 0.3
+    misses = [(0, 1, torch.tensor([[0.1]])), (1, 1, torch.tensor([[0.9]]))]
+    assert handler.routes(1, misses) == {0: "low-bit", 1: "copy"}
+    assert handler.routes(0, misses) == {0: "low-bit", 1: "stream"}
+
+
+def _calibrate(monkeypatch, link, expert_s, copy_s=0.0):
+    """calibrate() on a fake clock: ``expert_s(tokens, call)`` is how long the host takes
+    for each expert computed (call counts from 0 per token count), ``copy_s`` a memcpy."""
+    import runtime.miss as miss
+    import runtime.offload as offload
+    from tests.test_prefetch import FakeClock
+
+    clock = FakeClock()
+    monkeypatch.setattr(miss.time, "perf_counter", clock)
+    calls: dict[int, int] = {}
+
+    def expert_mlp(x, *args):
+        n = x.shape[0]
+        clock.now += expert_s(n, calls.get(n, 0))
+        calls[n] = calls.get(n, 0) + 1
+
+    def row(self, layer, e):  # the memcpy's source, fetched inside the timed copy
+        clock.now += copy_s
+        return torch.zeros(16, dtype=torch.uint8)
+
+    monkeypatch.setattr(offload, "expert_mlp", expert_mlp)
+    layout = type("L", (), {"shape": type("Sh", (), {"hidden": 4})(), "nbytes": 16})()
+    store = type(
+        "S", (), {"layers": [0], "layout": layout, "weights": lambda self, layer, e: None, "row": row}
+    )()
+    return miss.calibrate(store, None, torch.device("cpu"), link, None)
+
+
+def test_calibrate_takes_the_median_after_warm_up(monkeypatch):
+    """The first (warm-up) runs are slow and one later run is an outlier: neither moves the
+    fit, 1 ms plus 0.1 ms a token."""
+
+    def expert_s(tokens, call):
+        base = 1e-3 + 1e-4 * tokens
+        return base + (1.0 if call < 3 else 0.0) + (0.5 if call == 7 else 0.0)
+
+    cost = _calibrate(monkeypatch, (1e9, 1e-5), expert_s)
+    assert cost.host_fixed_s == pytest.approx(1e-3)
+    assert cost.host_per_token_s == pytest.approx(1e-4)
+
+
+def test_calibrate_never_fits_a_negative_cost_per_token(monkeypatch):
+    """Noise that makes 16 tokens time faster than 1 gives no cost per token (not a
+    negative one, which would make longer prompts look cheaper on the host)."""
+    cost = _calibrate(monkeypatch, (1e9, 1e-5), lambda tokens, call: 2e-3 if tokens == 1 else 1e-3)
+    assert cost.host_per_token_s == 0.0
+    assert cost.host_fixed_s == pytest.approx(2e-3)
+    assert cost.host_s(16) >= cost.host_s(1)
+
+
+def test_calibrate_times_a_memcpy_on_the_cpu_without_an_emulated_link(monkeypatch):
+    """No emulated link on the CPU: the link is a memcpy of a row, timed (16 bytes in 2 ms:
+    8 kB/s), with the latency given; an emulated link's figures are taken as they are."""
+    cost = _calibrate(monkeypatch, (None, 0.0), lambda tokens, call: 1e-3, copy_s=2e-3)
+    assert cost.link_bandwidth == pytest.approx(16 / 2e-3)
+    assert cost.link_latency == 0.0
+    assert cost.copy_s(16) == pytest.approx(2e-3)
+    cost = _calibrate(monkeypatch, (1e6, 1e-4), lambda tokens, call: 1e-3, copy_s=2e-3)
+    assert (cost.link_bandwidth, cost.link_latency) == (1e6, 1e-4)
