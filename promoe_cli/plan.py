@@ -70,6 +70,11 @@ def plan(
         try:
             lp = plan_load(model, opts, shipped_config=True)
         except InsufficientMemoryError as exc:
+            if vram is not None and not (gpu or profile or dtype) and not _cuda_here():
+                # planned as this CPU computes, in fp32: perhaps not the question
+                exc.hint = (exc.hint + "; " if exc.hint else "") + (
+                    "planning for a GPU this machine lacks? add --device cuda (bf16, as it computes)"
+                )
             if as_json:  # a script still gets the figures; the error follows on stderr, exit 4
                 out.print_json(json.dumps({"fits": False, "needed": exc.needed, "budget": exc.available,
                                            "error": str(exc), "hint": exc.hint}))  # fmt: skip
@@ -80,6 +85,12 @@ def plan(
             _render(lp, opts, profile, for_gpu, gpu)
 
 
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cuda_asked_without_one(device: str) -> bool:
     """``--device cuda`` or ``cuda:N`` where torch sees no CUDA device."""
     import torch
@@ -88,7 +99,7 @@ def _cuda_asked_without_one(device: str) -> bool:
         asked = torch.device(device).type == "cuda"
     except RuntimeError:  # not a device name: load_options says so
         return False
-    return asked and not torch.cuda.is_available()
+    return asked and not _cuda_here()
 
 
 def _gpu_profile_on_this_cpu(profile: str | None, opts) -> bool:

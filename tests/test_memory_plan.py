@@ -320,6 +320,10 @@ def test_plan_for_a_cuda_gpu_this_machine_lacks(tiny_model):
     r = invoke("plan", path, "--vram", vram, "--device", "cuda", "--dtype", "float32", "--json")
     assert json.loads(r.stdout)["dtype"] == "float32"
     one_line_error(invoke("plan", path, "--device", "cuda"), 2, "no CUDA device", "--vram 6GB")
+    # fp32 on this CPU does not fit: perhaps the question was a GPU's plan, and the hint says how
+    small = f"{budget_for_slots(path, 'int4', 1) // 2}B"
+    one_line_error(invoke("plan", path, "--vram", small), 4, "is not enough", "add --device cuda")
+    assert "--device cuda" not in invoke("plan", path, "--vram", small, "--dtype", "float32").stderr
     one_line_error(invoke("chat", path, "--device", "cuda", "--prompt", "x"), 2, "sees no CUDA device")
 
 
