@@ -31,5 +31,6 @@ def get_format(name: str) -> QuantFormat:
 
 
 def _load_builtin() -> None:
-    if not _REGISTRY:
-        import quant.formats  # noqa: F401  (registers on import)
+    # always, not only while the registry is empty: a format registered before the built-in
+    # ones were loaded must not hide them (an import already done costs a dict lookup)
+    import quant.formats  # noqa: F401  (registers on import)

@@ -92,6 +92,23 @@ def test_kernels_can_be_turned_off_and_skip_old_gpus(monkeypatch):
     kernels._capable.cache_clear()
 
 
+def test_kernels_need_triton_and_take_turing_itself(monkeypatch):
+    """Capability 7.5 (Turing, MIN_CAPABILITY) is the oldest GPU the kernels run on, so it
+    gets them; without triton no GPU does (found unchecked by a mutation audit)."""
+    from quant import kernels
+
+    x = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))  # stands in for a CUDA tensor
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr("quant.kernels.triton_available", lambda: True)
+    kernels._capable.cache_clear()
+    try:
+        assert use_kernels(x)
+        monkeypatch.setattr("quant.kernels.triton_available", lambda: False)
+        assert not use_kernels(x)
+    finally:
+        kernels._capable.cache_clear()
+
+
 def test_kernels_are_only_claimed_for_the_codes_they_decode():
     """The kernels decode symmetric int8 and asymmetric int4 (scale and zero); any other
     combination must run the reference, or it would be decoded wrong."""

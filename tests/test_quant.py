@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from quant import available_formats, get_format
-from quant.packing import pack, unpack, unpack_float
+from quant.packing import pack, packed_len, unpack, unpack_float, values_per_chunk
 from runtime.errors import UnknownNameError
 
 # relative Frobenius error bounds on N(0, 1) weights, any seed (measured on [256, 512]: int8 0.6%,
@@ -207,3 +210,145 @@ def test_a_partial_last_group_is_padded_with_zeros(name):
     got = fmt.dequantize(fmt.quantize(w), (8, 100), torch.float32)
     want = fmt.dequantize(fmt.quantize(padded), (8, 128), torch.float32)[:, :100]
     assert torch.equal(got, want)
+
+
+# -- found unchecked by a mutation audit of quant/ ------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_round_trip_on_odd_shapes(bits):
+    """Exact round trips for any leading shape (none, empty, several dims) and for last dims
+    that are one packing chunk or a few, not only multiples of 64; the packed width is
+    packed_len's, and unpack_float agrees, also where a packed row is not whole 32-bit words."""
+    per = values_per_chunk(bits)
+    gen = torch.Generator().manual_seed(10 + bits)
+    for shape in [(per,), (3 * per,), (0, per), (1, per), (5, 3 * per), (2, 3, 5 * per), (7, 13 * per)]:
+        q = torch.randint(0, 2**bits, shape, generator=gen, dtype=torch.uint8)
+        p = pack(q, bits)
+        assert p.dtype == torch.uint8 and p.shape == (*shape[:-1], packed_len(shape[-1], bits)), shape
+        assert torch.equal(unpack(p, bits, shape[-1]), q), shape
+        assert torch.equal(unpack_float(p, bits, shape[-1]), q.float()), shape
+
+
+@pytest.mark.parametrize(
+    ("bits", "codes", "packed"),
+    [
+        (4, [1, 2, 15, 0], [0x21, 0x0F]),  # low nibble first
+        (2, [1, 2, 3, 0, 3, 3, 3, 3], [0x39, 0xFF]),  # lowest 2 bits first
+        (3, [0, 1, 2, 3, 4, 5, 6, 7], [0x88, 0xC6, 0xFA]),  # a 24-bit little-endian word
+        (3, [7, 0, 0, 0, 0, 0, 0, 1], [0x07, 0x00, 0x20]),
+        (8, [0, 255, 7], [0, 255, 7]),
+    ],
+)
+def test_pack_byte_layout(bits, codes, packed):
+    """The bytes pack() writes are the documented layout (the kernels and stores read it)."""
+    q = torch.tensor([codes], dtype=torch.uint8)
+    assert pack(q, bits).tolist() == [packed]
+    assert unpack(torch.tensor([packed], dtype=torch.uint8), bits, len(codes)).tolist() == [codes]
+
+
+@pytest.mark.parametrize(("bits", "n"), [(4, 7), (2, 6), (3, 12), (3, 4)])
+def test_pack_refuses_a_last_dim_it_cannot_pack(bits, n):
+    with pytest.raises(ValueError, match=f"last dim {n} is not a multiple of {values_per_chunk(bits)}"):
+        pack(torch.zeros(2, n, dtype=torch.uint8), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpack_float_of_strided_packed_rows(bits):
+    """unpack_float reads packed tensors that are not contiguous: a transposed copy, and a
+    column slice that starts on a 4-byte boundary."""
+    q = torch.randint(0, 2**bits, (6, 128), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    p = pack(q, bits)
+    transposed = p.t().contiguous().t()  # same values, strides (1, 6)
+    assert not transposed.is_contiguous()
+    assert torch.equal(unpack_float(transposed, bits, 128), q.float())
+    per = 8 // bits
+    cols = p[:, 4:12]  # bytes 4..11 of every row: values 4*per .. 12*per
+    assert torch.equal(unpack_float(cols, bits, 8 * per), q[:, 4 * per : 12 * per].float())
+
+
+def test_group_size_must_be_a_multiple_of_8():
+    from quant.formats import GroupwiseInt
+
+    for g in (4, 12, 60):
+        with pytest.raises(ValueError, match="group_size"):
+            GroupwiseInt(4, group_size=g)
+    fmt = GroupwiseInt(3, group_size=8, clip_search=True)  # the smallest group int3 can pack
+    w = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    err, _ = rel_err(fmt, w)
+    assert err <= BOUNDS["int3"]
+
+
+@pytest.mark.parametrize("name", [n for n in BOUNDS if n != "none"])
+@pytest.mark.parametrize("n_in", [1, 33, 65, 129])
+def test_widths_one_past_a_group_round_trip(name, n_in):
+    """A row one column past a whole number of groups (of 32 or 64) gets a whole padded group:
+    the declared parts hold it, dequantize gives the weight's shape back, within the bound."""
+    fmt = get_format(name)
+    w = torch.randn(64, n_in, generator=torch.Generator().manual_seed(n_in))
+    parts = fmt.quantize(w)
+    declared = {p.name: (p.shape, p.dtype) for p in fmt.parts((64, n_in), w.dtype)}
+    assert {k: (tuple(v.shape), v.dtype) for k, v in parts.items()} == declared
+    w_hat = fmt.dequantize(parts, (64, n_in), torch.float32)
+    assert w_hat.shape == w.shape
+    assert ((w_hat - w).norm() / w.norm()).item() <= BOUNDS[name]
+
+
+def test_int8_scale_is_absmax_over_127_and_uses_the_whole_code_range():
+    fmt = get_format("int8")
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    parts = fmt.quantize(w)
+    absmax = w.reshape(16, 4, 64).abs().amax(-1)
+    assert torch.equal(parts["scale"], (absmax / 127).half())
+    q = parts["q"].reshape(16, 4, 64)
+    assert (q.abs().amax(-1) == 127).all() and int(q.min()) >= -127  # the absmax of each group at +-127
+
+
+def test_int4_scale_and_zero_are_the_groups_min_max_range():
+    fmt = get_format("int4")
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
+    parts = fmt.quantize(w)
+    wg = w.reshape(16, 4, 64)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    assert torch.equal(parts["scale"], ((hi - lo) / 15).half()) and torch.equal(parts["zero"], lo.half())
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int3", "int2"])
+def test_padding_is_zeros_also_for_weights_smaller_than_one(name):
+    """The pad columns are zeros, whatever the weights (here all well inside [-1, 1], where
+    padding with any other value would widen the last group's range)."""
+    fmt = get_format(name)
+    w = 0.1 * torch.randn(8, 100, generator=torch.Generator().manual_seed(4))
+    padded = torch.nn.functional.pad(w, (0, 28))
+    got = fmt.dequantize(fmt.quantize(w), (8, 100), torch.float32)
+    want = fmt.dequantize(fmt.quantize(padded), (8, 128), torch.float32)[:, :100]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("name", "std"), [("int8", 1e-4), ("int4", 1e-6)])
+def test_weights_too_small_for_a_normal_fp16_scale_do_not_wrap(name, std):
+    """When a group's scale is an fp16 subnormal (few significant bits), w / scale can pass
+    the code range: the codes are clamped there, never wrapped around to the other end."""
+    fmt = get_format(name)
+    for seed in range(3):
+        w = torch.randn(64, 128, generator=torch.Generator().manual_seed(seed)) * std
+        w_hat = fmt.dequantize(fmt.quantize(w), (64, 128), torch.float32)
+        wg, err = w.reshape(64, 2, 64), (w_hat - w).reshape(64, 2, 64).abs()
+        assert (err <= 0.25 * (wg.amax(-1) - wg.amin(-1))[..., None]).all()
+        if name == "int8":  # symmetric: a code never has the other sign than its weight
+            assert (w_hat * w >= 0).all()
+
+
+def test_available_and_get_format_load_the_builtins_in_a_fresh_interpreter():
+    """The built-in formats are there on the first call, also when a custom format was
+    registered before them (a plugin registering first must not hide int4 and the rest)."""
+    first = "from quant import available_formats; print(' '.join(available_formats()))"
+    custom = (
+        "from quant import available_formats, get_format, register_format;"
+        "register_format('mine', object); print(type(get_format('int4')).__name__, ' '.join(available_formats()))"
+    )
+    run = [
+        subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True)
+        for c in (first, custom)
+    ]
+    assert set(run[0].stdout.split()) >= {"none", "int8", "int4", "int3", "int2", "nf4"}
+    out = run[1].stdout.split()
+    assert out[0] == "GroupwiseInt" and set(out[1:]) >= {"mine", "int4", "nf4"}
