@@ -41,6 +41,12 @@ class Checkpoint:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path} is not valid JSON ({exc.msg}, line {exc.lineno})",
                                   hint="re-download or repair config.json") from None  # fmt: skip
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{config_path} is not valid JSON (not UTF-8 text)",
+                                  hint="re-download or repair config.json") from None  # fmt: skip
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{config_path} is not a JSON object (it holds a {type(self.config).__name__})",
+                                  hint="re-download or repair config.json")  # fmt: skip
         self._handles: dict[str, Any] = {}
 
     @cached_property
@@ -48,7 +54,15 @@ class Checkpoint:
         """Tensor name -> shard file (read on first use, so config errors come first)."""
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            wm = json.loads(index.read_text())["weight_map"]
+            try:
+                wm = json.loads(index.read_bytes())["weight_map"]
+                if not isinstance(wm, dict) or not all(isinstance(f, str) for f in wm.values()):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, no weight_map of names
+                raise CheckpointError(
+                    f"{index} is not a safetensors index (JSON with a weight_map of tensor names to shard files)",
+                    hint="finish the download (hf download REPO) or copy model.safetensors.index.json again",
+                ) from None
             missing = sorted({f for f in wm.values() if not (self.path / f).is_file()})
             if missing:
                 raise CheckpointError(
@@ -95,7 +109,10 @@ class Checkpoint:
         try:
             shard = self.weight_map[key]
         except KeyError:
-            raise CheckpointError(f"tensor '{key}' is not in the checkpoint at {self.path}") from None
+            raise CheckpointError(
+                f"tensor '{key}' is not in the checkpoint at {self.path}",
+                hint="the checkpoint and its config.json do not match, or the download is incomplete; re-download it",
+            ) from None
         h = self._handles.get(shard)
         if h is None:
             h = self._handles[shard] = _open_shard(self.path / shard)

@@ -85,7 +85,8 @@ class ModelSpec:
 def _reject_quantized(config: dict) -> None:
     qc = config.get("quantization_config")
     if qc:
-        method = qc.get("quant_method", "a quantized format")
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        method = method or "a quantized format"
         raise CheckpointError(
             f"this checkpoint is stored in {method}; promoe converts bf16, fp16 or fp32 checkpoints",
             hint="use the unquantized release (for gpt-oss-20b: unsloth/gpt-oss-20b-BF16), "
@@ -100,14 +101,28 @@ def describe_model(ckpt: Checkpoint, *, weights: bool = True) -> ModelSpec:
 
     arch = get_arch(ckpt.config.get("model_type"))
     _reject_quantized(ckpt.config)
-    config = AutoConfig.from_pretrained(ckpt.path)
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a field transformers cannot take
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"transformers cannot read {ckpt.path / 'config.json'} ({first})",
+                              hint="re-download or repair config.json") from None  # fmt: skip
+    # transformers takes any torch attribute for a dtype ("dtype": "e" is the number torch.e)
+    if getattr(config, "dtype", None) is not None and not isinstance(config.dtype, torch.dtype):
+        name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+        raise CheckpointError(
+            f"config.json names an unknown dtype '{name}'", hint="use bfloat16, float16 or float32"
+        )
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         meta = AutoModelForCausalLM.from_config(config)
     layers = meta.model.layers
     moe_layers = [i for i, layer in enumerate(layers) if hasattr(getattr(layer, "mlp", None), "experts")]
     if not moe_layers:
-        raise CheckpointError(f"{ckpt.path} has no MoE layers (no mlp.experts in any decoder layer)")
+        raise CheckpointError(
+            f"{ckpt.path} has no MoE layers (no mlp.experts in any decoder layer)",
+            hint="promoe offloads the experts of Mixture-of-Experts models; a dense model needs no promoe",
+        )
     experts = layers[moe_layers[0]].mlp.experts
     transposed = bool(getattr(experts, "is_transposed", False))
     num_experts, a, b = experts.gate_up_proj.shape
