@@ -156,15 +156,16 @@ def budget_for_fraction(ref: str | None, base: LoadOptions, fraction: float) -> 
 
 
 class BusyMachineWarning(UserWarning):
-    """Calibration timings varied so much that something else is using the machine."""
+    """Something else is using the machine: calibration timings varied widely, or other
+    processes used a large share of the CPU while they were taken."""
 
 
 def calibrate_link(ref: str | None, base: LoadOptions, ratio: float = 4.0) -> tuple[float, float]:
     """An emulated link on which one expert copy takes ``ratio`` times one expert's decode compute.
 
     Times one expert (random weights of the model's expert shape, in the run's format) on
-    one token, median of the runs after 10 of warm-up (60 runs, and half a second at least). Returns (bytes per second, compute seconds);
-    warns (BusyMachineWarning) when the median is over twice the fastest run, or, on the
+    one token: the median of the runs after 10 of warm-up (60 runs, and half a second at
+    least). Returns (bytes per second, compute seconds); warns (BusyMachineWarning) when the median is over twice the fastest run, or, on the
     CPU, when other processes used over a quarter of the machine's CPU time meanwhile (a
     load that never lets up slows every run alike, which the spread cannot show).
     """
