@@ -115,7 +115,11 @@ class ChatSession:
             return True
         if text.startswith("/") and not text.startswith("//"):
             return self.command(text)
-        self.answer(text[1:] if text.startswith("//") else unquote(line))
+        message = text[1:] if text.startswith("//") else unquote(line)
+        if not message.strip():  # an empty triple-quoted block: nothing to answer
+            err.print('[dim]empty message, nothing sent (a message goes between the """ quotes)[/]')
+            return True
+        self.answer(message)
         return True
 
     # -- slash commands --------------------------------------------------------------

@@ -563,3 +563,11 @@ def test_a_layer_with_no_uses_has_no_hit_rate():
     console.print(stats_table(stats, {0: 2, 1: 2}))
     rows = {line.split()[0]: line.split() for line in console.export_text().splitlines() if line.strip()}
     assert rows["0"][6] == "–" and rows["1"][6] == "100%"
+
+
+@pytest.mark.parametrize("block", ['""""""', '"""\n\n"""', '"""   """'])
+def test_an_empty_quoted_block_sends_nothing(lm, calls, capsys, block):
+    session = chat(lm, block, "hi")
+    assert len(calls) == 1 and calls[0]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hi")))
+    assert session.conversation.num_turns == 1
+    assert "empty message, nothing sent" in capsys.readouterr().err
