@@ -110,6 +110,11 @@ def chat(
                 f"--top-p {top_p:g} is outside (0, 1]: it must be more than 0 and at most 1",
                 hint="0.95 is usual; for greedy decoding use -t 0",
             )
+        if prompt is not None and not prompt.strip():  # before loading: there is nothing to complete
+            raise UsageError(
+                "--prompt is empty: there is no text to complete",
+                hint='give it some, e.g. --prompt "def fibonacci(n):", or leave --prompt out to chat',
+            )
         from promoe_cli.loading import check_output_file
 
         for path, flag in ((stats_json, "--stats-json"), (trace_out, "--trace-out")):

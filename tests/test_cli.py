@@ -198,6 +198,16 @@ def test_bad_option_values_are_one_line(tiny_model, args, needle):
     one_line_error(invoke("chat", tiny_model("mixtral"), *args, "--prompt", "x"), 2, needle)
 
 
+@pytest.mark.parametrize("prompt", ["", "  ", "\n\t"])
+def test_an_empty_prompt_is_refused_before_loading(tiny_model, prompt, monkeypatch):
+    import promoe_cli.loading
+
+    monkeypatch.setattr(promoe_cli.loading, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    r = invoke("chat", tiny_model("mixtral"), "--prompt", prompt, "--no-chat-template")
+    one_line_error(r, 2, "--prompt is empty")
+    assert "leave --prompt out to chat" in r.stderr and r.stdout == ""
+
+
 def test_unwritable_output_paths_are_one_line(tiny_model, tmp_path, monkeypatch):
     from promoe_cli.loading import check_output_file
 
