@@ -342,6 +342,28 @@ def test_a_missing_tokenizer_is_reported_before_the_experts_are_converted(arch, 
     one_line_error(invoke("chat", bad, "--prompt", "x", "-n", 2), 3, "could not load the tokenizer")
 
 
+def test_a_tokenizer_of_vocab_json_and_merges_txt_is_found(tiny_model, tmp_path):
+    """A Qwen-style folder whose BPE is vocab.json and merges.txt (no tokenizer.json) has
+    a tokenizer: it loads with the whole vocabulary, round-trips text, and chats."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from runtime.loader import load_tokenizer
+
+    src, bpe = tiny_model("qwen2_moe"), tmp_path / "bpe"
+    shutil.copytree(src, bpe)
+    for f in bpe.glob("tokenizer*"):
+        f.unlink()
+    whole = Tokenizer.from_file(str(src / "tokenizer.json"))
+    whole.model.save(str(bpe))  # vocab.json, merges.txt
+    assert not any(bpe.glob("tokenizer*")) and (bpe / "merges.txt").is_file()
+    tok, text = load_tokenizer(bpe), "def fibonacci(n):\n    return n"
+    assert len(tok) == whole.get_vocab_size() and tok.decode(tok(text)["input_ids"]) == text
+    r = invoke("chat", bpe, "--prompt", "def", "-n", 2, "-t", 0, "--no-chat-template")
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [(["chat", "--context", "-1"], "Invalid value for '--context': it must be 16 or more"),
