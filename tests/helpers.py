@@ -1,8 +1,13 @@
-"""Shared test helpers: a reference transformers model, and a budget holding N slots per layer."""
+"""Shared test helpers: a reference transformers model, a budget holding N slots per layer,
+and a Ctrl-C at a chosen line."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -44,3 +49,30 @@ def greedy_ids(model, prompt: list[int], n: int) -> list[int]:
         x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
     )
     return out[0, len(prompt) :].tolist()
+
+
+@contextmanager
+def interrupt_at_line(n: int, filename: str) -> Iterator[SimpleNamespace]:
+    """Raise KeyboardInterrupt at the ``n``-th line run in files whose name ends with
+    ``filename`` inside the block, as a Ctrl-C landing there would; the interrupt ends the
+    block, and the yielded object's ``finished`` says whether the block ran to its end
+    first (then ``n`` is past the last line it reaches)."""
+    run = SimpleNamespace(finished=False, lines=0)
+
+    def tracer(frame, event, arg):
+        if not frame.f_code.co_filename.endswith(filename):
+            return None
+        if event == "line":
+            run.lines += 1
+            if run.lines == n:
+                raise KeyboardInterrupt
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        yield run
+        run.finished = True
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)

@@ -13,13 +13,13 @@ be cancelled, wherever Ctrl-C lands.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import pytest
 import torch
 
 from runtime import transfer
 from runtime.transfer import CudaStreamCopy
+from tests.helpers import interrupt_at_line
 
 
 class FakeGPU:
@@ -207,25 +207,8 @@ def test_cuda_stream_copy_survives_an_interrupt_at_every_line(gpu):
         eng = engine(window=1, window_bytes=0)
         srcs, dsts = rows(5)
         held: list = []
-        count = {"lines": 0}
-
-        def tracer(frame, event, arg, count=count, n=n):
-            if frame.f_code.co_filename.endswith("transfer.py"):
-                if event == "line":
-                    count["lines"] += 1
-                    if count["lines"] == n:
-                        raise KeyboardInterrupt
-                return tracer
-            return None
-
-        sys.settrace(tracer)
-        try:
+        with interrupt_at_line(n, "transfer.py") as run:
             scenario(eng, srcs, dsts, held)
-            finished = True
-        except KeyboardInterrupt:
-            finished = False
-        finally:
-            sys.settrace(None)
         for t in held:
             if not t.urgent:
                 eng.cancel(t)
@@ -236,7 +219,7 @@ def test_cuda_stream_copy_survives_an_interrupt_at_every_line(gpu):
             else:
                 assert eng.is_done(t), f"interrupt at line {n}: copy {i} never completes"
                 assert torch.equal(dsts[i], srcs[i])
-        if finished:
+        if run.finished:
             break
         interrupted_runs += 1
         assert n < 2000

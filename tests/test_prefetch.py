@@ -10,7 +10,7 @@ import torch
 
 from runtime.generate import SamplingConfig, generate
 from runtime.transfer import EmulatedLink, chunk_bounds
-from tests.helpers import greedy_ids, load_small, reference_model
+from tests.helpers import greedy_ids, interrupt_at_line, load_small, reference_model
 
 PROMPT = [5, 17, 42, 99, 7, 128, 64, 3, 250, 11]
 
@@ -292,7 +292,6 @@ def test_emulated_link_survives_an_interrupt_at_every_line():
     hang), every copy the caller holds is either cancelled with its slot untouched or done
     with its bytes in place, and a copy whose submit was interrupted still lands before
     synchronize returns (its slot may be reused next)."""
-    import sys
 
     def scenario(link, clock, srcs, dsts, held):
         for i in range(4):
@@ -311,25 +310,8 @@ def test_emulated_link_survives_an_interrupt_at_every_line():
         srcs = [torch.full((4096,), float(i + 1)) for i in range(4)]  # 16 KiB: prefetches in 4 pieces
         dsts = [torch.zeros(4096) for _ in range(4)]
         held = []
-        count = {"lines": 0}
-
-        def tracer(frame, event, arg, count=count, n=n):
-            if frame.f_code.co_filename.endswith("transfer.py"):
-                if event == "line":
-                    count["lines"] += 1
-                    if count["lines"] == n:
-                        raise KeyboardInterrupt
-                return tracer
-            return None
-
-        sys.settrace(tracer)
-        try:
+        with interrupt_at_line(n, "transfer.py") as run:
             scenario(link, clock, srcs, dsts, held)
-            finished = True
-        except KeyboardInterrupt:
-            finished = False
-        finally:
-            sys.settrace(None)
         link.synchronize()
         for i, t in enumerate(held):
             if t.state == "cancelled":
@@ -338,7 +320,7 @@ def test_emulated_link_survives_an_interrupt_at_every_line():
                 assert t.state == "done" and torch.equal(dsts[i], srcs[i])
         for i in range(len(held), 4):  # submitted (maybe) but never handed back
             assert torch.equal(dsts[i], srcs[i]) or not dsts[i].any()
-        if finished:
+        if run.finished:
             break
         interrupted_runs += 1
         assert n < 2000
