@@ -292,6 +292,16 @@ def test_fit_drops_oldest_turns_and_keeps_the_system_prompt():
         fit_to_context(conv, words, limit=5, max_new_tokens=5)
 
 
+def test_a_prompt_too_long_says_how_far_the_context_can_grow():
+    assert PromptTooLongError(50, 40, model_max=4096).hint.endswith(
+        "a larger --context, up to 4096 (it costs KV-cache memory)"
+    )
+    assert "up to" not in PromptTooLongError(50, 40).hint  # the model does not say how far it attends
+    assert PromptTooLongError(50, 4096, model_max=4096).hint == (
+        "send a shorter message: 4096 tokens is all this model can attend to"
+    )
+
+
 def test_turns_dropped_leave_a_quarter_of_the_context_free_where_they_can():
     """Dropping just enough would drop a turn at every turn from then on, and each time the
     conversation would be computed again: enough go to leave a quarter of the context free."""
@@ -301,6 +311,8 @@ def test_turns_dropped_leave_a_quarter_of_the_context_free_where_they_can():
     assert fit.dropped_turns == 2 and len(fit.prompt_ids) == 18  # 18 + 8 + 10 (a quarter) <= 40
     fit = fit_to_context(conv, words, limit=30, max_new_tokens=8)  # two would fit: 18 + 8 <= 30
     assert fit.dropped_turns == 3 and len(fit.prompt_ids) == 10  # 10 + 8 + 7 <= 30
+    fit = fit_to_context(conv, words, limit=35, max_new_tokens=8)  # a quarter of 35, rounded down: 8
+    assert fit.dropped_turns == 2 and len(fit.prompt_ids) == 18  # 18 + 8 + 8 <= 35; a third (11) is not
     long_last = msgs(*turns, ("user", "m " * 11))  # 32 + 12 tokens
     fit = fit_to_context(long_last, words, limit=40, max_new_tokens=20)  # a quarter free: not possible
     assert fit.dropped_turns == 3 and len(fit.prompt_ids) == 20  # so the fewest that fit: 20 + 20 <= 40
@@ -322,7 +334,9 @@ def test_conversation_turns():
     fit = conv.prepare(words, limit=16, max_new_tokens=4)  # one must go; two leave a quarter free
     assert fit.dropped_turns == 2 and conv.messages() == msgs(("user", "c"), ("assistant", "C"), ("user", "d"),
                                                               system="s")  # fmt: skip
+    conv.retract()  # the unanswered message goes; an answer that came is never taken back
     conv.retract()
+    assert conv.messages() == msgs(("user", "c"), ("assistant", "C"), system="s")
     conv.reset()
     assert conv.messages() == msgs(system="s")
     assert split_turns(msgs(("assistant", "x"), ("user", "y"))) == (
