@@ -357,6 +357,32 @@ def test_triple_quoted_blocks_in_pipes():
         read()
 
 
+def test_pipe_blocks_opened_alone_left_open_and_crlf_lines():
+    read = line_reader(io.StringIO('"""\nfirst\n"""\nwindows\r\n"""unclosed\nrest'))
+    assert unquote(read()) == "first"  # quotes alone on their line open the block
+    assert read() == "windows"  # a CRLF line ends without its \r
+    assert unquote(read()) == "unclosed\nrest"  # the input ended inside the block: what came is sent
+    with pytest.raises(EOFError):
+        read()
+
+
+def test_tab_completes_slash_commands_and_settings():
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    with create_pipe_input() as pipe:
+        session = make_prompt_session({"/set": "change a setting", "/stats": "the cache", "/quit": "leave"},
+                                      input=pipe, output=DummyOutput())  # fmt: skip
+
+        def names(text):
+            return [c.text for c in session.completer.get_completions(Document(text), None)]
+
+        assert names("/s") == ["/set", "/stats"] and names("/ST") == ["/stats"]
+        assert names("/set t") == ["temperature", "top-p"] and names("/set max") == ["max-new-tokens"]
+        assert names("hello /s") == [] and names("/s\n") == [] and names("/stats x") == []
+
+
 def test_prompt_keys_enter_sends_alt_enter_adds_a_line():
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
