@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -27,9 +28,11 @@ def lm(tiny_dir):
 
 
 def test_events_stream_text_and_live_stats(lm):
+    t0 = time.perf_counter()
     events = list(
         stream_generate(lm, PROMPT, SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True))
     )
+    wall = time.perf_counter() - t0
     tokens, done = events[:-1], events[-1]
     assert all(isinstance(e, TokenEvent) for e in tokens) and isinstance(done, DoneEvent)
     assert len(tokens) == 10 and done.finish_reason == "length"
@@ -41,6 +44,8 @@ def test_events_stream_text_and_live_stats(lm):
     s = done.stats
     assert s.prompt_tokens == len(PROMPT) and s.hits + s.late + s.misses == s.uses
     assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0 and s.ttft_s > 0
+    # durations of this run, from its start: they fit in the time the call took
+    assert s.ttft_s == s.prefill_s and s.prefill_s + s.decode_s <= wall
     # rates over what each phase computed: the prompt's tokens, and the 9 tokens after the first
     assert s.prefill_tokens_per_s == pytest.approx(len(PROMPT) / s.prefill_s)
     assert s.decode_tokens_per_s == pytest.approx(9 / s.decode_s)
@@ -139,6 +144,26 @@ def test_a_prompt_cache_computes_only_the_new_tokens(lm):
     assert second.stats.prefill_tokens_per_s == pytest.approx(4 / second.stats.prefill_s)  # computed ones
 
 
+def test_should_stop_is_polled_before_each_prefill_chunk_and_decode_step(lm):
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = generate(lm, PROMPT, cfg).token_ids
+
+    def run(polls_before_stop: int):
+        polls = []
+        fed, handle = _count_fed(lm.model)
+        try:
+            events = list(stream_generate(lm, PROMPT, cfg, prefill_chunk=3,
+                                          should_stop=lambda: polls.append(1) or len(polls) > polls_before_stop))  # fmt: skip
+        finally:
+            handle.remove()
+        assert events[-1].finish_reason == "interrupted"
+        return fed, events[-1].token_ids
+
+    assert run(2) == ([3, 3], [])  # the prompt's 8 tokens go in chunks of 3: stopped before the third
+    assert run(3 + 2) == ([3, 3, 2, 1, 1], want[:3])  # three tokens sampled, two fed back
+    assert generate(lm, PROMPT, cfg).token_ids == want  # and the model goes on as before
+
+
 def test_a_prompt_cache_is_dropped_when_a_forward_is_cut_off(lm):
     cfg = SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True)
     want = generate(lm, PROMPT, cfg)
@@ -172,6 +197,62 @@ def test_a_prompt_cache_whose_layers_disagree_with_its_tokens_starts_afresh(lm):
     second = generate(lm, follow, cfg, prompt_cache=pc)
     assert second.stats.cached_prompt_tokens == 0
     assert second.token_ids == generate(lm, follow, cfg).token_ids
+
+
+def test_a_chats_trace_numbers_tokens_by_their_place_in_the_conversation(tiny_model, tmp_path):
+    """With a prompt cache, a turn's trace starts at the first token it computes, numbered
+    as in the whole conversation: the records a fresh run of that prompt gives from there."""
+    from runtime.trace import TraceWriter, read_trace
+
+    lm = load_small(tiny_model("mixtral"), trace=True)
+    cfg = SamplingConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
+
+    def traced(name, ids, **kw):
+        writer = TraceWriter(tmp_path / name)
+        try:
+            done = generate(lm, ids, cfg, trace=writer, **kw)
+        finally:
+            writer.close()
+        return done, read_trace(tmp_path / name)
+
+    pc = PromptCache(lm.model)
+    first, _ = traced("turn1.jsonl", PROMPT, prompt_cache=pc)
+    follow = PROMPT + first.token_ids + [11, 12, 13]
+    second, turn2 = traced("turn2.jsonl", follow, prompt_cache=pc)
+    _, fresh = traced("fresh.jsonl", follow)
+    cached = second.stats.cached_prompt_tokens
+    assert cached == len(PROMPT) + 4
+    fed = range(cached, len(follow) + len(second.token_ids) - 1)  # the last token is never fed
+    assert sorted({r.token for r in turn2}) == list(fed)
+    want = [r for r in fresh if r.token >= cached]
+    assert [(r.token, r.layer, r.experts) for r in turn2] == [(r.token, r.layer, r.experts) for r in want]
+    for got, ref in zip(turn2, want, strict=True):
+        assert got.weights == pytest.approx(ref.weights, abs=1e-4)
+
+
+def test_a_forward_cut_off_leaves_nothing_in_the_next_trace(tiny_model, tmp_path):
+    from runtime.trace import TraceWriter, read_trace
+
+    lm = load_small(tiny_model("mixtral"), trace=True)
+    cfg = SamplingConfig(max_new_tokens=3, temperature=0, ignore_eos=True)
+
+    def cut(layer, hidden):
+        if layer == lm.spec.moe_layers[1]:  # the first MoE layer was recorded, the rest never ran
+            raise KeyboardInterrupt
+
+    writer = TraceWriter(tmp_path / "cut.jsonl")
+    lm.runtime.hooks.append(cut)
+    try:
+        assert generate(lm, PROMPT, cfg, trace=writer).finish_reason == "interrupted"
+    finally:
+        lm.runtime.hooks.remove(cut)
+    generate(lm, PROMPT, cfg, trace=writer)
+    writer.close()
+    writer = TraceWriter(tmp_path / "fresh.jsonl")
+    generate(lm, PROMPT, cfg, trace=writer)
+    writer.close()
+    got, want = read_trace(tmp_path / "cut.jsonl"), read_trace(tmp_path / "fresh.jsonl")
+    assert [(r.token, r.layer, r.experts) for r in got] == [(r.token, r.layer, r.experts) for r in want]
 
 
 def test_stall_measured_after_the_fact_belongs_to_its_own_run(lm, monkeypatch):
@@ -209,6 +290,26 @@ def test_detokenizer_never_splits_a_character(lm):
     pieces = [d.add(i) for i in ids]
     assert "".join(pieces) == tok.decode(ids) == "héllo wörld → ok"
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_a_special_token_mid_answer_keeps_the_space_of_the_next_word():
+    """SentencePiece-style tokenizers (Mixtral's) drop the leading space of a word decoded
+    on its own; a special token that decodes to nothing must not become the point the
+    next word is decoded from."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "[INST]": 1, "▁hello": 2, "▁world": 3, "▁again": 4}
+    sp = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=sp, unk_token="<unk>", additional_special_tokens=["[INST]"]
+    )
+    ids = [2, 1, 3, 4]
+    d = _Detokenizer(tok)
+    pieces = [d.add(i) for i in ids]
+    assert pieces == ["hello", "", " world", " again"]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
 
 
 def test_interrupts_anywhere_never_corrupt_the_cache(tiny_model):
