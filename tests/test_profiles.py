@@ -312,6 +312,27 @@ def test_profile_device_writes_a_profile_that_plan_finds(tiny_model, home):
     assert json.loads(r.stdout)["budget"] == p.device_memory
 
 
+def test_probe_figures_follow_the_stated_conventions(monkeypatch):
+    """With every timed call taking 0.5 s, each figure is its formula: bytes of the largest
+    copy a second, read + write of a device copy, 2 n^3 flops of a matmul, weights dequantized."""
+    from runtime import device_probe
+
+    fns = []
+    monkeypatch.setattr(device_probe, "median_seconds", lambda fn, *a: fns.append(fn) or 0.5)
+    s = device_probe.QUICK
+    r = device_probe.probe_device("cpu", s)
+    assert fns and all(c.pinned is False and c.seconds == 0.5 for c in r.copies)
+    assert [c.size for c in r.copies] == list(s.sizes) and r.latency == 0.5
+    assert r.device_bandwidth == 2 * max(s.sizes) / 0.5
+    assert r.matmul_flops == 2 * s.matmul_n**3 / 0.5 and r.matmul_dtype == "float32"
+    n = s.dequant_shape[0] * s.dequant_shape[1]
+    assert r.dequant and all(rate == n / 0.5 for rate in r.dequant.values())
+    prof = r.to_profile("fake")
+    assert prof.figures["link_bandwidth"].value == max(s.sizes) / 0.5
+    assert prof.figures["reserved_memory"].value == r.device_memory - r.device_free
+    assert prof.figures["compute"].value == r.matmul_flops and prof.dequant == r.dequant
+
+
 def test_profile_device_json_and_bad_name():
     r = invoke("profile-device", "--quick", "--json")
     assert r.exit_code == 0, r.output
