@@ -74,6 +74,17 @@ def _hf_cached(repo_id: str) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+def _is_repo_id(ref: str) -> bool:
+    """``org/name`` as the Hub spells repo ids (a path with a space, say, is not one)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _hf_cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -123,7 +134,7 @@ def resolve_model(ref: str | None) -> ResolvedModel:
             hint=f"download it once with: hf download {repos[0]}  (promoe never downloads by itself)"
             + _plan_first(ref),
         )
-    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1:
+    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and _is_repo_id(ref):
         path = _hf_cached(ref)
         if path is not None:
             return ResolvedModel(path, "hf-cache", ref)

@@ -6,6 +6,7 @@ cache, default), and every way a checkpoint, its config.json, its tokenizer or a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_a_folder_without_config_json_is_a_missing_model(tmp_path):
         Checkpoint(tmp_path / "weights")
 
 
-@pytest.mark.parametrize("ref", ["./nope", "~/nope", "a/b/c"])
+@pytest.mark.parametrize("ref", ["./nope", "~/nope", "a/b/c", "my models/mixtral", "x/.."])
 def test_a_path_that_is_not_there_is_not_taken_for_a_repo_id(ref, tmp_path, monkeypatch, hf_cache):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -142,6 +143,30 @@ def test_a_repo_id_not_cached_is_planned_from_its_shipped_config(hf_cache):
     assert known_config("MIXTRAL").path == known_config(INSTRUCT).path  # an alias in any case
 
 
+def test_a_repo_id_promoe_has_no_config_for_is_not_offered_a_plan(hf_cache):
+    r = invoke("chat", "someone/unknown-moe", "--prompt", "x")
+    one_line_error(r, 2, "hf download someone/unknown-moe, or pass a local directory")
+    assert "promoe plan" not in r.stderr
+    assert (
+        known_config(None) is None
+        and known_config("") is None
+        and known_config("someone/unknown-moe") is None
+    )
+
+
+def test_every_alias_in_the_readme_is_one_and_finds_its_first_model():
+    """The README's alias table and ALIASES say the same: each name on a row is an alias
+    whose first repo is the row's first model, and no alias is missing from the table."""
+    from runtime.resolve import ALIASES, SOURCE_ROOT
+
+    rows = re.findall(r"^\| (`[^|]+`) \| ([\w.-]+/[\w.-]+)", (SOURCE_ROOT / "README.md").read_text(), re.M)
+    listed = {name: repo for names, repo in rows for name in re.findall(r"`([^`]+)`", names)}
+    assert listed and set(listed) == set(ALIASES)
+    for name, repo in listed.items():
+        assert ALIASES[name][1][0] == repo, name
+        assert known_config(name) is not None, name  # and promoe plans it before a download
+
+
 def test_a_default_model_that_is_not_there_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("PROMOE_DEFAULT_MODEL", str(tmp_path / "gone"))
     r = invoke("chat", "--prompt", "x")
@@ -154,13 +179,18 @@ def test_promoe_home_expands_a_tilde(tmp_path, monkeypatch):
     assert promoe_home() == tmp_path / "promoe-home"
 
 
-def test_the_random_fallback_model_is_built_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bundled", ["missing", "without config.json"])
+def test_the_random_fallback_model_is_built_once(tmp_path, monkeypatch, bundled):
+    """Without the bundled model (or with its folder but not its files, as a partial
+    checkout leaves it) promoe builds a random one, once."""
     import runtime.resolve
     import runtime.tiny
 
     built = []
     real = runtime.tiny.build_tiny_model
     monkeypatch.setattr(runtime.tiny, "build_tiny_model", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    if bundled != "missing":
+        (tmp_path / "not-here").mkdir()
     monkeypatch.setattr(runtime.resolve, "BUNDLED_MODEL", tmp_path / "not-here")
     monkeypatch.setenv("PROMOE_HOME", str(tmp_path / "home"))
     first, second = resolve_model(None), resolve_model(None)
