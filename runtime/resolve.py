@@ -134,7 +134,7 @@ def resolve_model(ref: str | None) -> ResolvedModel:
             hint=f"download it once with: hf download {repos[0]}  (promoe never downloads by itself)"
             + _plan_first(ref),
         )
-    if "/" in ref and not ref.startswith((".", "/", "~")) and ref.count("/") == 1 and _is_repo_id(ref):
+    if "/" in ref and _is_repo_id(ref):  # org/name: not a path (./x, ~/x, /x, a/b/c) nor "my models/x"
         path = _hf_cached(ref)
         if path is not None:
             return ResolvedModel(path, "hf-cache", ref)

@@ -114,7 +114,7 @@ def test_a_folder_without_config_json_is_a_missing_model(tmp_path):
         Checkpoint(tmp_path / "weights")
 
 
-@pytest.mark.parametrize("ref", ["./nope", "~/nope", "a/b/c", "my models/mixtral", "x/.."])
+@pytest.mark.parametrize("ref", ["./nope", "~/nope", "a/b/c", "my models/mixtral", "x/..", "nope-model"])
 def test_a_path_that_is_not_there_is_not_taken_for_a_repo_id(ref, tmp_path, monkeypatch, hf_cache):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
