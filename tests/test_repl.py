@@ -497,6 +497,33 @@ def test_status_line(lm):
     assert "reading 5 new prompt tokens (45 cached)" in cached
 
 
+def test_the_status_line_counts_one_token_and_colours_the_hit_rate(lm):
+    import dataclasses
+
+    done = generate(lm, encode_messages(lm.tokenizer, msgs(("user", "hi"))), GREEDY)
+
+    def line(**change):
+        return status_text(
+            dataclasses.replace(done.stats, **change), prompt_tokens=5, elapsed=1.0, budget=None
+        )
+
+    assert line(generated_tokens=1).plain.startswith("1 token · ")
+
+    def hit_style(rate):
+        text = line(hit_rate=rate)
+        start = text.plain.index(f"hit rate {rate:.0%}") + len("hit rate ")
+        return {str(span.style) for span in text.spans if span.start <= start < span.end} - {"dim"}
+
+    assert hit_style(0.95) == {"good"} and hit_style(0.5) == {"warn"}
+
+
+def test_model_text_loses_terminal_control_characters_but_keeps_its_layout():
+    from promoe_cli.render import sanitize
+
+    # ESC and the 8-bit CSI (\x9b) both start sequences a terminal obeys; BEL rings it
+    assert sanitize("a\x1b[2Jb\x9b2Jc\x07d\x7f\te\nf") == "a[2Jb2Jcd\te\nf"
+
+
 def test_the_status_line_fits_the_terminal(lm):
     """A status line that wraps leaves a stray row at each redraw: within the width, the
     Ctrl-C reminder goes first, then memory, then prefetch accuracy, then an ellipsis."""
