@@ -199,27 +199,28 @@ def test_a_prompt_cache_whose_layers_disagree_with_its_tokens_starts_afresh(lm):
     assert second.token_ids == generate(lm, follow, cfg).token_ids
 
 
+def _traced(lm, path, ids, cfg, **kw):
+    """Generate with a trace written to ``path``: (the DoneEvent, the records read back)."""
+    from runtime.trace import TraceWriter, read_trace
+
+    writer = TraceWriter(path)
+    try:
+        done = generate(lm, ids, cfg, trace=writer, **kw)
+    finally:
+        writer.close()
+    return done, read_trace(path)
+
+
 def test_a_chats_trace_numbers_tokens_by_their_place_in_the_conversation(tiny_model, tmp_path):
     """With a prompt cache, a turn's trace starts at the first token it computes, numbered
     as in the whole conversation: the records a fresh run of that prompt gives from there."""
-    from runtime.trace import TraceWriter, read_trace
-
     lm = load_small(tiny_model("mixtral"), trace=True)
     cfg = SamplingConfig(max_new_tokens=5, temperature=0, ignore_eos=True)
-
-    def traced(name, ids, **kw):
-        writer = TraceWriter(tmp_path / name)
-        try:
-            done = generate(lm, ids, cfg, trace=writer, **kw)
-        finally:
-            writer.close()
-        return done, read_trace(tmp_path / name)
-
     pc = PromptCache(lm.model)
-    first, _ = traced("turn1.jsonl", PROMPT, prompt_cache=pc)
+    first, _ = _traced(lm, tmp_path / "turn1.jsonl", PROMPT, cfg, prompt_cache=pc)
     follow = PROMPT + first.token_ids + [11, 12, 13]
-    second, turn2 = traced("turn2.jsonl", follow, prompt_cache=pc)
-    _, fresh = traced("fresh.jsonl", follow)
+    second, turn2 = _traced(lm, tmp_path / "turn2.jsonl", follow, cfg, prompt_cache=pc)
+    _, fresh = _traced(lm, tmp_path / "fresh.jsonl", follow, cfg)
     cached = second.stats.cached_prompt_tokens
     assert cached == len(PROMPT) + 4
     fed = range(cached, len(follow) + len(second.token_ids) - 1)  # the last token is never fed
@@ -231,7 +232,7 @@ def test_a_chats_trace_numbers_tokens_by_their_place_in_the_conversation(tiny_mo
 
 
 def test_a_forward_cut_off_leaves_nothing_in_the_next_trace(tiny_model, tmp_path):
-    from runtime.trace import TraceWriter, read_trace
+    from runtime.trace import TraceWriter
 
     lm = load_small(tiny_model("mixtral"), trace=True)
     cfg = SamplingConfig(max_new_tokens=3, temperature=0, ignore_eos=True)
@@ -240,18 +241,15 @@ def test_a_forward_cut_off_leaves_nothing_in_the_next_trace(tiny_model, tmp_path
         if layer == lm.spec.moe_layers[1]:  # the first MoE layer was recorded, the rest never ran
             raise KeyboardInterrupt
 
-    writer = TraceWriter(tmp_path / "cut.jsonl")
+    writer = TraceWriter(tmp_path / "cut.jsonl")  # stays empty: the forward never finished
     lm.runtime.hooks.append(cut)
     try:
         assert generate(lm, PROMPT, cfg, trace=writer).finish_reason == "interrupted"
     finally:
         lm.runtime.hooks.remove(cut)
-    generate(lm, PROMPT, cfg, trace=writer)
-    writer.close()
-    writer = TraceWriter(tmp_path / "fresh.jsonl")
-    generate(lm, PROMPT, cfg, trace=writer)
-    writer.close()
-    got, want = read_trace(tmp_path / "cut.jsonl"), read_trace(tmp_path / "fresh.jsonl")
+        writer.close()
+    _, got = _traced(lm, tmp_path / "next.jsonl", PROMPT, cfg)
+    _, want = _traced(lm, tmp_path / "fresh.jsonl", PROMPT, cfg)
     assert [(r.token, r.layer, r.experts) for r in got] == [(r.token, r.layer, r.experts) for r in want]
 
 
