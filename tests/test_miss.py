@@ -75,9 +75,9 @@ def test_host_misses_are_exact(tiny_model):
     lm = load_small(path, quant="none", slots_per_layer=2, predictor="none", host_misses=True,
                     link_bandwidth=1e6, link_latency=1e-3)  # fmt: skip
     try:
-        assert lm.runtime.miss_handler.cost.copy_s(
-            lm.store.layout.nbytes
-        ) > lm.runtime.miss_handler.cost.host_s(1)
+        cost = lm.runtime.miss_handler.cost
+        assert (cost.link_bandwidth, cost.link_latency) == (1e6, 1e-3)  # the emulated link's, as given
+        assert cost.copy_s(lm.store.layout.nbytes) > cost.host_s(1)
         with torch.no_grad():
             got = lm.model(ids).logits
             after_prefill = lm.cache.stats.total().cpu_computed
@@ -87,6 +87,14 @@ def test_host_misses_are_exact(tiny_model):
         assert 0 < after_prefill < st.cpu_computed and st.uses == st.hits + st.late + st.misses
     finally:
         lm.close()
+
+
+def test_load_model_refuses_low_bit_copies_no_smaller_than_the_experts(tiny_model):
+    """The library's own check, not only the CLI's: bench's low-bit row loads through it."""
+    from runtime.errors import UsageError
+
+    with pytest.raises(UsageError, match="no smaller than the experts"):
+        load_small(tiny_model("mixtral"), quant="int4", slots_per_layer=2, low_bit="int8")
 
 
 def test_low_bit_copies_serve_low_weight_misses_with_bounded_error(tiny_model):

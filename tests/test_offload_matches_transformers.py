@@ -88,6 +88,8 @@ def test_cpu_without_a_budget_reads_experts_in_place(arch, tiny_model):
             lm.plan.in_place and lm.plan.cache_bytes == 0 and lm.cache.slots is None and lm.cache.nbytes == 0
         )
         assert lm.runtime.prefetcher is None  # nothing to predict: every expert is resident
+        assert not lm.all_loaded  # nothing was copied into a cache at load: there is none
+        assert not any(p.requires_grad for p in lm.model.parameters())  # inference: no autograd graph
         layer = lm.spec.moe_layers[0]
         row = lm.store.row(layer, 1)
         lm.cache.begin(layer, [1])
@@ -271,3 +273,59 @@ def test_prompt_cache_past_a_sliding_window(tiny_model):
         assert again.stats.cached_prompt_tokens == 0 and again.token_ids == greedy_ids(ref, turn, 6)
     finally:
         lm.close()
+
+
+def test_tied_embeddings_load_without_an_lm_head_in_the_checkpoint(tiny_model):
+    """tie_word_embeddings: the checkpoint has no lm_head.weight; the head is the embedding
+    (one tensor, as transformers ties it) and the logits are the reference's."""
+    from runtime.checkpoint import Checkpoint
+
+    path = tiny_model("qwen2_moe", tie_word_embeddings=True)
+    assert "lm_head.weight" not in Checkpoint(path)
+    ref = reference_model(path)
+    lm = load_small(path, quant="none", slots_per_layer=2, predictor="none")
+    try:
+        assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
+        ids = torch.tensor([PROMPT])
+        with torch.no_grad():
+            want, got = ref(ids).logits, lm.model(ids).logits
+        assert ((got - want).norm() / want.norm()).item() < 1e-4
+    finally:
+        lm.close()
+
+
+def test_half_precision_keeps_transformers_fp32_modules(tiny_model):
+    """In bfloat16, DeepSeek-V3's router and score-correction bias stay float32, as
+    transformers keeps them (_keep_in_fp32_modules_strict): every non-expert tensor has the
+    dtype transformers' own bf16 load gives it."""
+    from transformers import AutoModelForCausalLM
+
+    from runtime.loader import LoadOptions, load_model
+
+    path = tiny_model("deepseek_v3")
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    want = {
+        n: t.dtype for n, t in [*ref.named_parameters(), *ref.named_buffers()] if ".mlp.experts." not in n
+    }
+    lm = load_model(str(path), LoadOptions(quant="none", device="cpu", dtype="bfloat16"))
+    try:
+        got = {n: t.dtype for n, t in [*lm.model.named_parameters(), *lm.model.named_buffers()]}
+        assert torch.float32 in got.values() and torch.bfloat16 in got.values()
+        assert got == want
+    finally:
+        lm.close()
+
+
+def test_load_progress_ends_each_phase_at_its_total(tiny_model, home):
+    """Every phase the load reports (converting experts, the non-expert weights) counts up
+    to its total and ends there, so no bar is left short of full."""
+    from runtime.loader import LoadOptions, load_model
+
+    calls: dict[str, list[tuple[int, int]]] = {}
+    lm = load_model(str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu"),
+                    progress=lambda desc, done, total: calls.setdefault(desc, []).append((done, total)))  # fmt: skip
+    lm.close()
+    assert "Loading non-expert weights" in calls and any(d.startswith("Converting") for d in calls)
+    for desc, seen in calls.items():
+        done = [d for d, _ in seen]
+        assert done == sorted(done) and seen[-1][0] == seen[-1][1] > 0, (desc, seen)
