@@ -42,6 +42,10 @@ def test_every_configuration_reports_every_field(bench_json):
         assert c["speedup_decode_vs_on_demand"] > 0
     assert by_name["cross-layer"]["prediction_precision"]["median"] > 0
     assert by_name["on-demand"]["speedup_decode_vs_on_demand"] == 1.0
+    base = by_name["on-demand"]["decode_tokens_per_s"]["median"]
+    for name in ("resident", "lru", "cross-layer", "transformers"):  # each against on-demand's decode
+        want = by_name[name]["decode_tokens_per_s"]["median"] / base
+        assert by_name[name]["speedup_decode_vs_on_demand"] == pytest.approx(want, rel=1e-6), name
     assert by_name["learned"]["status"] == "skipped" and "train-predictor" in by_name["learned"]["note"]
     assert "--prefetch" not in by_name["learned"]["note"]  # bench has no such option
     assert by_name["accelerate"]["status"] == "skipped" and "CUDA" in by_name["accelerate"]["note"]
@@ -50,13 +54,19 @@ def test_every_configuration_reports_every_field(bench_json):
     assert set(METRICS) <= set(by_name["resident"])
 
 
-def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json):
+def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json, tiny_model):
+    from runtime.bench import budget_for_fraction
+    from runtime.loader import LoadOptions
+
     data, *_ = bench_json
     by_name = {c["name"]: c for c in data["configs"]}
     res, od = by_name["resident"], by_name["on-demand"]
     assert res["hit_rate"]["min"] == 1.0 and res["bytes_per_token"]["max"] == 0
+    assert res["note"] == "upper bound: the emulated budget is lifted"  # on the CPU, said in its row
     assert od["hit_rate"]["max"] == 0.0 and od["bytes_per_token"]["min"] > 0  # no cross-token hits
     assert data["cache_experts"] == "16 of 32"  # --cache-fraction 0.5 by default
+    # the budget emulated on the CPU, though resident (loaded first) lifts it for itself
+    assert data["budget"] == budget_for_fraction(str(tiny_model("mixtral")), LoadOptions(quant="int8"), 0.5)
     assert data["link"].startswith("emulated")
 
 
@@ -426,3 +436,190 @@ def test_cache_fraction_budget_on_cuda_holds_that_fraction(monkeypatch):
     vram = budget_for_fraction(None, base, 0.5)
     plan = plan_load(None, dataclasses.replace(base, vram=vram)).plan
     assert plan.slots == round(0.5 * plan.total_experts), f"{plan.slots} of {plan.total_experts} slots"
+
+
+def test_bench_prompts_are_each_exactly_prompt_len():
+    """A text shorter than every prompt together is repeated until the last prompt is whole."""
+    from runtime.bench import bench_prompts
+
+    def tok(text):
+        return {"input_ids": list(range(100))}
+
+    prompts = bench_prompts(tok, 64, 3)  # 4 prompts of 64 from 100 tokens
+    assert [len(p) for p in prompts] == [64] * 4
+    assert prompts[1] == list(range(64, 100)) + list(range(28))
+
+
+def test_prompt_and_answer_may_fill_the_context_exactly():
+    from runtime.bench import fit_prompt_len
+    from runtime.errors import PromoeError
+
+    assert fit_prompt_len(512, 384, 128) == 384
+    with pytest.raises(PromoeError, match="context of 512 tokens"):
+        fit_prompt_len(512, 385, 128)
+    assert fit_prompt_len(512, None, 511) == 1
+    with pytest.raises(PromoeError, match="leaves no room for a prompt"):
+        fit_prompt_len(512, None, 512)
+
+
+def _stats(**kw):
+    from types import SimpleNamespace
+
+    base = dict(prefill_tokens_per_s=100.0, decode_tokens_per_s=10.0, ttft_s=0.1, hit_rate=0.5,
+                prediction_precision=None, prediction_recall=None, low_bit_loads=0, host_computed=0)  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_decode_figures_exclude_the_prefill(monkeypatch):
+    """Hit rate, bytes and stall per token count from after the first token (the prefill's one
+    invocation per layer touches nearly every expert), per decode step (tokens - 1)."""
+    from types import SimpleNamespace
+
+    import runtime.generate
+    from runtime.bench import _run_promoe
+    from runtime.generate import DoneEvent, TokenEvent
+
+    first = _stats(generated_tokens=1, uses=100, hits=10, bytes_moved=1000, stall_s=0.5)
+    last = _stats(generated_tokens=5, uses=140, hits=40, bytes_moved=1400, stall_s=0.9)
+    reason = "length"
+
+    def fake_stream(lm, prompt, cfg):
+        assert cfg.max_new_tokens == 5 and cfg.temperature == 0 and cfg.ignore_eos
+        yield TokenEvent(text="a", token_id=1, stats=first)
+        yield TokenEvent(text="b", token_id=2, stats=last)
+        yield DoneEvent("ab", [1, 2], reason, last)
+
+    monkeypatch.setattr(runtime.generate, "stream_generate", fake_stream)
+    lm = SimpleNamespace(device=torch.device("cpu"), plan=SimpleNamespace(device_total=123))
+    run = _run_promoe(lm, [1, 2, 3], 5)
+    assert run["decode_hit_rate"] == pytest.approx(30 / 40)
+    assert run["bytes_per_token"] == pytest.approx(400 / 4)
+    assert run["stall_ms_per_token"] == pytest.approx(1e3 * 0.4 / 4)
+    assert (run["hit_rate"], run["uses"], run["hits"], run["peak_device_bytes"]) == (0.5, 140.0, 40.0, 123.0)
+    reason = "interrupted"  # Ctrl-C inside the run: the benchmark stops, it does not time a cut-off run
+    with pytest.raises(KeyboardInterrupt):
+        _run_promoe(lm, [1, 2, 3], 5)
+
+
+def test_each_configuration_loads_with_its_own_options():
+    """The module's table of configurations, as load options."""
+    from runtime.bench import _promoe_options
+    from runtime.loader import LoadOptions
+
+    base = LoadOptions(quant="int8", policy="lru", predictor="learned")
+
+    def opts(name):
+        return _promoe_options(name, base, "arc", 32, 4, low_bit="int3", low_bit_threshold=0.2)
+
+    r = opts("resident")
+    assert (r.predictor, r.max_slots, r.retain) == ("none", 32, True)  # a slot for every expert
+    od = opts("on-demand")
+    assert (od.predictor, od.retain, od.max_slots, od.policy) == ("none", False, 4, "lru")
+    for name in ("lru", "lfu", "arc"):
+        o = opts(name)
+        assert (o.predictor, o.policy, o.low_bit, o.host_misses) == ("none", name, None, False)
+    lb = opts("low-bit")
+    assert (lb.predictor, lb.policy, lb.low_bit, lb.low_bit_threshold, lb.host_misses) == (
+        "cross-layer", "arc", "int3", 0.2, False)  # fmt: skip
+    hm = opts("host-misses")
+    assert (hm.predictor, hm.policy, hm.low_bit, hm.host_misses) == ("cross-layer", "arc", None, True)
+    for name in ("cross-layer", "learned"):
+        o = opts(name)
+        assert (o.predictor, o.policy, o.low_bit, o.host_misses) == (name, "arc", None, False)
+    assert opts("lru").quant == "int8" and base.predictor == "learned"  # the base is copied, not changed
+
+
+def test_cache_fraction_budget_gives_that_share_of_slots(tiny_model):
+    """The budget holds round(fraction * experts) slots beside a profile's reserved memory, and
+    never fewer than one slot per MoE layer."""
+    import dataclasses
+
+    from runtime.bench import budget_for_fraction
+    from runtime.loader import LoadOptions
+    from runtime.memory_plan import plan_load
+
+    path = str(tiny_model("mixtral"))
+    for reserved in (0, 3 << 20):
+        base = LoadOptions(quant="int8", device="cpu", reserved=reserved)
+        for fraction, want in ((0.25, 8), (0.0, 4)):  # 32 experts in 4 MoE layers
+            vram = budget_for_fraction(path, base, fraction)
+            plan = plan_load(path, dataclasses.replace(base, vram=vram)).plan
+            assert (plan.total_experts, plan.slots) == (32, want), (reserved, fraction)
+
+
+def test_link_calibration_sets_a_copy_to_ratio_times_the_median_compute(tiny_model, monkeypatch):
+    """On a fake clock: ten slow warm-up runs are left out, a third of the rest take 1 ms and
+    the others 3 ms. The median is 3 ms, three times the fastest: a spread over 2x is warned of;
+    one expert's copy is set to take ``ratio`` times the median."""
+    import itertools
+    from types import SimpleNamespace
+
+    import runtime.bench as bench
+    import runtime.offload
+    from quant import get_format
+    from runtime.expert_layout import ExpertLayout
+    from runtime.loader import LoadOptions
+    from runtime.memory_plan import plan_load
+
+    clock = SimpleNamespace(now=1e9)  # far past the real clock: the half-second minimum is met at once
+    calls = itertools.count()
+
+    def timed(*args, **kw):
+        n = next(calls)
+        clock.now += 0.1 if n < 10 else (1e-3 if n % 3 == 0 else 3e-3)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(runtime.offload, "expert_mlp", timed)
+    monkeypatch.setattr(bench, "others_cpu_share", lambda before, after: 0.0)
+    path, opts = str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu")
+    with pytest.warns(bench.BusyMachineWarning, match=r"took 1\.00 to 3\.00 ms \(median 3\.00\)"):
+        bandwidth, compute = bench.calibrate_link(path, opts, ratio=5.0)
+    assert compute == pytest.approx(3e-3, rel=1e-4)  # the fake clock counts from 1e9 s
+    nbytes = ExpertLayout(plan_load(path, opts).spec.expert_shape, get_format("int8")).nbytes
+    assert bandwidth == pytest.approx(nbytes / (5.0 * 3e-3), rel=1e-4)
+    assert next(calls) == 60  # 60 runs: the clock says the half second has passed
+
+
+def test_prefetching_configurations_use_the_best_reactive_policy(bench_json):
+    """cross-layer, low-bit and host-misses evict with the reactive policy of the best decode
+    hit rate in the same run (the first on a tie), and say which."""
+    data, *_ = bench_json
+    by_name = {c["name"]: c for c in data["configs"]}
+    rates = {n: by_name[n]["decode_hit_rate"]["median"] for n in ("lru", "lfu", "arc")}
+    best = max(rates, key=rates.get)
+    for name in ("cross-layer", "low-bit", "host-misses"):
+        assert by_name[name]["note"].startswith(f"policy {best}"), (rates, by_name[name]["note"])
+    assert "computed on the host" in by_name["host-misses"]["note"]
+
+
+def test_route_note_gives_each_routes_share_of_uses():
+    from runtime.bench import _route_note
+
+    runs = [
+        {"uses": 10, "low_bit_loads": 2, "host_computed": 5},
+        {"uses": 30, "low_bit_loads": 6, "host_computed": 3},
+    ]
+    assert _route_note(runs) == "20.0% of uses from low-bit copies, 20.0% computed on the host"
+    runs[1]["host_computed"] = 15
+    assert _route_note(runs) == "20.0% of uses from low-bit copies, 50.0% computed on the host"
+    assert _route_note([{"uses": 0, "low_bit_loads": 0, "host_computed": 0}]) == ""
+
+
+def test_resident_is_skipped_when_a_real_budget_cannot_hold_every_expert(tiny_model, monkeypatch):
+    """On a real device (not an emulated budget) resident keeps the budget: with room for a
+    quarter of the experts it is skipped, saying so, and its model is closed."""
+    import runtime.bench as bench
+    from runtime.loader import LoadedModel, LoadOptions
+
+    closed = []
+    real_close = LoadedModel.close
+    monkeypatch.setattr(LoadedModel, "close", lambda self: (closed.append(self.name), real_close(self)))
+    monkeypatch.setattr(bench, "emulated_budget", lambda opts: False)
+    path = str(tiny_model("mixtral"))
+    base = LoadOptions(quant="int8", device="cpu")
+    base.vram = bench.budget_for_fraction(path, base, 0.25)
+    report = bench.run_bench(path, base, ["resident", "lru"], prompt_len=8, gen_len=2, repeats=1)
+    res, lru = report.results
+    assert res.status == "skipped" and res.note == "every expert does not fit the budget (8 of 32 slots)"
+    assert lru.status == "ok" and report.budget == base.vram
+    assert len(closed) == 2  # each configuration's model closed: the skipped one and the one that ran
