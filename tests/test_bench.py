@@ -623,3 +623,49 @@ def test_resident_is_skipped_when_a_real_budget_cannot_hold_every_expert(tiny_mo
     assert res.status == "skipped" and res.note == "every expert does not fit the budget (8 of 32 slots)"
     assert lru.status == "ok" and report.budget == base.vram
     assert len(closed) == 2  # each configuration's model closed: the skipped one and the one that ran
+
+
+def test_transformers_baseline_times_prefill_then_cached_greedy_decode(tiny_model, monkeypatch):
+    """One forward of the prompt, then gen_len - 1 of one token each on the KV cache, feeding
+    transformers' own greedy tokens; on a clock that ticks once per reading, prefill is the
+    prompt's tokens in one tick and decode gen_len - 1 tokens in the next."""
+    from types import SimpleNamespace
+
+    import runtime.baselines as baselines
+    from tests.helpers import greedy_ids, reference_model
+
+    path = tiny_model("mixtral")
+    model = reference_model(path)
+    prompt = [5, 17, 42, 99, 7, 128, 64, 3]
+    want = greedy_ids(reference_model(path), prompt, 6)
+    fed = []
+    model.register_forward_pre_hook(
+        lambda m, args, kw: fed.append(kw["input_ids"][0].tolist()), with_kwargs=True
+    )
+    ticks = iter(range(1, 100))
+    monkeypatch.setattr(baselines, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    run = baselines._run_hf(model, prompt, 6, torch.device("cpu"))
+    assert fed == [prompt] + [[t] for t in want[:5]]
+    assert run["prefill_tokens_per_s"] == len(prompt) and run["ttft_s"] == 1.0
+    assert run["decode_tokens_per_s"] == 5.0
+
+
+def test_transformers_baseline_needs_the_prompts_and_a_budget_for_the_whole_model(tiny_model, monkeypatch):
+    """Alone it has no prompts (it runs after a promoe configuration); under a real budget
+    (not the CPU's emulated one) it runs only if every weight fits; it times ``repeats`` runs."""
+    import runtime.baselines as baselines
+    import runtime.bench as bench
+    from runtime.loader import LoadOptions
+
+    path = str(tiny_model("mixtral"))
+    base = LoadOptions(quant="int8", device="cpu")
+    (alone,) = bench.run_bench(path, base, ["transformers"], prompt_len=8, gen_len=2, repeats=1).results
+    assert alone.status == "skipped" and "runs after a promoe configuration" in alone.note
+    for module in (bench, baselines):
+        monkeypatch.setattr(module, "emulated_budget", lambda opts: False)
+    base.vram = bench.budget_for_fraction(path, base, 0.25)
+    _, hf = bench.run_bench(path, base, ["lru", "transformers"], prompt_len=8, gen_len=2, repeats=2).results
+    assert hf.status == "skipped" and hf.note == "the whole model does not fit the budget"
+    base.vram = 1 << 30
+    _, hf = bench.run_bench(path, base, ["lru", "transformers"], prompt_len=8, gen_len=2, repeats=2).results
+    assert hf.status == "ok" and len(hf.runs) == 2
