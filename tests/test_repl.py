@@ -638,3 +638,53 @@ def test_an_empty_quoted_block_sends_nothing(lm, calls, capsys, block):
     assert len(calls) == 1 and calls[0]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "hi")))
     assert session.conversation.num_turns == 1
     assert "empty message, nothing sent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "want"),
+    [
+        ("Temperature", "0", ("temperature", 0.0)),  # names in any case, short or with _
+        ("temp", "100", ("temperature", 100.0)),
+        ("t", "1.5", ("temperature", 1.5)),
+        ("TOP_P", "1", ("top_p", 1.0)),
+        ("n", "1", ("max_new_tokens", 1)),
+        ("max_tokens", "64", ("max_new_tokens", 64)),
+        ("seed", "0", ("seed", 0)),
+        ("seed", "NONE", ("seed", None)),
+        ("seed", str(2**63 - 1), ("seed", 2**63 - 1)),
+    ],
+)
+def test_set_accepts_each_setting_up_to_its_bounds(name, value, want):
+    from promoe_cli.repl import _parse_setting
+
+    assert _parse_setting(name, value) == want
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("temperature", "100.5"), ("temperature", "-0.1"), ("top-p", "0"), ("max-new-tokens", "0"),
+     ("max-new-tokens", "2.5"), ("seed", "-1"), ("seed", str(2**63)), ("seed", "nothing")],
+)  # fmt: skip
+def test_set_refuses_values_past_the_bounds(name, value):
+    from promoe_cli.repl import SettingError, _parse_setting
+
+    with pytest.raises(SettingError, match=f"must be .*, not '{re.escape(value)}'"):
+        _parse_setting(name, value)
+
+
+def test_commands_in_any_case_quoted_system_prompts_and_extra_words(lm, calls, capsys):
+    """/RESET and /Exit are commands; /system takes a triple-quoted prompt without its quotes and
+    'None' clears it; /set with three words is refused; //text sends '/text'."""
+    session = chat(lm, '/system """be terse"""', "/System", "/system None", "/system", "/set seed 1 2",
+                   "//etc", "/Stats", "/RESET", "/Exit", "never sent")  # fmt: skip
+    err = capsys.readouterr().err
+    assert "system prompt: be terse\n" in err and "system prompt: (none)" in err
+    assert "error: usage: /set NAME VALUE" in err and "forgot 1 turn\n" in err
+    assert "Expert cache since start · 1 answer · " in err
+    assert len(calls) == 1 and lm.tokenizer.decode(calls[0]["ids"]).startswith("<|user|>/etc")
+    assert session.conversation.system is None and session.answers == 1
+
+
+def test_reset_says_the_system_prompt_stays_and_counts_turns(lm, calls, capsys):
+    chat(lm, "hi", "again", "/reset", system="be brief")
+    assert "forgot 2 turns (the system prompt stays)" in capsys.readouterr().err
