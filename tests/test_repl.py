@@ -566,6 +566,7 @@ def test_an_answer_that_fills_the_context_says_so(lm, calls, capsys, monkeypatch
     chat(lm, "hi", sampling=SamplingConfig(max_new_tokens=500, temperature=0, ignore_eos=True))
     done = calls[0]["done"]
     assert done.finish_reason == "context" and len(calls[0]["ids"]) + len(done.token_ids) == 40
+    assert calls[0]["cfg"].max_new_tokens == 40 - len(calls[0]["ids"])  # asked for the room left, not 500
     assert "the context is full at 40 tokens" in capsys.readouterr().err
 
 
@@ -688,3 +689,28 @@ def test_commands_in_any_case_quoted_system_prompts_and_extra_words(lm, calls, c
 def test_reset_says_the_system_prompt_stays_and_counts_turns(lm, calls, capsys):
     chat(lm, "hi", "again", "/reset", system="be brief")
     assert "forgot 2 turns (the system prompt stays)" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_token_or_while_encoding_unsends_the_message(lm, calls, capsys, monkeypatch):
+    """Nothing written yet: the message is dropped, as if never sent, and the session goes on."""
+    from runtime.conversation import Conversation
+
+    def hook(layer, hidden):  # in the prefill, before any token
+        raise KeyboardInterrupt
+
+    real_prepare = Conversation.prepare
+    pending = {"n": 0}
+
+    def prepare(self, *args, **kw):
+        if pending["n"]:
+            pending["n"] -= 1
+            raise KeyboardInterrupt  # Ctrl-C while the chat template runs
+        return real_prepare(self, *args, **kw)
+
+    monkeypatch.setattr(Conversation, "prepare", prepare)
+    session = chat(lm, lambda: lm.runtime.hooks.append(hook), "lost in prefill", lm.runtime.hooks.clear,
+                   lambda: pending.update(n=1), "lost while encoding", "kept")  # fmt: skip
+    assert calls[0]["done"].finish_reason == "interrupted" and calls[0]["tokens"] == 0
+    assert calls[-1]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "kept")))
+    assert session.conversation.num_turns == 1
+    assert capsys.readouterr().err.count("interrupted") == 2
