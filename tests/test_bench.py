@@ -18,12 +18,13 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def bench_json(tiny_model, tmp_path_factory):
+    """One run of every configuration on the CPU (its emulated link and budget), as JSON."""
     path = tiny_model("mixtral")
     trace = tmp_path_factory.mktemp("bench") / "trace.jsonl"
     with pytest.MonkeyPatch.context() as mp:  # a home of its own: no predictor another test trained
         mp.setenv("PROMOE_HOME", str(tmp_path_factory.mktemp("bench-home")))
         r = runner.invoke(app, ["bench", str(path), "--prompt-len", "24", "--gen-len", "6", "--repeats", "2",
-                                "--quant", "int8", "--json", "--trace-out", str(trace)])  # fmt: skip
+                                "--quant", "int8", "--device", "cpu", "--json", "--trace-out", str(trace)])  # fmt: skip
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout), trace, r.stderr
 
@@ -66,7 +67,9 @@ def test_resident_hits_everything_and_on_demand_keeps_nothing(bench_json, tiny_m
     assert od["hit_rate"]["max"] == 0.0 and od["bytes_per_token"]["min"] > 0  # no cross-token hits
     assert data["cache_experts"] == "16 of 32"  # --cache-fraction 0.5 by default
     # the budget emulated on the CPU, though resident (loaded first) lifts it for itself
-    assert data["budget"] == budget_for_fraction(str(tiny_model("mixtral")), LoadOptions(quant="int8"), 0.5)
+    assert data["budget"] == budget_for_fraction(
+        str(tiny_model("mixtral")), LoadOptions(quant="int8", device="cpu"), 0.5
+    )
     assert data["link"].startswith("emulated")
 
 
