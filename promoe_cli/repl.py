@@ -101,7 +101,8 @@ class ChatSession:
         self.model_max = model_positions(lm)
         self.trace = trace
         self.stats_json = stats_json
-        self.live = live and not jsonl
+        self.prompt_keys = live  # a person types at the terminal's prompt: its keys apply, --jsonl or not
+        self.live = live and not jsonl  # the status line under the answer (--jsonl prints records instead)
         self.jsonl = jsonl  # each answer as one JSON line on stdout, not streamed
         self.prompt_cache = PromptCache(lm.model)  # what the last answer computed, for the next one
         self.last = None  # the last answer's DoneEvent
@@ -145,7 +146,7 @@ class ChatSession:
 
         err.print(key_value_grid([(f"{k} {a}".strip(), d) for k, (a, d) in COMMANDS.items()]))
         err.print()
-        err.print(key_value_grid(KEYS if self.live else [k for k in KEYS if k[0] == "//text"]))
+        err.print(key_value_grid(KEYS if self.prompt_keys else [k for k in KEYS if k[0] == "//text"]))
         err.print()
         err.print(f"[dim]sampling: {settings_line(self.sampling)}\nWhile an answer is written, the status line "
                   "under it shows the expert-cache hit rate, decode tokens/s, prefetch accuracy and device "
@@ -238,9 +239,9 @@ class ChatSession:
         finally:
             if done is not None and (done.text or done.finish_reason != "interrupted"):
                 conv.answer(done.text)
+                self.answers += 1
             else:
                 conv.retract()  # nothing was written: as if the message had not been sent
-        self.answers += 1
         self.last = done
         if self.jsonl:
             from promoe_cli.chat import write_jsonl

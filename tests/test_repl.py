@@ -714,3 +714,79 @@ def test_ctrl_c_before_the_first_token_or_while_encoding_unsends_the_message(lm,
     assert calls[-1]["ids"] == encode_messages(lm.tokenizer, msgs(("user", "kept")))
     assert session.conversation.num_turns == 1
     assert capsys.readouterr().err.count("interrupted") == 2
+
+
+def test_help_lists_the_prompt_keys_only_for_a_person_at_the_prompt(lm, calls, capsys):
+    """At a terminal the prompt's keys apply, --jsonl or not (its answers are records, its
+    messages are still typed at the prompt); reading lines from a pipe, only //text does."""
+    for live, jsonl, keys in ((True, False, True), (True, True, True), (False, False, False)):
+        chat(lm, "/help", live=live, jsonl=jsonl)
+        err = capsys.readouterr().err
+        assert "//text" in err
+        assert ("Ctrl-X Ctrl-E" in err) == keys and ("Up, Down, Ctrl-R" in err) == keys, (live, jsonl)
+
+
+def test_jsonl_at_a_terminal_prints_records_not_the_live_view(lm, calls, capsys):
+    """--jsonl at a terminal: stdout holds one record per message and stderr one summary
+    line per answer, nothing of the live view (its status line, the blank line after it)."""
+    chat(lm, "hello", "again", live=True, jsonl=True)
+    captured = capsys.readouterr()
+    assert [json.loads(line)["message"] for line in captured.out.splitlines()] == ["hello", "again"]
+    lines = captured.err.splitlines()
+    assert len(lines) == 2 and all("tok/s" in line for line in lines), lines
+
+
+def test_stats_ends_with_the_last_answers_summary(lm, calls, capsys):
+    chat(lm, "/stats")
+    assert "last answer:" not in capsys.readouterr().err  # no answer yet
+    chat(lm, "hello", "/stats")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "last answer: " + lines[0]  # the line said after the answer, again
+
+    def hook(layer, hidden):  # Ctrl-C in the prefill: the message is unsent, and no answer
+        raise KeyboardInterrupt
+
+    chat(lm, "hi", lambda: lm.runtime.hooks.append(hook), "lost", lm.runtime.hooks.clear, "/stats")
+    err = capsys.readouterr().err
+    assert "Expert cache since start · 1 answer ·" in err
+    last = err.splitlines()[-1]
+    assert last.startswith("last answer: 0 tokens ·") and last.endswith("· interrupted")
+
+
+def test_stats_after_an_answer_stopped_before_any_figure(lm, capsys, monkeypatch):
+    """A second Ctrl-C that lands before the runtime's own handler: the answer ends with no
+    figures at all, and /stats still shows the cache, with no last-answer line to make up."""
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(generation, "stream_generate", interrupted)
+    session = chat(lm, "lost", "/stats")
+    err = capsys.readouterr().err
+    assert session.last.stats is None and session.conversation.num_turns == 0
+    assert "Expert cache since start · 0 answers ·" in err and "last answer:" not in err
+
+
+def test_the_welcome_says_when_there_is_no_chat_template(lm, calls, capsys, monkeypatch):
+    """At a terminal, a chat without a template (--no-chat-template, or a tokenizer that has
+    none) says the conversation is continued as plain text; one with a template says nothing."""
+    from promoe_cli.console import out
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(out, "_force_terminal", True)
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+    def welcome(chat_template: bool) -> str:
+        run_chat(lm, GREEDY, read=script(), stdin=TTY(), chat_template=chat_template, live=False)
+        err = capsys.readouterr().err
+        assert "Enter sends" in err
+        return err
+
+    assert "no chat template" not in welcome(True)
+    assert "no chat template" in welcome(False)
+    monkeypatch.setattr(lm.tokenizer, "chat_template", None)
+    assert "no chat template" in welcome(True)
