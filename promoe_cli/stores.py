@@ -150,6 +150,11 @@ def _json(m) -> dict:
     }
 
 
+#: columns the table needs beside the name (what `stores rm` takes: whole, on one line) for
+#: its other cells to stay readable; a narrower terminal gets one block of lines per model
+TABLE_ROOM = 64
+
+
 def _render(models, home) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -161,31 +166,24 @@ def _render(models, home) -> None:
     if not models and not stray:
         err.print(f"no stores yet in {home / 'stores'}: the first chat with a model converts its experts")
         return
-    table = Table(title=f"Expert stores in {home / 'stores'}", title_justify="left")
-    for col in ("name", "checkpoint", "formats", "predictor", "size"):
-        # a long path (every HF cache one) wraps rather than losing its end
-        table.add_column(col, justify="right" if col == "size" else "left",
-                         overflow="fold" if col in ("checkpoint", "formats") else "ellipsis",
-                         # the name is what `stores rm` takes: whole, on one line
-                         min_width=max(len(m.name) for m in models) if col == "name" and models else None,
-                         no_wrap=col == "name")  # fmt: skip
-    for m in models:
-        forms = ", ".join(f"{f.quant} {format_bytes(f.nbytes)}" + ("" if f.complete else " (incomplete)")
-                          for f in m.formats) or "-"  # fmt: skip
-        for what, kind, pid in m.busy:
-            forms += f" ({what}: {'converting' if kind == 'tmp' else 'being removed'}, process {pid})"
-        if m.leftover_bytes:
-            forms += f" (+{format_bytes(m.leftover_bytes)} left by an interrupted conversion or removal)"
-        source = escape("unknown" if m.source is None else str(m.source))
-        if m.checkpoint == "gone":  # the state first: it is what the row is about
-            source = f"[warn]gone:[/] [warn]{source}[/]"
-        elif m.checkpoint == "unknown" and m.source is not None:
-            source = f"not reachable: {source}"
-        predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
-        if m.predictor_damage:
-            predictor += f" [warn](damaged: {escape(m.predictor_damage)})[/]"
-        table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
-    out.print(table)
+    rows = [_row(m) for m in models]
+    title = f"Expert stores in {home / 'stores'}"
+    if not models or max(len(m.name) for m in models) + TABLE_ROOM <= out.width:
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "checkpoint", "formats", "predictor", "size"):
+            # a long path (every HF cache one) wraps rather than losing its end
+            table.add_column(col, justify="right" if col == "size" else "left",
+                             overflow="fold" if col in ("checkpoint", "formats") else "ellipsis",
+                             no_wrap=col == "name")  # fmt: skip
+        for m, (source, forms, predictor) in zip(models, rows, strict=True):
+            table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
+        out.print(table)
+    else:  # too narrow for the table: the name on a line of its own, then what it holds
+        out.print(title)
+        for m, (source, forms, predictor) in zip(models, rows, strict=True):
+            out.print(f"\n[bold]{escape(m.name)}[/]  {format_bytes(m.nbytes)}")
+            out.print(f"  checkpoint: {source}\n  formats: {escape(forms)}\n  predictor: {predictor}")
+        out.print()
     line = f"{len(models)} model{'' if len(models) == 1 else 's'}, {format_bytes(sum(m.nbytes for m in models) + stray)}"
     gone = [m for m in models if m.checkpoint == "gone"]
     if gone:
@@ -198,3 +196,26 @@ def _render(models, home) -> None:
     if any(m.predictor_damage for m in models):
         err.print("a damaged learned predictor is refused when loaded: promoe train-predictor MODEL "
                   "trains it again (promoe stores rm NAME removes it with the stores)")  # fmt: skip
+
+
+def _row(m) -> tuple[str, str, str]:
+    """A model's checkpoint (rich markup), formats (plain text) and predictor (markup)."""
+    from rich.markup import escape
+
+    from runtime.sizes import format_bytes
+
+    forms = ", ".join(f"{f.quant} {format_bytes(f.nbytes)}" + ("" if f.complete else " (incomplete)")
+                      for f in m.formats) or "-"  # fmt: skip
+    for what, kind, pid in m.busy:
+        forms += f" ({what}: {'converting' if kind == 'tmp' else 'being removed'}, process {pid})"
+    if m.leftover_bytes:
+        forms += f" (+{format_bytes(m.leftover_bytes)} left by an interrupted conversion or removal)"
+    source = escape("unknown" if m.source is None else str(m.source))
+    if m.checkpoint == "gone":  # the state first: it is what the row is about
+        source = f"[warn]gone:[/] [warn]{source}[/]"
+    elif m.checkpoint == "unknown" and m.source is not None:
+        source = f"not reachable: {source}"
+    predictor = format_bytes(m.predictor_bytes) if m.predictor_bytes else "-"
+    if m.predictor_damage:
+        predictor += f" [warn](damaged: {escape(m.predictor_damage)})[/]"
+    return source, forms, predictor

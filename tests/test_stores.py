@@ -61,7 +61,7 @@ def test_the_listing_names_each_store_its_checkpoint_and_its_size(checkpoint, ho
     assert m["formats"]["int8"]["bytes"] > m["formats"]["int4"]["bytes"]
     assert m["bytes"] == _disk_bytes(folder)
 
-    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["stores"])
     assert r.exit_code == 0 and folder.name in r.stdout and "int8" in r.stdout and "int4" in r.stdout
     assert f"1 model, {format_bytes(m['bytes'])}" in r.stdout  # the total goes with the table
 
@@ -206,7 +206,7 @@ def test_a_manifest_that_names_no_checkpoint_is_listed_not_pruned(checkpoint, ho
     (folder / "int4" / MANIFEST).write_text(json.dumps({"source": "not a dict"}))
     m = _listing(home)[folder.name]
     assert m["checkpoint"] is None and m["checkpoint_state"] == "unknown"
-    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["stores"])
     assert r.exit_code == 0 and "unknown" in r.stdout
     r = runner.invoke(app, ["stores", "prune"])
     assert r.exit_code == 0 and folder.is_dir()
@@ -316,14 +316,19 @@ def test_the_listing_does_not_load_torch(home):
     assert r.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_a_long_checkpoint_path_keeps_its_state_and_its_end_in_the_table(tiny_model, home, tmp_path):
+def test_a_long_checkpoint_path_keeps_its_state_and_its_end_in_the_table(
+    tiny_model, home, tmp_path, monkeypatch
+):
     """A Hugging Face cache path is longer than a terminal's column: the table wraps it rather
     than cutting it, and says "gone" first."""
+    from promoe_cli.console import out
+
+    monkeypatch.setattr(out, "width", 80)  # the console's width is fixed when it is made
     deep = tmp_path / "hub" / "models--someone--A-Rather-Long-Model-Name-v0.1" / "snapshots" / ("f" * 40)
     shutil.copytree(tiny_model("mixtral"), deep)
     _convert(deep, home, "int4")
     shutil.rmtree(deep)
-    r = runner.invoke(app, ["stores"], env={"COLUMNS": "80"})
+    r = runner.invoke(app, ["stores"])
     assert r.exit_code == 0, r.output
     rows = "".join(line.strip(" │┃|") for line in r.stdout.splitlines())
     assert "gone:" in rows and "f" * 40 in rows.replace(" ", "").replace("│", "")
@@ -347,7 +352,7 @@ def test_the_listing_says_which_learned_predictor_the_loader_would_refuse(checkp
 
     (folder / PREDICTOR_FILE).write_bytes(blob[:-10])  # cut short
     assert _listing(home)[folder.name]["predictor_damage"] == "its checksum does not match"
-    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["stores"])
     assert r.exit_code == 0 and "damaged: its checksum does not match" in r.stdout
     assert "promoe train-predictor" in r.stderr
 
@@ -357,5 +362,127 @@ def test_the_listing_says_which_learned_predictor_the_loader_would_refuse(checkp
     assert _listing(home)[folder.name]["predictor_damage"] == f"{PREDICTOR_META} is missing"
     (folder / PREDICTOR_FILE).unlink()
     assert _listing(home)[folder.name]["predictor_damage"] is None  # no predictor at all
-    r = runner.invoke(app, ["stores"], env={"COLUMNS": "250"})
+    r = runner.invoke(app, ["stores"])
     assert "damaged" not in r.stdout and "train-predictor" not in r.stderr
+
+
+def _cells(stdout: str, column: str) -> str:
+    """One column of the table, its wrapped lines joined: what a reader takes in."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("┃"))
+    names = [c.strip() for c in lines[head].strip("┃").split("┃")]
+    at = names.index(column)
+    rows = [line.strip("│").split("│") for line in lines[head + 1 :] if line.startswith("│")]
+    return " ".join(" ".join(r[at].split()) for r in rows if r[at].strip())
+
+
+def test_the_table_says_what_each_store_is_doing(checkpoint, tiny_model, home):
+    """Each row: a store no manifest vouches for, one a live process converts or removes, what
+    a dead one left; the line under the table totals it all and points at prune."""
+    _convert(checkpoint, home, "int4")
+    _convert(checkpoint, home, "int8")
+    folder = model_dir(home, checkpoint)
+    (folder / "int8" / MANIFEST).unlink()  # cut short: the next load rebuilds it
+    (folder / f".int2.tmp-{os.getpid()}-0123abcd").mkdir()  # this process is alive
+    (folder / f".int3.old-{os.getpid()}-0123abcd").mkdir()
+    dead = folder / f".int5.tmp-{_dead_pid()}-deadbeef"
+    dead.mkdir()
+    (dead / "layer-000.safetensors").write_bytes(b"x" * 1000)
+    m = _listing(home)[folder.name]
+    assert m["formats"]["int8"]["complete"] is False and m["formats"]["int4"]["complete"] is True
+    assert m["busy"] == [{"store": "int2", "kind": "converting", "pid": os.getpid()},
+                         {"store": "int3", "kind": "removing", "pid": os.getpid()}]  # fmt: skip
+    r = runner.invoke(app, ["stores"])
+    assert r.exit_code == 0, r.output
+    said, forms = " ".join(r.stdout.split()), _cells(r.stdout, "formats")
+    assert "int8 " in forms and " (incomplete)" in forms and forms.count("(incomplete)") == 1
+    assert f"(int2: converting, process {os.getpid()})" in forms
+    assert f"(int3: being removed, process {os.getpid()})" in forms
+    assert "(+1.0 KB left by an interrupted conversion or removal)" in forms
+    assert f"1 model, {format_bytes(m['bytes'])}: promoe stores prune" in said
+
+    # a second model whose checkpoint is gone, a third out of reach, and a removal cut short
+    gone = tiny_model("olmoe")
+    copy = checkpoint.parent.parent / "gone" / "olmoe"
+    shutil.copytree(gone, copy)
+    _convert(copy, home, "int4")
+    shutil.rmtree(copy)
+    far = checkpoint.parent.parent / "drive" / "far" / "qwen"
+    shutil.copytree(tiny_model("qwen2_moe"), far)
+    _convert(far, home, "int4")
+    shutil.rmtree(far.parent)
+    models = _listing(home)
+    lost = models[model_dir(home, copy).name]
+    r = runner.invoke(app, ["stores"])
+    said = " ".join(r.stdout.split())
+    assert f"notreachable:{far}" in _cells(r.stdout, "checkpoint").replace(" ", "")
+    total = sum(x["bytes"] for x in models.values())
+    assert (
+        f"3 models, {format_bytes(total)}; 1 whose checkpoint is gone ({format_bytes(lost['bytes'])})" in said
+    )
+
+    root = home / "stores"
+    stray = root / f".{folder.name}.old-{_dead_pid()}-0badf00d"
+    os.replace(folder, stray)
+    size = _disk_bytes(stray)
+    r = runner.invoke(app, ["stores"])
+    said = " ".join(r.stdout.split())
+    assert f"2 models, {format_bytes(total - m['bytes'] + size)};" in said
+
+
+def test_rm_of_one_format_keeps_the_predictor_and_says_nothing_of_it(checkpoint, home):
+    from runtime.store_paths import PREDICTOR_FILE, PREDICTOR_META
+
+    _convert(checkpoint, home, "int4")
+    _convert(checkpoint, home, "int8")
+    folder = model_dir(home, checkpoint)
+    (folder / PREDICTOR_FILE).write_bytes(b"w" * 100)
+    (folder / PREDICTOR_META).write_text(json.dumps({"source": {"model": str(checkpoint)}}))
+    r = runner.invoke(app, ["stores", "rm", folder.name, "--quant", "int8"])
+    assert r.exit_code == 0, r.output
+    assert "predictor" not in r.output and (folder / PREDICTOR_FILE).is_file()
+
+
+def test_rm_by_the_repo_id_chat_takes(checkpoint, home, tmp_path, monkeypatch):
+    """`promoe stores rm someone/my-moe`: a model in the Hugging Face cache goes by its repo id."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    storage = cache / "models--someone--my-moe"
+    snap = storage / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoint, snap)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text("0" * 40)
+    _convert(snap, home, "int4")
+    folder = model_dir(home, snap)
+    assert folder.is_dir()
+    r = runner.invoke(app, ["stores", "rm", "someone/my-moe"])
+    assert r.exit_code == 0, r.output
+    assert f"removed {folder.name}" in r.stdout and not folder.exists()
+
+
+def test_a_long_name_stays_whole_in_a_narrow_terminal(tiny_model, home, tmp_path, monkeypatch):
+    """The name is what `stores rm` takes: whole, on one line. Where the table beside it would
+    squeeze the other columns to slivers, each model is a block of lines instead."""
+    from promoe_cli.console import out
+
+    deep = tmp_path / "A-Rather-Long-Model-Name-For-A-Narrow-Terminal-v0.1"
+    shutil.copytree(tiny_model("mixtral"), deep)
+    _convert(deep, home, "int4")
+    name = model_dir(home, deep).name
+    for columns in (60, 80, len(name) + 63, len(name) + 64, 160):  # the table from name + 64 on
+        monkeypatch.setattr(out, "width", columns)
+        r = runner.invoke(app, ["stores"])
+        assert r.exit_code == 0, r.output
+        lines = r.stdout.splitlines()
+        table = any(line.startswith("┏") for line in lines)
+        assert table == (columns >= len(name) + 64), columns
+        if table:  # every cell whole enough to read: none squeezed to a few letters
+            assert "formats" in r.stdout and "int4 370" in r.stdout and name in r.stdout
+        else:
+            at = next(i for i, line in enumerate(lines) if line.startswith(name))
+            checkpoint, formats, predictor = lines[at + 1 : at + 4]
+            assert checkpoint == f"  checkpoint: {deep}" and predictor == "  predictor: -"
+            assert formats.startswith("  formats: int4 ") and formats.endswith(" KB")
+            assert lines[-1] == f"1 model, {format_bytes(_disk_bytes(model_dir(home, deep)))}"
