@@ -549,3 +549,57 @@ def test_a_context_as_long_as_the_model_is_accepted_and_one_longer_refused(tiny_
     assert default_context(config, limit) == limit
     with pytest.raises(UsageError, match=f"longer than this model's {limit} positions"):
         default_context(config, limit + 1)
+
+
+def _said(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long lines at the test console's width
+
+
+def test_the_plan_table_says_what_it_planned(tiny_model, home):
+    """The table's title, rows and lines under it say the budget's source, what is left of it,
+    the slots of each layer, the link, the plan's notes and how it was computed."""
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int4", 3)
+    _small_profile(home, "small-gpu", vram * 4)
+    r = invoke("plan", path, "--profile", "small-gpu", "--slot-split", "shallow", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["profile"] == "small-gpu" and data["slot_split"] == "shallow"
+    r = invoke("plan", path, "--profile", "small-gpu", "--slot-split", "shallow")
+    said = _said(r.stdout)
+    assert "· profile small-gpu" in said and "budget" in said
+    per_layer = " ".join(f"{layer}:{n}" for layer, n in data["slots_per_layer"].items())
+    assert f"slots per MoE layer (shallow): {per_layer}" in said
+    assert "link: 2.0 GB/s" in said and "emulated link" not in said  # the profile's own link, planned for it
+    # a budget: named in the title; what is left of it, when less than an expert
+    r = invoke("plan", path, "--vram", f"{vram}B", "--device", "cpu")
+    said = _said(r.stdout)
+    assert r.exit_code == 0, r.output
+    assert "· budget " in said and "· profile" not in said
+    assert "left (less than one expert)" in said
+    assert "slots per MoE layer (uniform): " + " ".join(f"{layer}:3" for layer in range(4)) in said
+    assert "of " in said and "host memory (this machine)" in said
+    roomy = invoke("plan", path, "--vram", "1GB", "--device", "cpu")  # every expert fits: nothing to say
+    assert roomy.exit_code == 0 and "less than one expert" not in _said(roomy.stdout)
+    # in place on the CPU: the store is the device's row, not a second one beside host memory
+    r = invoke("plan", path, "--device", "cpu")
+    said = _said(r.stdout)
+    assert "host expert store, read in place" in said and "host memory (this machine)" not in said
+    # no budget, but a link: every expert resident, which the plan says
+    r = invoke("plan", path, "--device", "cpu", "--link-bandwidth", "1GB/s")
+    assert "no budget given: every expert resident" in _said(r.stderr)
+    assert "emulated link: 1.0 GB/s" in _said(r.stdout)
+    # an emulated link under a budget, computed in fp32 as the CPU does: it says so
+    r = invoke("plan", path, "--device", "cpu", "--vram", f"{vram}B", "--link-bandwidth", "1GB/s")
+    assert "planned in float32, as the CPU computes; --dtype bfloat16" in _said(r.stderr)
+    # the plan's notes are printed under the table
+    _small_profile(home, "cramped", "1GB", host="100MB")
+    r = invoke("plan", path, "--profile", "cramped")
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note: ")]
+    assert any("host memory" in n for n in notes), r.stdout
+
+
+def test_plan_help_lists_the_shipped_profiles():
+    r = invoke("plan", "--help")
+    assert r.exit_code == 0
+    assert "Shipped profiles: cpu, jetson-agx-orin-64gb, jetson-orin-nano-8gb" in _said(r.stdout)
