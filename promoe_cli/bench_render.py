@@ -23,6 +23,41 @@ def _cell(r, metric: str, spec: str, scale: float = 1.0) -> str:
     return text
 
 
+#: the table's columns: (header, cell of a result); "config" heads both halves of a narrow one
+COLUMNS = ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
+           "stall ms/tok", "device mem")  # fmt: skip
+SPEED = COLUMNS[:5]  # on a terminal too narrow for one table: speed, then the cache's figures
+CACHE = COLUMNS[:1] + COLUMNS[5:]
+
+
+def _cells(r) -> dict[str, str]:
+    from runtime.sizes import format_bytes
+
+    p, rc = r.median("prediction_precision"), r.median("prediction_recall")
+    mem = r.median("peak_device_bytes")
+    return {
+        "config": r.name,
+        "prefill tok/s": _fmt(r.median("prefill_tokens_per_s"), ".0f"),
+        "decode tok/s": _cell(r, "decode_tokens_per_s", ".1f"),
+        "speedup": "-" if r.speedup_decode is None else f"{r.speedup_decode:.2f}x",
+        "TTFT s": _fmt(r.median("ttft_s"), ".3f"),
+        "hit rate": _fmt(r.median("decode_hit_rate"), ".3f"),
+        "pred P/R": "-" if p is None else f"{p:.2f}/{rc:.2f}",
+        "MB/tok": _fmt(r.median("bytes_per_token"), ".2f", 1e-6),
+        "stall ms/tok": _fmt(r.median("stall_ms_per_token"), ".2f"),
+        "device mem": format_bytes(mem) if mem is not None else "-",
+    }
+
+
+def _table(columns, rows: list[dict[str, str]], caption: str | None) -> Table:
+    table = Table(caption=caption)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "config" else "right", no_wrap=col == "config")
+    for row in rows:
+        table.add_row(*(row[col] for col in columns))
+    return table
+
+
 def render_report(report) -> None:
     from runtime.sizes import format_bytes
 
@@ -31,37 +66,22 @@ def render_report(report) -> None:
     out.print(f"[bold]{report.model}[/] on {report.device} · {report.quant} experts · budget {budget}{cache} "
               f"· link {report.link}")  # fmt: skip
     runs = f"{report.repeats} run{'' if report.repeats == 1 else 's'}"
-    table = Table(caption=f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) "
-                  f"of {runs}; speedup: decode tok/s against on-demand in this run; hit rate, MB "
-                  "and stall per token: decode phase")  # fmt: skip
-    for col in ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
-                "stall ms/tok", "device mem"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "config" else "right")
-    skipped = []
-    for r in report.results:
-        if r.status != "ok":
-            skipped.append(r)
-            continue
-        p, rc = r.median("prediction_precision"), r.median("prediction_recall")
-        mem = r.median("peak_device_bytes")
-        table.add_row(
-            r.name,
-            _fmt(r.median("prefill_tokens_per_s"), ".0f"),
-            _cell(r, "decode_tokens_per_s", ".1f"),
-            "-" if r.speedup_decode is None else f"{r.speedup_decode:.2f}x",
-            _fmt(r.median("ttft_s"), ".3f"),
-            _fmt(r.median("decode_hit_rate"), ".3f"),
-            "-" if p is None else f"{p:.2f}/{rc:.2f}",
-            _fmt(r.median("bytes_per_token"), ".2f", 1e-6),
-            _fmt(r.median("stall_ms_per_token"), ".2f"),
-            format_bytes(mem) if mem is not None else "-",
-        )
-    out.print(table)
+    caption = (f"{report.prompt_len}-token prompts, {report.gen_len} generated tokens; median (min–max) of {runs}; "
+               "speedup: decode tok/s against on-demand in this run; hit rate, MB and stall per token: decode phase")  # fmt: skip
+    rows = [_cells(r) for r in report.results if r.status == "ok"]
+    whole = _table(COLUMNS, rows, caption)
+    if out.measure(whole, options=out.options.update_width(10_000)).maximum <= out.width:  # its natural width
+        out.print(whole)
+    else:  # its columns would be cut to a few letters: two tables, each whole
+        out.print(_table(SPEED, rows, None))
+        out.print(_table(CACHE, rows, None))
+        out.print(caption, style="dim")
     for r in report.results:
         if r.status == "ok" and r.note:
             out.print(f"[dim]{r.name}: {r.note}[/]")
-    for r in skipped:
-        out.print(f"[warn]{r.name} skipped:[/] {r.note}")
+    for r in report.results:
+        if r.status != "ok":
+            out.print(f"[warn]{r.name} skipped:[/] {r.note}")
 
 
 def check_plot(path: Path) -> None:

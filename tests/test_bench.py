@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from promoe_cli.main import app
-from runtime.bench_report import METRICS
+from runtime.bench_report import METRICS, BenchReport, ConfigResult
 from tests.conftest import SHARED
 
 runner = CliRunner()
@@ -671,3 +672,63 @@ def test_transformers_baseline_needs_the_prompts_and_a_budget_for_the_whole_mode
     base.vram = 1 << 30
     _, hf = bench.run_bench(path, base, ["lru", "transformers"], prompt_len=8, gen_len=2, repeats=2).results
     assert hf.status == "ok" and len(hf.runs) == 2
+
+
+def _run(decode: float, **extra) -> dict:
+    return {"prefill_tokens_per_s": 56.2, "decode_tokens_per_s": decode, "ttft_s": 0.5741, "decode_hit_rate": 0.786,
+            "bytes_per_token": 1.77e6, "stall_ms_per_token": 33.1, "peak_device_bytes": 35_700_000, **extra}  # fmt: skip
+
+
+def _report() -> BenchReport:
+    on_demand = ConfigResult("on-demand", runs=[_run(14.0), _run(14.4)], speedup_decode=1.0)
+    cross = ConfigResult("cross-layer+low-bit", note="policy lru", speedup_decode=1.43,
+                         runs=[_run(20.2, prediction_precision=0.854, prediction_recall=0.6)])  # fmt: skip
+    skipped = ConfigResult("resident", status="skipped", note="the budget cannot hold every expert")
+    return BenchReport("tiny-code-moe", "cpu", "int4", 37_500_000, "32 of 64", "64.3 MB/s", 32, 8, 2,
+                       [on_demand, cross, skipped])  # fmt: skip
+
+
+@pytest.mark.parametrize("width", [160, 80])
+def test_the_bench_table_keeps_every_cell_whole_at_any_width(width, monkeypatch):
+    """On a wide terminal one table; on a narrow one, where its columns would be cut to a few
+    letters, two: speed, then the cache's figures, each with the configurations' whole names."""
+    from promoe_cli import bench_render
+
+    console = Console(width=width, record=True, highlight=False)
+    monkeypatch.setattr(bench_render, "out", console)
+    bench_render.render_report(_report())
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines[1:]) <= width
+    tables = sum(line.startswith("┏") for line in lines)
+    assert tables == (1 if width == 160 else 2)
+    headers, block = [], []  # each table's headers, their wrapped lines joined
+    for line in [*lines, ""]:
+        if line.startswith("┃"):
+            block.append([c.strip() for c in line.strip("┃").split("┃")])
+        elif block:
+            headers += [" ".join(part for part in parts if part) for parts in zip(*block, strict=True)]
+            block = []
+    for col in ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
+                "stall ms/tok", "device mem"):  # fmt: skip
+        assert col in headers, (col, headers)
+    rows = [[c.strip() for c in line.strip("│").split("│")] for line in lines if line.startswith("│")]
+    by_name: dict[str, list[str]] = {}
+    for row in rows:
+        by_name.setdefault(row[0], []).extend(row[1:])
+    assert set(by_name) == {"on-demand", "cross-layer+low-bit"}  # the skipped one is said below
+    assert by_name["on-demand"] == ["56", "14.2 (14.0–14.4)", "1.00x", "0.574", "0.786", "-", "1.77", "33.10",
+                                    "35.7 MB"]  # fmt: skip
+    assert by_name["cross-layer+low-bit"][5] == "0.85/0.60"
+    said = " ".join(text.split())
+    assert "cross-layer+low-bit: policy lru" in said
+    assert "resident skipped: the budget cannot hold every expert" in said
+    assert "resident: the budget" not in said  # said once, as why it was skipped
+    assert "32-token prompts, 8 generated tokens; median (min–max) of 2 runs" in said
+    assert said.startswith(
+        "tiny-code-moe on cpu · int4 experts · budget 37.5 MB (cache 32 of 64 experts) · link 64.3"
+    )
+    one = _report()
+    one.repeats = 1
+    bench_render.render_report(one)
+    assert "median (min–max) of 1 run;" in " ".join(console.export_text().split())
