@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -526,3 +527,82 @@ def test_the_readme_names_every_command_and_option():
     walk(typer.main.get_command(app), [])
     assert "--jsonl" in checked and len(checked) > 50  # it saw the commands' options
     assert not missing, f"not in README.md: {missing}"
+
+
+def test_a_conversion_note_says_done_not_how_far_once_it_is_done(monkeypatch, capsys):
+    """Without a terminal: how far a conversion got, then every NOTE_EVERY_S seconds; at its
+    end one line that it is done (never "N/N experts so far"), and nothing for other phases."""
+    import promoe_cli.loading as loading
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr("time.monotonic", lambda: clock["now"])
+    note = loading._conversion_notes()
+
+    def at(t: float, done: int, desc: str = "Converting experts to int4") -> str:
+        clock["now"] = 100.0 + t
+        note(desc, done, 8)
+        return capsys.readouterr().err
+
+    assert at(0, 0) == ""  # a quick one stays quiet
+    assert (
+        at(loading.NOTE_AFTER_S, 2)
+        == f"Converting experts to int4: 2/8 experts, {loading.NOTE_AFTER_S:.0f}s so far\n"
+    )
+    assert at(loading.NOTE_AFTER_S + 1, 3) == ""  # not again until NOTE_EVERY_S later
+    later = loading.NOTE_AFTER_S + loading.NOTE_EVERY_S
+    assert at(later, 5) == f"Converting experts to int4: 5/8 experts, {later:.0f}s so far\n"
+    assert (
+        at(later + loading.NOTE_EVERY_S, 8)
+        == f"Converting experts to int4: done, 8 experts in {later + 30:.0f}s\n"
+    )
+    assert at(later + 100, 8, "Loading non-expert weights") == ""
+    quick = loading._conversion_notes()
+    clock["now"] = 0.0
+    quick("Converting experts to int8", 0, 4)
+    clock["now"] = 1.0
+    quick("Converting experts to int8", 4, 4)  # done before it was said to run: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_the_banner_says_the_budget_the_link_and_where_the_store_was_converted(tiny_model, home, capsys):
+    from promoe_cli.loading import banner
+    from runtime.loader import LoadOptions, load_model
+    from runtime.sizes import format_bytes
+
+    path = tiny_model("mixtral")
+    vram = budget_for_slots(path, "int8", 2)
+    for action in ("converted", "reused"):
+        lm = load_model(str(path), LoadOptions(quant="int8", device="cpu", vram=vram, link_bandwidth=1e9))
+        try:
+            banner(lm, profile="small-gpu")
+        finally:
+            lm.close()
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"cpu as profile small-gpu, budget {format_bytes(vram)} · emulated link 1.0 GB/s ·" in said
+        if action == "converted":
+            folder = next((home / "stores").glob("*/int8"))
+            assert "expert store converted from the checkpoint in " in said and said.endswith(
+                f"s, in {folder}"
+            )
+        else:
+            assert said.endswith("· expert store reused")
+
+
+@pytest.mark.slow
+def test_the_commands_run_offline_and_print_no_library_chatter(tmp_path):
+    """Run as a user would, with no offline variable set: the Hugging Face libraries are made
+    offline before they are imported, and what transformers would log (a tokenizer's length
+    warning on bench's long prompt text) stays out of promoe's output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env["PROMOE_HOME"] = str(tmp_path / "home")
+    code = (
+        "import sys\nfrom promoe_cli.main import run\n"
+        "sys.argv = ['promoe', 'bench', '--configs', 'lru', '--prompt-len', '8', '--gen-len', '2', '--repeats', '1',"
+        " '--link-bandwidth', 'off']\n"
+        "try:\n    run()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "import huggingface_hub.constants\nprint('offline', huggingface_hub.constants.HF_HUB_OFFLINE)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "offline True"
+    assert "[transformers]" not in r.stderr and "Warning" not in r.stderr, r.stderr
