@@ -23,7 +23,7 @@ def _cell(r, metric: str, spec: str, scale: float = 1.0) -> str:
     return text
 
 
-#: the table's columns: (header, cell of a result); "config" heads both halves of a narrow one
+#: the table's column headers (the keys of :func:`_cells`); "config" heads both halves of a narrow one
 COLUMNS = ("config", "prefill tok/s", "decode tok/s", "speedup", "TTFT s", "hit rate", "pred P/R", "MB/tok",
            "stall ms/tok", "device mem")  # fmt: skip
 SPEED = COLUMNS[:5]  # on a terminal too narrow for one table: speed, then the cache's figures
