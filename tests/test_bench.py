@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -121,7 +122,9 @@ def test_quality_reports_every_format(tiny_model):
         app, ["bench", str(tiny_model("mixtral")), "--quality", "--quality-tokens", "48", "--json"]
     )
     assert r.exit_code == 0, r.output
-    rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
+    data = json.loads(r.stdout)
+    assert data["tokens"] == 48  # --quality-tokens of text scored
+    rows = {row["name"]: row for row in data["rows"]}
     assert list(rows)[:6] == ["none", "int8", "int4", "nf4", "int3", "int2"]
     assert rows["none"]["agreement"] == 1.0 and rows["int8"]["agreement"] >= 0.9
     bits = [rows[n]["bits_per_weight"] for n in ("none", "int8", "int4", "int2")]
@@ -732,3 +735,71 @@ def test_the_bench_table_keeps_every_cell_whole_at_any_width(width, monkeypatch)
     one.repeats = 1
     bench_render.render_report(one)
     assert "median (min–max) of 1 run;" in " ".join(console.export_text().split())
+
+
+def _small_bench(path, *extra):
+    return runner.invoke(app, ["bench", str(path), "--configs", "lru", "--prompt-len", "8", "--gen-len", "2",
+                               "--repeats", "1", "--quant", "int8", "--device", "cpu", *extra])  # fmt: skip
+
+
+def test_a_promoe_home_that_is_a_file_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("PROMOE_HOME", str(afile))
+    r = _small_bench(tiny_model("mixtral"))
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: PROMOE_HOME={afile} is a file"), r.output
+    assert "emulated link" not in r.stderr and r.stdout == ""  # the link was not measured first
+
+
+def test_the_auto_link_keeps_a_given_latency_and_a_profiles_link_is_not_measured(
+    tiny_model, home, monkeypatch
+):
+    """--link-latency goes with the measured bandwidth; a profile that emulates a link is that
+    link, measured by nobody here; a busy machine during the measurement is said."""
+    import runtime.bench as bench
+    from runtime.bench import BusyMachineWarning
+    from tests.test_memory_plan import _small_profile
+
+    def calibrate(ref, base, ratio=4.0):
+        import warnings
+
+        warnings.warn(BusyMachineWarning("the machine looks busy: a test says so"), stacklevel=1)
+        return 5e8, 1e-3
+
+    monkeypatch.setattr(bench, "calibrate_link", calibrate)
+    path = tiny_model("mixtral")
+    r = _small_bench(path, "--link-latency", "50us", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["link"] == "emulated 500.0 MB/s, 50 us per copy"
+    assert "the machine looks busy: a test says so" in r.stderr
+    assert "one expert's decode compute takes 1.00 ms" in r.stderr
+    assert re.search(r"^lru: decode [0-9.]+ tok/s, hit rate [0-9.]+$", r.stderr, re.M)  # as it finished
+    _small_profile(home, "small-gpu", "1GB")
+    r = _small_bench(path, "--profile", "small-gpu", "--json")
+    assert r.exit_code == 0, r.output
+    assert (
+        json.loads(r.stdout)["link"].startswith("emulated 2.0 GB/s")
+        and "decode compute takes" not in r.stderr
+    )
+
+
+def test_trace_replay_counts_tokens_and_layers_and_compares_with_belady(tmp_path):
+    records = [(t, layer, e) for t, e in enumerate([(0, 1), (0, 2), (1, 0)]) for layer in (0, 1)]
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"token": t, "layer": la, "experts": list(e)}) + "\n"
+                             for t, la, e in records))  # fmt: skip
+    r = runner.invoke(
+        app, ["bench", "--trace", str(trace), "--policy", "lfu", "--slots-per-layer", "2", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert (data["tokens"], data["layers"], data["slots_per_layer"], data["policy"]) == (3, 2, 2, "lfu")
+    assert list(data["hit_rate"]) == ["lfu", "lru", "arc", "belady"]  # the one asked for first
+    rates = data["hit_rate"]
+    r = runner.invoke(app, ["bench", "--trace", str(trace), "--policy", "lfu", "--slots-per-layer", "2"])
+    said = " ".join(r.stdout.replace("│", " ").split())
+    assert "t.jsonl: 3 tokens x 2 layers, 2 slots per layer" in said
+    assert f"lfu {rates['lfu']:.4f} {rates['lfu'] / rates['belady']:.0%}" in said
+    assert f"belady (offline optimum) {rates['belady']:.4f} 100%" in said
+    r = runner.invoke(app, ["bench", "--trace", str(tmp_path / "none.jsonl"), "--policy", "fifo"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: unknown cache policy 'fifo'")  # before reading
