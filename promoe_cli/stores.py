@@ -166,7 +166,6 @@ def _render(models, home) -> None:
     if not models and not stray:
         err.print(f"no stores yet in {home / 'stores'}: the first chat with a model converts its experts")
         return
-    rows = [_row(m) for m in models]
     title = f"Expert stores in {home / 'stores'}"
     if not models or max(len(m.name) for m in models) + TABLE_ROOM <= out.width:
         table = Table(title=title, title_justify="left")
@@ -175,12 +174,14 @@ def _render(models, home) -> None:
             table.add_column(col, justify="right" if col == "size" else "left",
                              overflow="fold" if col in ("checkpoint", "formats") else "ellipsis",
                              no_wrap=col == "name")  # fmt: skip
-        for m, (source, forms, predictor) in zip(models, rows, strict=True):
+        for m in models:
+            source, forms, predictor = _row(m)
             table.add_row(escape(m.name), source, escape(forms), predictor, format_bytes(m.nbytes))
         out.print(table)
     else:  # too narrow for the table: the name on a line of its own, then what it holds
         out.print(title)
-        for m, (source, forms, predictor) in zip(models, rows, strict=True):
+        for m in models:
+            source, forms, predictor = _row(m)
             out.print(f"\n[bold]{escape(m.name)}[/]  {format_bytes(m.nbytes)}")
             out.print(f"  checkpoint: {source}\n  formats: {escape(forms)}\n  predictor: {predictor}")
         out.print()
